@@ -1,0 +1,131 @@
+"""`pkdpipe cache-teacher` and the `pkdpipe cache ...` group: build, inspect and check caches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from pkdpipe.config import CacheConfig
+from pkdpipe_cli.common import DataDirOpt, TaskOpt, command_line, console, fmt_metrics, human_bytes, int_list, str_list
+
+cache_app = typer.Typer(help="Inspect, verify and share teacher caches.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("cache-teacher")(cache_teacher)
+    app.add_typer(cache_app, name="cache")
+
+
+def cache_teacher(
+    task: str = TaskOpt,
+    data_dir: Path = DataDirOpt,
+    teacher: str = typer.Option(None, help="Fine-tuned classifier folder or hub name. Default: runs/TASK/teacher."),
+    splits: str = typer.Option("train,dev", help="Comma-separated splits to cache."),
+    cache_dir: Path = typer.Option(None, help="Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe."),
+    max_seq_len: int = typer.Option(128, help="Truncate inputs to this many tokens."),
+    batch_size: int = typer.Option(64, help="Teacher batch size (length-sorted, padded per batch)."),
+    dtype: str = typer.Option("float16", help="Storage dtype of the [CLS] vectors: float16 or float32."),
+    layers: str = typer.Option("all", help="Layers to store: all, or a list like 0,2,4,6 (0 = embeddings)."),
+    shard_size: int = typer.Option(8192, help="Rows per shard: the unit of resume and of parallel writing."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    precision: str = typer.Option("fp32", help="Teacher autocast: fp32, bf16 or fp16."),
+    store: str = typer.Option(None, envvar="PKDPIPE_STORE", help="Shared store URL to look the key up in first."),
+    push: bool = typer.Option(False, "--push", help="Publish the cache to --store after computing it."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if the cache exists."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow code shipped with the model."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Run the teacher once over a task's splits and cache its logits and every layer's [CLS] vector."""
+    from pkdpipe.teacher import cache_teacher as run, describe
+
+    config = CacheConfig(
+        task=task,
+        data_dir=data_dir,
+        teacher=teacher,
+        splits=str_list(splits),
+        cache_dir=cache_dir,
+        max_seq_len=max_seq_len,
+        batch_size=batch_size,
+        dtype=dtype,
+        layers=None if layers == "all" else int_list(layers, "--layers"),
+        shard_size=shard_size,
+        device=device,
+        precision=precision,
+        force=force,
+        store=store,
+        push=push,
+        trust_remote_code=trust_remote_code,
+        quiet=quiet,
+        command=command_line(),
+    )
+    result = run(config)
+    from pkdpipe import distributed
+
+    if not distributed.is_main():
+        return
+    summary = describe(result)
+    if result.hit:
+        where = "pulled from the store" if result.pulled else "found"
+        console.print(f"cache hit: {where}, nothing to compute")
+    table = Table(title=f"teacher cache {result.key}", show_header=False)
+    table.add_row("examples", f"{summary['examples']:,}")
+    table.add_row("shards", str(summary["shards"]))
+    table.add_row("on disk", f"{human_bytes(summary['bytes'])} ({summary['bytes_per_example']:,.0f} B/example)")
+    if summary["seconds"] is not None and not result.hit:
+        table.add_row("time", f"{summary['seconds']:.1f} s")
+    for split, metrics in summary["teacher_metrics"].items():
+        table.add_row(f"teacher on {split}", fmt_metrics(metrics))
+    console.print(table)
+    console.print(f"cache: {result.path}")
+
+
+@cache_app.command("info")
+def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = typer.Option(None)):
+    """Show a cache's manifest as a table."""
+    from pkdpipe.cache.reader import open_cache
+
+    with open_cache(path, cache_dir) as cache:
+        m = cache.manifest
+    table = Table(title=f"cache {m['key']}", show_header=False)
+    table.add_row("path", str(cache.path))
+    table.add_row("task", m["task"])
+    teacher = m["teacher"]
+    table.add_row(
+        "teacher",
+        f"{teacher['name_or_path']} ({teacher['architecture']}, {teacher['num_layers']} layers, hidden {teacher['hidden_size']})",
+    )
+    table.add_row("teacher weights", teacher["weights_sha256"][:16])
+    table.add_row("pre-trained from", str(teacher.get("pretrained_from")))
+    table.add_row("tokenizer", m["tokenizer_sha256"][:16])
+    table.add_row("labels", f"{m['num_labels']}: {', '.join(m['label_names'] or ['(regression)'])[:80]}")
+    table.add_row("max length", f"{m['max_seq_len']} ({m['truncation']})")
+    table.add_row("layers", f"{m['layers']} as {m['hidden_dtype']}, logits {m['logits_dtype']}")
+    for split, s in m["splits"].items():
+        size = sum(x["bytes"] for x in s["shards"])
+        table.add_row(f"split {split}", f"{s['examples']:,} examples, {len(s['shards'])} shard(s), {human_bytes(size)}")
+    for split, metrics in m.get("teacher_metrics", {}).items():
+        table.add_row(f"teacher on {split}", fmt_metrics(metrics))
+    table.add_row("dataset", m["dataset"]["source"])
+    table.add_row("created", f"{m['created']} by pkdpipe {m['tool_version']}")
+    table.add_row("command", m.get("command", ""))
+    table.add_row("timings", json.dumps(m.get("timings", {})))
+    console.print(table)
+
+
+@cache_app.command("verify")
+def verify(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = typer.Option(None)):
+    """Check checksums, shapes, NaN/inf and example ids; exit 1 on any fault."""
+    from pkdpipe.cache.reader import resolve_cache
+    from pkdpipe.cache.verify import verify_cache
+
+    report = verify_cache(resolve_cache(path, cache_dir))
+    for problem in report.problems:
+        console.print(f"[red]FAIL[/red] {problem}")
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print(f"OK: {report.shards_checked} shard(s), {report.rows_checked:,} rows verified in {report.path}")
+
+

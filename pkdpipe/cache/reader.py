@@ -1,0 +1,243 @@
+"""Reading a teacher cache: open by folder or key, list splits, read rows, stream batches.
+
+`distill` streams with bounded memory: it reads one block of consecutive rows of a shard at a
+time, and only the hidden layers its layer map needs. An epoch's order comes from shuffling the
+blocks and the rows inside each block, seeded by (seed, epoch), so every rank, and a resumed
+run, computes the same order without storing it. Rows inside a shard are length-sorted, so a
+batch drawn from one block pads to a similar length: the student gets dynamic padding too.
+
+Every shard's sha256 is checked against the manifest the first time this process opens it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pkdpipe.batching import plan_epoch, rank_rows
+from pkdpipe.cache import manifest as mf
+from pkdpipe.cache.fingerprint import sha256_file
+from pkdpipe.config import default_cache_root
+from pkdpipe.errors import CacheError
+
+
+class TeacherCache:
+    """A complete cache folder, checked on open; shards are opened (and verified) lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder)
+        self.manifest = mf.read(self.path)
+        self._files: dict[str, h5py.File] = {}
+
+    # -- what the manifest says ------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.manifest["label_names"]
+
+    @property
+    def num_labels(self) -> int:
+        return self.manifest["num_labels"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest["teacher"]["hidden_size"]
+
+    @property
+    def teacher_layers(self) -> int:
+        return self.manifest["teacher"]["num_layers"]
+
+    def num_examples(self, split: str) -> int:
+        return self._split(split)["examples"]
+
+    def _split(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise CacheError(f"cache {self.key} has no {split!r} split; it has {', '.join(self.splits)}")
+        return self.manifest["splits"][split]
+
+    def _check_layers(self, layers: Sequence[int]) -> None:
+        missing = sorted(set(layers) - set(self.layers))
+        if missing:
+            raise CacheError(
+                f"cache {self.key} does not store teacher layer(s) {missing}; it has {self.layers} "
+                "(rebuild it with --layers all)"
+            )
+
+    # -- shard access ----------------------------------------------------------------------
+    def shard(self, name: str) -> h5py.File:
+        """An open shard, verified against its manifest checksum the first time."""
+        if name not in self._files:
+            entry = next(s for info in self.manifest["splits"].values() for s in info["shards"] if s["file"] == name)
+            path = mf.safe_file(self.path, name)
+            if not path.is_file():
+                raise CacheError(f"cache {self.key} is missing shard {name}")
+            if sha256_file(path) != entry["sha256"]:
+                raise CacheError(f"checksum mismatch in {path}: the shard is corrupted (cache verify / pull again)")
+            try:
+                self._files[name] = h5py.File(path, "r")
+            except OSError as err:
+                raise CacheError(f"cannot open {path}: {err}") from None
+        return self._files[name]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read_rows(self, name: str, rows: np.ndarray, layers: Sequence[int]) -> dict:
+        """Rows `rows` (sorted, unique positions in shard `name`) as numpy arrays."""
+        f = self.shard(name)
+        if len(rows) == rows[-1] - rows[0] + 1:
+            select = slice(int(rows[0]), int(rows[-1]) + 1)  # contiguous: one plain read
+        else:
+            select = rows
+        offsets = f["offsets"][int(rows[0]) : int(rows[-1]) + 2]
+        base = int(offsets[0])
+        tokens = f["input_ids"][base : int(offsets[-1])]
+        types = f["token_type_ids"][base : int(offsets[-1])] if "token_type_ids" in f else None
+        starts = offsets[rows - rows[0]] - base
+        ends = offsets[rows - rows[0] + 1] - base
+        out = {
+            "example_id": f["example_id"][select],
+            "labels": f["labels"][select],
+            "logits": f["logits"][select],
+            "input_ids": [tokens[a:b] for a, b in zip(starts, ends)],
+            "token_type_ids": [types[a:b] for a, b in zip(starts, ends)] if types is not None else None,
+        }
+        if layers:
+            out["hidden"] = np.stack([f["hidden"][str(layer)][select] for layer in layers], axis=1)
+        return out
+
+    def read(self, split: str, layers: Sequence[int] = ()) -> dict:
+        """A whole split in storage order (length-sorted): for evaluation, verification, tools."""
+        self._check_layers(layers)
+        parts = [
+            self._read_rows(s["file"], np.arange(s["rows"]), layers) for s in self._split(split)["shards"] if s["rows"]
+        ]
+        return _concat(parts)
+
+    # -- streaming for training ------------------------------------------------------------
+    def epoch_plan(self, split: str, batch_size: int, epoch: int, seed: int, block_size: int, world: int = 1):
+        """The global batches of one epoch as (shard file, row positions): see pkdpipe.batching."""
+        shards = self._split(split)["shards"]
+        plan = plan_epoch([s["rows"] for s in shards], batch_size, block_size, seed, epoch, world)
+        return [(shards[i]["file"], rows) for i, rows in plan]
+
+    def stream(
+        self,
+        split: str,
+        batch_size: int,
+        layers: Sequence[int],
+        *,
+        epoch: int,
+        seed: int,
+        block_size: int,
+        skip: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterator[dict]:
+        """Yield this rank's part of each global batch of `epoch`, from batch `skip` on.
+
+        Reads go block by block: all the rows this rank needs from one block in one read.
+        """
+        self._check_layers(layers)
+        plan = self.epoch_plan(split, batch_size, epoch, seed, block_size, world)[skip:]
+        i = 0
+        while i < len(plan):
+            # the run of consecutive batches that come from the same block
+            j = i
+            name, first = plan[i]
+            block = first.min() // block_size
+            while j < len(plan) and plan[j][0] == name and plan[j][1].min() // block_size == block:
+                j += 1
+            mine = [rank_rows(rows, rank, world) for _, rows in plan[i:j]]
+            wanted = np.unique(np.concatenate(mine))
+            data = self._read_rows(name, wanted, layers)
+            for rows in mine:
+                yield _take(data, np.searchsorted(wanted, rows))
+            i = j
+
+
+def _take(data: dict, idx: np.ndarray) -> dict:
+    out = {}
+    for k, v in data.items():
+        if v is None:
+            out[k] = None
+        elif isinstance(v, list):
+            out[k] = [v[i] for i in idx]
+        else:
+            out[k] = v[idx]
+    return out
+
+
+def _concat(parts: list[dict]) -> dict:
+    out = {}
+    for k in parts[0]:
+        if parts[0][k] is None:
+            out[k] = None
+        elif isinstance(parts[0][k], list):
+            out[k] = [x for p in parts for x in p[k]]
+        else:
+            out[k] = np.concatenate([p[k] for p in parts])
+    return out
+
+
+def list_caches(cache_dir: str | Path | None = None) -> list[Path]:
+    """Every cache folder under the root, complete or not (`<root>/<task>/<key>/`)."""
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith("."))
+
+
+def latest_cache(cache_dir: str | Path | None = None) -> Path:
+    """The most recently completed cache under the root."""
+    complete = [p for p in list_caches(cache_dir) if (p / mf.MANIFEST).is_file()]
+    if not complete:
+        root = Path(cache_dir) if cache_dir else default_cache_root()
+        raise CacheError(f"no complete cache under {root}: run cache-teacher first, or pass --cache PATH")
+    return max(complete, key=lambda p: (p / mf.MANIFEST).stat().st_mtime)
+
+
+def resolve_cache(path_or_key: str | None, cache_dir: str | Path | None = None) -> Path:
+    """A cache folder from a path, a key (looked up under the root), or None (the newest)."""
+    if not path_or_key:
+        return latest_cache(cache_dir)
+    path = Path(path_or_key).expanduser()
+    if path.is_dir():
+        return path
+    matches = [p for p in list_caches(cache_dir) if p.name.startswith(path_or_key)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise CacheError(f"key {path_or_key!r} matches several caches: {', '.join(str(m) for m in matches)}")
+    raise CacheError(f"no cache {path_or_key!r}: not a folder, and no such key under {cache_dir or default_cache_root()}")
+
+
+def open_cache(path_or_key: str | Path | None = None, cache_dir: str | Path | None = None) -> TeacherCache:
+    """Open a complete cache by folder, key or (None) the newest under the cache root."""
+    return TeacherCache(resolve_cache(str(path_or_key) if path_or_key else None, cache_dir))

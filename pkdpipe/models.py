@@ -1,0 +1,130 @@
+"""Loading teachers and students, and reading their [CLS] vectors, for any HF encoder.
+
+Nothing here names a BERT module: layers are read through `output_hidden_states=True` (the
+embeddings output, then one entry per encoder layer) and depth is changed through the config's
+`num_hidden_layers`, which DistilBERT, RoBERTa, MPNet and friends all map onto their own fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from pkdpipe.errors import ModelError
+
+FINETUNE_RECORD = "pkdpipe_finetune.json"  # written by `finetune`: the pre-trained model it started from
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report (e.g. the long list of unused keys when cutting layers)."""
+    previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_failed(what: str, name: str, err: Exception) -> ModelError:
+    if Path(name).exists():
+        return ModelError(f"cannot load {what} from {name}: {str(err).splitlines()[0]}")
+    return ModelError(
+        f"{what} not found: {name!r} is not a local folder and could not be loaded from the Hugging Face hub "
+        f"({type(err).__name__}); pass a folder that has config.json and the weights"
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises OSError, ValueError, HTTP errors...
+        raise _load_failed("tokenizer", str(name), err) from None
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    try:
+        return AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _load_failed("model", str(name), err) from None
+
+
+def load_classifier(name: str, trust_remote_code: bool = False, **config_overrides):
+    """An `AutoModelForSequenceClassification`, optionally with config fields overridden
+    (num_labels, id2label, num_hidden_layers to keep only the first K layers)."""
+    config = load_config(name, trust_remote_code)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    try:
+        with quiet_transformers():
+            return AutoModelForSequenceClassification.from_pretrained(
+                str(name), config=config, trust_remote_code=trust_remote_code
+            )
+    except Exception as err:
+        raise _load_failed("model", str(name), err) from None
+
+
+def label_config(labels: tuple[str, ...] | None) -> dict:
+    """Config fields that give a classifier named labels (or a single regression output)."""
+    if labels is None:
+        return {"num_labels": 1, "problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "problem_type": "single_label_classification",
+    }
+
+
+def num_layers(config) -> int:
+    return int(config.num_hidden_layers)
+
+
+def hidden_size(config) -> int:
+    return int(config.hidden_size)
+
+
+def cls_vectors(hidden_states: tuple[torch.Tensor, ...], layers) -> torch.Tensor:
+    """(batch, len(layers), hidden): the first token's vector of each requested layer
+    (0 = embeddings output, i = output of encoder layer i)."""
+    return torch.stack([hidden_states[i][:, 0] for i in layers], dim=1)
+
+
+def pretrained_origin(model_dir: str | Path) -> str | None:
+    """The pre-trained model a `finetune` output started from, if it recorded one."""
+    record = Path(model_dir) / FINETUNE_RECORD
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text()).get("base_model")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """An autocast context for `precision` (fp32 = no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ModelError("--precision fp16 needs a GPU; use bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)

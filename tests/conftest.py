@@ -1,0 +1,146 @@
+"""Shared fixtures: a tiny task on disk, a real WordPiece tokenizer over its words, and tiny
+random BERT models built from a config. Everything the pipeline tests need, in seconds, offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is never needed by the default suite
+os.environ.setdefault("PKDPIPE_QUIET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LABELS = ["neg", "neu", "pos"]
+_WORDS = {
+    "neg": ["awful", "boring", "dull", "bad", "terrible", "weak"],
+    "neu": ["plain", "average", "okay", "fine", "usual", "standard"],
+    "pos": ["great", "superb", "lovely", "good", "brilliant", "strong"],
+}
+_FILLER = ["the", "film", "was", "a", "story", "with", "some", "acting", "and", "music", "very", "quite", "really"]
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def _sentence(rng: random.Random, label: str) -> str:
+    words = [rng.choice(_FILLER) for _ in range(rng.randint(2, 14))]
+    for _ in range(rng.randint(1, 2)):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(_WORDS[label]))
+    return " ".join(words)
+
+
+def write_tiny_task(folder: Path, n_train: int = 96, n_dev: int = 30, n_test: int = 12) -> Path:
+    """A 3-label sentiment task as CSV files and a task file; returns the task file."""
+    rng = random.Random(1234)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            for i in range(n):
+                label = LABELS[i % 3]
+                writer.writerow([_sentence(rng, label), label])
+    task_file = folder / "tiny.toml"
+    task_file.write_text(
+        'name = "tiny"\ntext_fields = ["text"]\nlabel_field = "label"\n'
+        f"labels = {json.dumps(LABELS)}\nmetric = \"accuracy\"\n"
+        '[files]\ntrain = "train.csv"\ndev = "dev.csv"\ntest = "test.csv"\n'
+    )
+    return task_file
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A real BERT WordPiece tokenizer over the tiny task's words (loaded with AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_FILLER, *(w for ws in _WORDS.values() for w in ws)]
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz.,!?'")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512})
+    )
+    AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+
+
+def write_tiny_bert(folder: Path, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """A random 'pre-trained' BERT encoder with the tiny tokenizer: what a student starts from."""
+    from transformers import BertConfig, BertModel
+
+    write_tokenizer(folder)
+    vocab_size = len((folder / "vocab.txt").read_text().split())
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+def write_tiny_teacher(folder: Path, pretrained: Path, num_labels: int = 3, seed: int = 1) -> Path:
+    """A 'fine-tuned' classifier on top of `pretrained` (random head), with the finetune record."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pkdpipe.models import FINETUNE_RECORD, label_config, quiet_transformers
+
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(pretrained), **label_config(tuple(LABELS[:num_labels]) if num_labels > 1 else None)
+        )
+    with torch.no_grad():  # move the weights away from the pre-trained ones, as fine-tuning would
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(str(folder))
+    for name in ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (pretrained / name).is_file():
+            (folder / name).write_bytes((pretrained / name).read_bytes())
+    (folder / FINETUNE_RECORD).write_text(json.dumps({"base_model": str(pretrained)}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """Paths of the tiny world: task file, data folder, pre-trained encoder, teacher."""
+    root = tmp_path_factory.mktemp("tiny")
+    task_file = write_tiny_task(root / "data")
+    pretrained = write_tiny_bert(root / "pretrained")
+    teacher = write_tiny_teacher(root / "teacher", pretrained)
+    return {"root": root, "task": str(task_file), "data": root / "data", "pretrained": pretrained, "teacher": teacher}
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny, tmp_path_factory) -> Path:
+    """A complete cache of the tiny teacher over train and dev (built once per session; read-only)."""
+    from pkdpipe.config import CacheConfig
+    from pkdpipe.teacher import cache_teacher
+
+    root = tmp_path_factory.mktemp("cache-root")
+    result = cache_teacher(
+        CacheConfig(task=tiny["task"], teacher=str(tiny["teacher"]), cache_dir=root, shard_size=40, batch_size=16)
+    )
+    return result.path
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is not here (real-data tests need ../shared/datasets)")
+    return path
