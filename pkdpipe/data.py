@@ -1,0 +1,517 @@
+"""Read one split of a task into an `Examples` object: ids, texts and label indices, columnar.
+
+Where the data comes from (`load_split(task, split, data_dir)`):
+- `data_dir=None`: GLUE tasks load from the Hugging Face hub (`datasets.load_dataset`); a task file
+  reads its files relative to its own folder; banking77 and trec need a data dir.
+- A GLUE data dir, in one of two layouts, found per split in `data_dir`, `data_dir/<GLUE folder>`
+  (e.g. `SST-2/`) or `data_dir/<task name>/`:
+  1. hub layout: `train`, `validation`, `test` (mnli: `validation_matched`, ...) with suffix
+     .parquet, .jsonl, .json, .csv or .tsv, tried in that order; hub column names, integer labels,
+     label -1 = unlabelled;
+  2. classic GLUE TSV (GLUE's download script): `train.tsv`, `dev.tsv`, `test.tsv` (mnli:
+     `dev_matched.tsv`, ...), read with quoting disabled; CoLA's train/dev have no header.
+  A .tsv whose header has the hub's `idx` column and text fields is the hub layout, read with CSV
+  quoting (e.g. a hub split saved with pandas); any other .tsv is classic.
+- banking77 and task files: `[files]` of the task, .csv/.tsv (CSV quoting), .jsonl, .json (an array of
+  objects, or JSON lines), .parquet; trec: `COARSE:fine question` lines in latin-1.
+
+An example's id is its row index in the source file of its split (0-based, header and blank lines
+excluded), so it stays the same whoever reads the file. Tasks without a dev file carve dev out of
+train: see `_carve_out_dev_ids`; those dev examples keep their train ids and train leaves them out.
+
+Labels become indices into `task.labels`: a value equal to a label name gives that name's index; an
+integer gives itself when no label name looks like an integer (GLUE's 0/1 columns); -1 or an empty
+value means "no label". A split with no label at all (GLUE test) has `labels=None`; a split with some
+labelled rows and some not is an error. Every text must be non-empty after stripping whitespace.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pkdpipe.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from pkdpipe.tasks import Task
+
+HUB_LAYOUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
+"""Suffixes of hub-layout files, in order of preference (parquet is exact and fastest)."""
+
+
+@dataclass
+class Examples:
+    """One split of one task, columnar: row i is (ids[i], text_a[i], text_b[i], labels[i])."""
+
+    task: str  # the task's name
+    split: str  # the split's name, e.g. "dev"
+    ids: list[int]  # stable id: the row index in the split's source file (0-based, header excluded)
+    text_a: list[str]  # the first text field
+    text_b: list[str] | None  # the second text field; None for single-sentence tasks
+    labels: list[int] | list[float] | None  # label indices, floats for regression; None when unlabelled
+
+    def __post_init__(self) -> None:
+        for name in ("text_a", "text_b", "labels"):
+            column = getattr(self, name)
+            if column is not None and len(column) != len(self.ids):
+                raise ValueError(f"Examples.{name} has {len(column)} rows, ids has {len(self.ids)}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def fingerprint_dict(self) -> dict:
+        """A JSON-able summary whose `sha256` covers ids, texts and labels, in a canonical JSON form."""
+        digest = hashlib.sha256()
+        for name in ("ids", "text_a", "text_b", "labels"):
+            digest.update(name.encode("ascii") + b"=")
+            digest.update(json.dumps(getattr(self, name), separators=(",", ":")).encode("ascii"))
+            digest.update(b"\n")
+        return {
+            "task": self.task,
+            "split": self.split,
+            "num_examples": len(self),
+            "sha256": digest.hexdigest(),
+        }
+
+
+@dataclass
+class _Table:
+    """The rows of one source file or hub split, columnar, before any checks."""
+
+    source: str  # the file path (or hub dataset and split), for messages
+    columns: dict[str, list[Any]]  # column name -> one value per row
+    lines: list[int] | None  # 1-based line where each row starts, for text files; None otherwise
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()), []))
+
+    def where(self, row: int) -> str:
+        """The place of a row, for messages: 'file line 12' or 'file row 10'."""
+        if self.lines is not None:
+            return f"{self.source} line {self.lines[row]}"
+        return f"{self.source} row {row}"
+
+    def column(self, name: str) -> list[Any]:
+        """The values of column `name`; DataError listing the columns present when there is none."""
+        if name not in self.columns:
+            present = ", ".join(repr(c) for c in self.columns) or "none"
+            raise DataError(f"{self.source}: no column '{name}' (columns present: {present})")
+        return self.columns[name]
+
+
+def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Examples:
+    """Read `split` of `task` from `data_dir`, or from the hub / the task file's folder when None."""
+    if split not in task.splits:
+        raise ConfigError(f"task '{task.name}' has no split '{split}' (splits: {', '.join(task.splits)})")
+    if task.dev_fraction is None or split not in ("train", "dev"):
+        return _read_split(task, split, data_dir)
+    full_train = _read_split(task, "train", data_dir)
+    dev_ids = _carve_out_dev_ids(task, full_train)
+    return _subset(full_train, split, dev_ids, inside=split == "dev")
+
+
+def read_label_values(path: Path, label_field: str) -> list[str]:
+    """The raw values of one column of a task-file data file, as strings ('' when missing)."""
+    table = _read_table(path)
+    return [_value_text(value) for value in table.column(label_field)]
+
+
+# --- which reader ------------------------------------------------------------------------------------
+
+
+def _read_split(task: Task, split: str, data_dir: str | Path | None) -> Examples:
+    """Examples of one split exactly as its source holds them (no carve-out)."""
+    if data_dir is None:
+        if task.hub_name is not None:
+            return _from_hub(task, split)
+        if task.task_dir is None:
+            raise DataError(
+                f"task '{task.name}' is read from a local folder: it needs --data-dir DIR "
+                f"(with {', '.join(file for _, file in task.files)})"
+            )
+        base = Path(task.task_dir)
+    else:
+        base = Path(data_dir)
+        if not base.is_dir():
+            raise DataError(f"data dir not found: {base}")
+    if task.source == "glue":
+        return _from_glue_folder(task, split, base)
+    path = base / _relative_file(task, split)
+    if not path.is_file():
+        raise DataError(f"{split} file of task '{task.name}' not found: {path}")
+    if task.source == "trec":
+        return _from_trec_file(task, split, path)
+    _check_labels_file(task, base)
+    table = _read_table(path)
+    return _build_examples(task, split, table, task.text_fields, task.label_field, hub_style=False)
+
+
+def _relative_file(task: Task, split: str) -> str:
+    """The file of `split` relative to the data folder."""
+    file = task.file_for(split)
+    if file is None:
+        raise ConfigError(f"task '{task.name}' has no file for split '{split}'")
+    return file
+
+
+def _from_hub(task: Task, split: str) -> Examples:
+    """Load a split with `datasets.load_dataset`; any failure is a DataError pointing at --data-dir."""
+    hub_split = task.hub_split(split)
+    source = f"{task.hub_name} ({task.hub_config}, {hub_split})"
+    try:
+        import datasets  # slow import, only on this path
+
+        dataset = datasets.load_dataset(task.hub_name, task.hub_config, split=hub_split)
+    except Exception as e:  # connection, offline mode, missing dataset: all mean "no hub data here"
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"could not load {source} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+            "pass --data-dir DIR with a local copy of the data"
+        ) from e
+    wanted = [c for c in (*task.text_fields, task.label_field) if c in dataset.column_names]
+    table = _Table(source, dataset.select_columns(wanted).to_dict(), lines=None)
+    return _build_examples(task, split, table, task.text_fields, task.label_field, hub_style=True)
+
+
+def _from_glue_folder(task: Task, split: str, base: Path) -> Examples:
+    """A GLUE split from a local folder in the hub layout or the classic TSV layout."""
+    path = _find_glue_file(task, split, base)
+    if path.suffix.lower() != ".tsv" or _has_hub_header(path, task):
+        table = _read_table(path)
+        return _build_examples(task, split, table, task.text_fields, task.label_field, hub_style=True)
+    layout = task.classic
+    headerless = layout.headerless_columns if not split.startswith("test") else ()
+    table = _read_delimited(path, "\t", csv.QUOTE_NONE, column_names=headerless or None)
+    return _build_examples(task, split, table, layout.text_columns, layout.label_column, hub_style=False)
+
+
+def _find_glue_file(task: Task, split: str, base: Path) -> Path:
+    """The first hub-layout or classic file of `split` in `base` or a task subfolder of it."""
+    hub_stem = task.hub_split(split)
+    classic_name = dict(task.classic.files)[split]
+    folders = [base, base / task.classic.folder, base / task.name]
+    for folder in folders:
+        candidates = [folder / f"{hub_stem}{suffix}" for suffix in HUB_LAYOUT_SUFFIXES]
+        candidates.append(folder / classic_name)
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+    raise DataError(
+        f"no {split} file of task '{task.name}' in {base} (or its {task.classic.folder}/, {task.name}/): "
+        f"looked for {hub_stem}.parquet/.jsonl/.json/.csv/.tsv and {classic_name}"
+    )
+
+
+def _has_hub_header(path: Path, task: Task) -> bool:
+    """True when a TSV's header names the hub's `idx` column and the task's text fields."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = set(f.readline().rstrip("\r\n").split("\t"))
+    return "idx" in header and all(field in header for field in task.text_fields)
+
+
+def _from_trec_file(task: Task, split: str, path: Path) -> Examples:
+    """TREC's `COARSE:fine question words` lines (latin-1); label_field picks coarse or fine."""
+    texts: list[str] = []
+    labels: list[str] = []
+    lines: list[int] = []
+    with open(path, encoding="latin-1") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            label, _, text = line.rstrip("\r\n").partition(" ")
+            if ":" not in label:
+                raise DataError(f"{path} line {number}: expected 'COARSE:fine question', got {line[:40]!r}")
+            labels.append(label.split(":")[0] if task.label_field == "coarse_label" else label)
+            texts.append(text)
+            lines.append(number)
+    table = _Table(str(path), {"text": texts, task.label_field: labels}, lines)
+    return _build_examples(task, split, table, ("text",), task.label_field, hub_style=False)
+
+
+def _check_labels_file(task: Task, base: Path) -> None:
+    """When the data folder has the task's label-name file (banking77's categories.json), it must agree."""
+    if task.labels_file is None or not (base / task.labels_file).is_file():
+        return
+    path = base / task.labels_file
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from e
+    if names != list(task.labels):
+        raise DataError(
+            f"{path}: label names differ from the built-in {len(task.labels)} labels of task '{task.name}'"
+        )
+
+
+# --- file readers --------------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> _Table:
+    """Any supported data file (.csv, .tsv with CSV quoting, .jsonl, .json, .parquet) as a table."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix in (".jsonl", ".json"):
+        return _read_json(path)
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(path, "," if suffix == ".csv" else "\t", csv.QUOTE_MINIMAL)
+    raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .tsv, .jsonl, .json or .parquet)")
+
+
+def _read_delimited(
+    path: Path, delimiter: str, quoting: int, column_names: tuple[str, ...] | None = None
+) -> _Table:
+    """A CSV/TSV file with a header row (or the given column names); every row must fill every column."""
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
+            header = list(column_names) if column_names else next(reader, [])
+            previous_end = reader.line_num
+            for row in reader:
+                start, previous_end = previous_end + 1, reader.line_num
+                if not row:
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path} line {start}: {len(row)} fields where the header has {len(header)} "
+                        f"({', '.join(header)})"
+                    )
+                rows.append(row)
+                lines.append(start)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.line_num}: {e}") from e
+    if not rows:
+        raise DataError(f"{path} has no data rows")
+    columns = {name: list(values) for name, values in zip(header, zip(*rows, strict=True), strict=True)}
+    return _Table(str(path), columns, lines)
+
+
+def _read_json(path: Path) -> _Table:
+    """A JSON array of objects, or JSON lines (one object a line; what `Dataset.to_json` writes)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from e
+        return _records_table(path, records, lines=None)
+    records, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: not valid JSON ({e.msg})") from e
+        lines.append(number)
+    return _records_table(path, records, lines)
+
+
+def _records_table(path: Path, records: Any, lines: list[int] | None) -> _Table:
+    """A table from a list of JSON objects; a key missing from an object reads as None."""
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path} has no data rows (expected JSON objects)")
+    for row, record in enumerate(records):
+        if not isinstance(record, dict):
+            where = f"line {lines[row]}" if lines is not None else f"row {row}"
+            raise DataError(f"{path} {where}: expected a JSON object, got {type(record).__name__}")
+    names = dict.fromkeys(key for record in records for key in record)
+    columns = {name: [record.get(name) for record in records] for name in names}
+    return _Table(str(path), columns, lines)
+
+
+def _read_parquet(path: Path) -> _Table:
+    """A parquet file, every column."""
+    import pyarrow.parquet as pq  # installed with datasets
+
+    try:
+        columns = pq.read_table(path).to_pydict()
+    except Exception as e:  # pyarrow raises several types for a damaged or foreign file
+        raise DataError(f"{path} cannot be read as parquet: {e}") from e
+    table = _Table(str(path), columns, lines=None)
+    if len(table) == 0:
+        raise DataError(f"{path} has no data rows")
+    return table
+
+
+# --- checks and conversion --------------------------------------------------------------------------
+
+
+def _build_examples(
+    task: Task,
+    split: str,
+    table: _Table,
+    text_columns: tuple[str, ...],
+    label_column: str,
+    hub_style: bool,
+) -> Examples:
+    """Check texts and labels of a table and turn it into Examples (ids = row positions).
+
+    The label column may be absent only from test splits. `hub_style` makes -1 mean "no label"
+    for regression too (the hub's stsb test); for classification -1 always means "no label".
+    """
+    texts = [_checked_texts(table, split, column) for column in text_columns]
+    if label_column in table.columns or not split.startswith("test"):
+        labels = _converted_labels(task, split, table, label_column, hub_style)
+    else:
+        labels = None
+    return Examples(
+        task=task.name,
+        split=split,
+        ids=list(range(len(table))),
+        text_a=texts[0],
+        text_b=texts[1] if len(texts) > 1 else None,
+        labels=labels,
+    )
+
+
+def _checked_texts(table: _Table, split: str, column: str) -> list[str]:
+    """The column's values as strings; DataError at the first one that is empty after strip."""
+    texts = []
+    for row, value in enumerate(table.column(column)):
+        text = "" if value is None else value if isinstance(value, str) else str(value)
+        if not text.strip():
+            raise DataError(f"{table.where(row)}: empty text in field '{column}' (split '{split}', id {row})")
+        texts.append(text)
+    return texts
+
+
+def _converted_labels(
+    task: Task, split: str, table: _Table, column: str, hub_style: bool
+) -> list[int] | list[float] | None:
+    """Label indices (or floats); None when no row has a label; DataError when only some have one."""
+    values = table.column(column)
+    if task.is_regression:
+        labels = [_regression_label(table, row, value, hub_style) for row, value in enumerate(values)]
+    else:
+        to_index = _label_index_map(task)
+        labels = [_class_label(task, table, row, value, to_index) for row, value in enumerate(values)]
+    missing = [row for row, label in enumerate(labels) if label is None]
+    if len(missing) == len(labels):
+        return None
+    if missing:
+        raise DataError(
+            f"{table.where(missing[0])}: no label in '{column}' (split '{split}', id {missing[0]}), "
+            "but other rows have one"
+        )
+    return labels
+
+
+def _label_index_map(task: Task) -> dict[str, int]:
+    """Raw label text -> index: every label name, plus "0".."n-1" when no name looks like an integer."""
+    to_index = {name: index for index, name in enumerate(task.labels)}
+    if not any(_is_integer(name) for name in task.labels):
+        to_index.update({str(index): index for index in range(len(task.labels))})
+    to_index.setdefault("-1", -1)  # the hub's "no label"
+    return to_index
+
+
+def _class_label(task: Task, table: _Table, row: int, value: Any, to_index: dict[str, int]) -> int | None:
+    """One label's index, or None when the row has no label."""
+    text = _value_text(value)
+    if text == "":
+        return None
+    index = to_index.get(text)
+    if index is None:
+        shown = ", ".join(task.labels[:8]) + (
+            f", ... ({len(task.labels)} labels)" if len(task.labels) > 8 else ""
+        )
+        raise DataError(f"{table.where(row)}: label {text!r} is not a label of task '{task.name}' ({shown})")
+    return None if index == -1 else index
+
+
+def _regression_label(table: _Table, row: int, value: Any, hub_style: bool) -> float | None:
+    """One regression target, or None when the row has none."""
+    text = _value_text(value)
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise DataError(f"{table.where(row)}: label {text!r} is not a number") from None
+    if math.isnan(number) or (hub_style and number == -1.0):
+        return None
+    return number
+
+
+def _value_text(value: Any) -> str:
+    """A raw cell as stripped text: None -> '', 1.0 -> '1' (parquet/JSON may store labels as floats)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _is_integer(text: str) -> bool:
+    """True for '0', '12', '-1'."""
+    return text.lstrip("-").isdigit()
+
+
+# --- dev carve-out ---------------------------------------------------------------------------------
+
+
+def _carve_out_dev_ids(task: Task, train: Examples) -> set[int]:
+    """The train ids that form dev: a fixed, stratified, seeded share of every label.
+
+    Each label's train rows are ordered by sha256 of "<seed>:<id>" and the first
+    round(fraction * n) of them (at least one, and never all, when the label has two or more rows) go
+    to dev. Hashing instead of a random generator keeps the split identical on every machine and
+    numpy version. Regression tasks treat all rows as one group.
+    """
+    if train.labels is None:
+        raise DataError(
+            f"the train split of task '{task.name}' has no labels: cannot carve a dev split out of it"
+        )
+    groups: dict[Any, list[int]] = {}
+    for row_id, label in zip(train.ids, train.labels, strict=True):
+        groups.setdefault(0 if task.is_regression else label, []).append(row_id)
+    dev_ids: set[int] = set()
+    for members in groups.values():
+        count = _dev_count(len(members), task.dev_fraction)
+        ordered = sorted(members, key=lambda row_id: _carve_out_key(task.dev_seed, row_id))
+        dev_ids.update(ordered[:count])
+    return dev_ids
+
+
+def _dev_count(size: int, fraction: float) -> int:
+    """How many of a label's `size` train rows go to dev."""
+    if size < 2:
+        return 0
+    return min(size - 1, max(1, math.floor(size * fraction + 0.5)))
+
+
+def _carve_out_key(seed: int, row_id: int) -> bytes:
+    """The sort key that shuffles rows for the carve-out."""
+    return hashlib.sha256(f"{seed}:{row_id}".encode("ascii")).digest()
+
+
+def _subset(examples: Examples, split: str, ids: set[int], inside: bool) -> Examples:
+    """The examples whose id is (inside=True) or is not (inside=False) in `ids`, in file order."""
+    rows = [row for row, row_id in enumerate(examples.ids) if (row_id in ids) == inside]
+
+    def pick(column: list | None) -> list | None:
+        return None if column is None else [column[row] for row in rows]
+
+    return Examples(
+        task=examples.task,
+        split=split,
+        ids=pick(examples.ids),
+        text_a=pick(examples.text_a),
+        text_b=pick(examples.text_b),
+        labels=pick(examples.labels),
+    )
