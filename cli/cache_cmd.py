@@ -79,7 +79,7 @@ def cache_teacher(
     for split, metrics in summary["teacher_metrics"].items():
         table.add_row(f"teacher on {split}", fmt_metrics(metrics))
     console.print(table)
-    console.print(f"cache: {result.path}")
+    console.print(f"cache: {result.path}", soft_wrap=True, markup=False, highlight=False)  # whole, copyable
 
 
 @cache_app.command("info")
@@ -116,16 +116,47 @@ def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir
 
 
 @cache_app.command("verify")
-def verify(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = typer.Option(None)):
-    """Check checksums, shapes, NaN/inf and example ids; exit 1 on any fault."""
-    from pkdpipe.cache.reader import resolve_cache
-    from pkdpipe.cache.verify import verify_cache
+def verify(
+    path: str = typer.Argument(..., help="Cache folder or key."),
+    cache_dir: Path = typer.Option(None),
+    recompute: int = typer.Option(0, help="Also rerun the teacher on N random cached examples and compare."),
+    teacher: str = typer.Option(None, help="The teacher to recompute with (needed with --recompute)."),
+    seed: int = typer.Option(0, help="Seed of the examples --recompute draws."),
+    device: str = typer.Option("auto", help="Device for --recompute: cpu, cuda or auto."),
+):
+    """Check checksums, shapes, NaN/inf and example ids; exit 1 on any fault.
 
-    report = verify_cache(resolve_cache(path, cache_dir))
+    With --recompute N --teacher PATH, also rerun the teacher on N examples: fail when a logit
+    differs by more than 1e-2 or a [CLS] vector's cosine to the cached one is below 0.999
+    (0.1 and 0.99 for a cache made under bf16/fp16 autocast)."""
+    from pkdpipe.cache.reader import resolve_cache
+    from pkdpipe.cache.verify import recompute_check, verify_cache
+    from pkdpipe.errors import ConfigError
+
+    if recompute and not teacher:
+        raise ConfigError("--recompute needs --teacher PATH (the teacher the cache claims)")
+    folder = resolve_cache(path, cache_dir)
+    report = verify_cache(folder)
     for problem in report.problems:
         console.print(f"[red]FAIL[/red] {problem}")
     if not report.ok:
         raise typer.Exit(1)
     console.print(f"OK: {report.shards_checked} shard(s), {report.rows_checked:,} rows verified in {report.path}")
+    if recompute:
+        r = recompute_check(folder, teacher, recompute, seed=seed, device=device)
+        for note in r.notes:
+            console.print(f"[yellow]note[/yellow] {note}", soft_wrap=True)
+        figures = (
+            f"{r.examples} example(s) recomputed: max |logit diff| {r.max_logit_diff:.2e} (tolerance "
+            f"{r.logit_tolerance:g}), lowest [CLS] cosine {r.min_cosine:.6f} at layer {r.worst_layer} "
+            f"(tolerance {r.cosine_tolerance:g}), max |[CLS] diff| {r.max_hidden_diff:.2e}"
+        )
+        if not r.ok:
+            console.print(f"[red]FAIL[/red] {figures}: this cache was not made by {teacher}", soft_wrap=True)
+            raise typer.Exit(1)
+        console.print(f"OK: {figures}", soft_wrap=True)
 
 
+from pkdpipe_cli import store_cmd  # noqa: E402  (ls, push, pull, rm, gc join the `cache` group)
+
+store_cmd.register(cache_app)

@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from pkdpipe.errors import PkdError
 
 
-class UserError(click.ClickException):
-    """A PkdError as click shows errors: `error: ...` on stderr, exit code 1, no traceback."""
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
 class PkdGroup(TyperGroup):
-    def invoke(self, ctx: click.Context):
+    """Shows a PkdError as one line on stderr (`error: ...`, exit 1): no traceback for a user's mistake."""
+
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except PkdError as err:
-            raise UserError(str(err)) from None
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
-            raise click.exceptions.Exit(130) from None
+            typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
@@ -38,11 +33,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from pkdpipe_cli import cache_cmd, eval_cmd, train_cmd  # noqa: E402  (they register on `app`)
+from pkdpipe_cli import cache_cmd, demo_cmd, eval_cmd, sweep_cmd, train_cmd  # noqa: E402  (they register on `app`)
 
-cache_cmd.register(app)
+demo_cmd.register(app)
 train_cmd.register(app)
+cache_cmd.register(app)
 eval_cmd.register(app)
+sweep_cmd.register(app)
 
 
 def run() -> None:

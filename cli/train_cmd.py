@@ -26,6 +26,9 @@ def _train_options():
         "weight_decay": typer.Option(0.01, help="AdamW weight decay."),
         "seed": typer.Option(42, help="Seed for initialisation, dropout and data order."),
         "eval_every": typer.Option(0, help="Evaluate on dev every N steps (0 = each epoch)."),
+        "checkpoint_every": typer.Option(
+            200, help="Save a resumable checkpoint every N steps (and each epoch); rerun to resume."
+        ),
         "precision": typer.Option("fp32", help="fp32, bf16 or fp16 (fp16 needs a GPU)."),
         "device": typer.Option("auto", help="cpu, cuda or auto."),
         "max_steps": typer.Option(0, help="Stop after N steps (0 = all epochs)."),
@@ -61,6 +64,7 @@ def finetune(
     weight_decay: float = _T["weight_decay"],
     seed: int = _T["seed"],
     eval_every: int = _T["eval_every"],
+    checkpoint_every: int = _T["checkpoint_every"],
     precision: str = _T["precision"],
     device: str = _T["device"],
     max_steps: int = _T["max_steps"],
@@ -75,7 +79,8 @@ def finetune(
     config = FinetuneConfig(
         task=task, model=model, data_dir=data_dir, layers=layers, output=output, max_seq_len=max_seq_len,
         lr=lr, epochs=epochs, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed,
-        eval_every=eval_every, precision=precision, device=device, max_steps=max_steps, report_to=report_to,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, precision=precision, device=device,
+        max_steps=max_steps, report_to=report_to,
         trust_remote_code=trust_remote_code, quiet=quiet, command=command_line(),
     )
     result = run(config)
@@ -103,6 +108,7 @@ def distill(
     weight_decay: float = _T["weight_decay"],
     seed: int = _T["seed"],
     eval_every: int = _T["eval_every"],
+    checkpoint_every: int = _T["checkpoint_every"],
     precision: str = _T["precision"],
     device: str = _T["device"],
     max_steps: int = _T["max_steps"],
@@ -119,7 +125,8 @@ def distill(
         teacher_layers=int_list(teacher_layers, "--teacher-layers"), student_init=student_init, output=output,
         alpha=alpha, beta=beta, temperature=temperature, normalize=normalize, lr=lr, epochs=epochs,
         batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, eval_every=eval_every,
-        precision=precision, device=device, max_steps=max_steps, report_to=report_to,
+        checkpoint_every=checkpoint_every, precision=precision, device=device, max_steps=max_steps,
+        report_to=report_to,
         trust_remote_code=trust_remote_code, quiet=quiet, command=command_line(),
     )
     result = run(config)

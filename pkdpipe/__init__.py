@@ -26,6 +26,8 @@ _EXPORTS = {
     "evaluate": "pkdpipe.evaluate",
     "predict": "pkdpipe.evaluate",
     "PkdError": "pkdpipe.errors",
+    "DemoConfig": "pkdpipe.demo",
+    "run_demo": "pkdpipe.demo",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pkdpipe.errors import PkdError
@@ -62,20 +63,42 @@ def save(folder: Path, model, optimizer, scheduler, trainer_state: dict, scaler=
     shutil.rmtree(old, ignore_errors=True)
 
 
+def exists(folder: Path) -> bool:
+    """Whether there is a checkpoint to resume from; a kill between the two renames in `save`
+    leaves only `<folder>.old`, which is then put back."""
+    old = folder.with_name(folder.name + ".old")
+    if not (folder / "state.json").is_file() and (old / "state.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        old.rename(folder)
+    return (folder / "state.json").is_file()
+
+
+def remove(folder: Path) -> None:
+    """Delete a checkpoint and any half-written or superseded copy of it."""
+    for path in (folder, folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def load(folder: Path, model, optimizer, scheduler, scaler=None) -> dict:
     """Restore everything saved by `save`; return the trainer state."""
     try:
         state = json.loads((folder / "state.json").read_text())
         load_model(model, str(folder / "model.safetensors"))
         tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError) as err:
-        raise PkdError(f"cannot resume from {folder}: {err}; delete it to start over") from None
-    tensors.pop("_empty", None)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
+        rng = load_file(str(folder / "rng.safetensors"))
+        tensors.pop("_empty", None)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    # a damaged file (SafetensorError is no OSError), or a checkpoint of another model (RuntimeError)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PkdError(f"cannot resume from {folder}: {reason}; delete it to start over") from None
+    scheduler_state = dict(state["scheduler"])
+    if hasattr(scheduler, "lr_lambdas"):
+        # LambdaLR.load_state_dict needs the key `save` leaves out (None: a plain function, nothing to load)
+        scheduler_state.setdefault("lr_lambdas", [None] * len(scheduler.lr_lambdas))
+    scheduler.load_state_dict(scheduler_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]

@@ -67,8 +67,9 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
         if split not in task.splits:
             raise ConfigError(f"task {task.name} has no split {split!r}; it has {', '.join(task.splits)}")
     teacher_name = resolve_teacher(config, task)
-    tokenizer = load_tokenizer(teacher_name, config.trust_remote_code)
+    # the model first, so that a wrong --teacher reads "model not found", not "tokenizer not found"
     model = load_classifier(teacher_name, config.trust_remote_code)
+    tokenizer = load_tokenizer(teacher_name, config.trust_remote_code)
     if model.config.num_labels != task.num_labels:
         raise ModelError(
             f"teacher {teacher_name} has {model.config.num_labels} labels but task {task.name} has "
@@ -90,6 +91,7 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
         "layers": list(layers),
         "hidden_dtype": config.dtype,
         "logits_dtype": "float32",
+        "precision": config.precision,  # bf16/fp16 autocast changes the stored values
     }
     key = cache_key(fingerprints)
     folder = config.cache_dir / task.name / key
@@ -143,13 +145,30 @@ def _cache_split(split, encoded: Encoded, model, tokenizer, layers, folder, conf
         rows = order[index * config.shard_size : (index + 1) * config.shard_size]
         path = folder / mf.shard_name(split, index, n_shards)
         plan.append({"file": path.name, "rows": int(len(rows))})
-        if index % distributed.world_size() == distributed.rank() and not path.is_file():
+        mine = index % distributed.world_size() == distributed.rank()
+        if mine and not _finished(path, encoded.ids[rows]):
             todo.append((path, rows))
     total = sum(len(rows) for _, rows in todo)
     with progress.bar(f"teacher {split}", total, quiet=config.quiet) as bar:
         for path, rows in todo:
             _write_shard(path, rows, encoded, model, tokenizer, layers, config, task, device, bar)
     return {"examples": len(order), "shards": plan}
+
+
+def _finished(path: Path, ids: np.ndarray) -> bool:
+    """True when `path` is a finished shard holding exactly these example ids, in this order.
+
+    A shard from an interrupted run with another --shard-size can have the same name but other
+    rows (the shard size is not part of the key: it does not change the values); it is rewritten."""
+    import h5py
+
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return np.array_equal(f["example_id"][:], ids)
+    except (OSError, KeyError):
+        return False
 
 
 def _write_shard(path, rows, encoded: Encoded, model, tokenizer, layers, config, task, device, bar) -> None:
@@ -215,7 +234,7 @@ def _manifest(config, task, teacher_name, model, key, fingerprints, layers, spli
         },
         "tokenizer_sha256": fingerprints["tokenizer"],
         "dataset": {
-            "source": str(config.data_dir) if config.data_dir else "huggingface-hub",
+            "source": str(config.data_dir or (task.task_dir if task.hub_name is None else "huggingface-hub")),
             "sha256": fingerprints["datasets"],
         },
         "max_seq_len": config.max_seq_len,
@@ -224,6 +243,7 @@ def _manifest(config, task, teacher_name, model, key, fingerprints, layers, spli
         "layers": list(layers),
         "hidden_dtype": config.dtype,
         "logits_dtype": "float32",
+        "precision": config.precision,
         "splits": splits_info,
         "teacher_metrics": _teacher_metrics(folder, task, splits_info),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

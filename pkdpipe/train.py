@@ -160,7 +160,7 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
     ckpt_dir, best_dir, log_path = output / "checkpoint", output / "best", output / "train_log.jsonl"
     state = {"epoch": 0, "skip": 0, "step": 0, "best": None, "best_step": 0, "best_metrics": {}}
-    if config.resume and (ckpt_dir / "state.json").is_file():
+    if config.resume and checkpoint.exists(ckpt_dir):
         state = checkpoint.load(ckpt_dir, core, optimizer, scheduler, scaler)
         progress.info(f"resuming from {ckpt_dir} at step {state['step']}", config.quiet)
         if distributed.is_main():
@@ -243,7 +243,7 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
         for path in best_dir.iterdir():
             path.replace(output / path.name)
         best_dir.rmdir()
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        checkpoint.remove(ckpt_dir)
     if writer is not None:
         writer.close()
     distributed.barrier()
@@ -268,8 +268,16 @@ def _log(path: Path, writer, record: dict) -> None:
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from, so the log reads as one run."""
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
         path.write_text("".join(line + "\n" for line in lines))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; infinite for a line the kill cut short, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _tensorboard(output: Path, config: TrainConfig):
@@ -310,6 +318,7 @@ def distill(config: DistillConfig) -> TrainResult:
     task = task_of(cache)
     teacher_map = layer_map(config.strategy, cache.teacher_layers, config.layers, config.teacher_layers)
     init = config.student_init or cache.manifest["teacher"].get("pretrained_from") or cache.manifest["teacher"]["name_or_path"]
+    torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
     student, tokenizer = _student(init, config, cache, teacher_map)
     if "dev" not in cache.splits:
         progress.info("the cache has no dev split: the last weights will be kept", config.quiet)
@@ -371,6 +380,7 @@ def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map:
             f"the student's tokenizer ({init}) is not the one the cache was made with: "
             "the cached token ids would be wrong for it; use a student init with the teacher's tokenizer"
         )
+    cache.check_layers(teacher_map)
     labels = tuple(cache.label_names) if cache.label_names is not None else None
     model = load_classifier(init, config.trust_remote_code, num_hidden_layers=config.layers, **label_config(labels))
     if model.config.num_labels != cache.num_labels:
@@ -466,6 +476,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         if config.layers > depth:
             raise ModelError(f"{config.model} has {depth} layers; cannot keep {config.layers}")
         overrides["num_hidden_layers"] = config.layers
+    torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
     model = load_classifier(config.model, config.trust_remote_code, **overrides)
     train = encode(load_split(task, "train", config.data_dir), tokenizer, config.max_seq_len)
     dev = encode(load_split(task, "dev", config.data_dir), tokenizer, config.max_seq_len) if "dev" in task.splits else None

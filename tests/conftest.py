@@ -144,3 +144,36 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is not here (real-data tests need ../shared/datasets)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one CPU thread for a module: tiny models train many times faster that way on a
+    machine whose cores other processes share (intra-op threads otherwise wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def distill_config():
+    """A factory of DistillConfig for tests: by default a 2-layer PKD-Skip student of the tiny teacher
+    over one epoch, on CPU, quiet; keyword arguments override any field."""
+    from pkdpipe.config import DistillConfig
+
+    def make(cache: Path | None, output: Path, **overrides):
+        settings = {
+            "cache": str(cache) if cache is not None else None,
+            "strategy": "skip",
+            "layers": 2,
+            "output": output,
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "device": "cpu",
+            "quiet": True,
+        }
+        return DistillConfig(**{**settings, **overrides})
+
+    return make

@@ -68,11 +68,15 @@ def read(folder: str | Path) -> dict:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see either nothing or the whole file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk or a read-only folder: one clear line, no half file
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def write(folder: Path, manifest: dict) -> None:

@@ -73,7 +73,7 @@ class TeacherCache:
             raise CacheError(f"cache {self.key} has no {split!r} split; it has {', '.join(self.splits)}")
         return self.manifest["splits"][split]
 
-    def _check_layers(self, layers: Sequence[int]) -> None:
+    def check_layers(self, layers: Sequence[int]) -> None:
         missing = sorted(set(layers) - set(self.layers))
         if missing:
             raise CacheError(
@@ -134,7 +134,7 @@ class TeacherCache:
 
     def read(self, split: str, layers: Sequence[int] = ()) -> dict:
         """A whole split in storage order (length-sorted): for evaluation, verification, tools."""
-        self._check_layers(layers)
+        self.check_layers(layers)
         parts = [
             self._read_rows(s["file"], np.arange(s["rows"]), layers) for s in self._split(split)["shards"] if s["rows"]
         ]
@@ -164,7 +164,7 @@ class TeacherCache:
 
         Reads go block by block: all the rows this rank needs from one block in one read.
         """
-        self._check_layers(layers)
+        self.check_layers(layers)
         plan = self.epoch_plan(split, batch_size, epoch, seed, block_size, world)[skip:]
         i = 0
         while i < len(plan):

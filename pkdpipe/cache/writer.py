@@ -46,8 +46,17 @@ class ShardWriter:
         try:
             self._file = h5py.File(self.tmp_path, "w")
         except OSError as err:
-            raise CacheError(f"cannot write {self.tmp_path}: {err}") from None
-        f = self._file
+            self.tmp_path.unlink(missing_ok=True)
+            raise _write_error(self.final_path, err) from None
+        try:
+            self._create_datasets(ids, num_labels, hidden_size, layers, hidden_dtype, regression, with_token_types)
+        except OSError as err:  # creating datasets writes too (example_id, offsets): a full disk shows here
+            self.abort()
+            raise _write_error(self.final_path, err) from None
+        self._layers = layers
+
+    def _create_datasets(self, ids, num_labels, hidden_size, layers, hidden_dtype, regression, with_token_types):
+        f, offsets, n = self._file, self._offsets, len(ids)
         chunk = (min(ROW_CHUNK, max(n, 1)),)
         f.create_dataset("example_id", data=ids.astype(np.int64))
         # Unlabelled rows (a GLUE test split) hold -1, or NaN for regression.
@@ -61,7 +70,6 @@ class ShardWriter:
         hidden = f.create_group("hidden")
         for layer in layers:
             hidden.create_dataset(str(layer), shape=(n, hidden_size), dtype=hidden_dtype, chunks=chunk + (hidden_size,))
-        self._layers = layers
 
     def write(self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]) -> None:
         """Append a batch of rows: token id arrays, labels, (b, C) logits, {layer: (b, H)} vectors."""

@@ -1,0 +1,117 @@
+"""`pkdpipe cache ls | push | pull | rm | gc`: share caches through a store and tidy the local root.
+
+Thin: parse, call `pkdpipe.cache.store`, print. Library errors (StoreError, CacheError) reach the
+app's handler and print as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from pkdpipe_cli.common import console, human_bytes
+from rich.table import Table
+
+CacheDirOpt = typer.Option(
+    None, "--cache-dir", help="Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe."
+)
+
+
+def register(cache_app: typer.Typer) -> None:
+    """Attach the commands to the `cache` group."""
+    cache_app.command("ls")(ls)
+    cache_app.command("push")(push)
+    cache_app.command("pull")(pull)
+    cache_app.command("rm")(rm)
+    cache_app.command("gc")(gc)
+
+
+def _plain(text) -> None:
+    console.print(str(text), soft_wrap=True, markup=False, highlight=False)  # paths and URLs whole, copyable
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 6, 8] -> '0-3,6,8'."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(parts)
+
+
+def ls(cache_dir: Path = CacheDirOpt):
+    """List the caches under the cache root: complete or not, what made them, size on disk."""
+    from pkdpipe.cache.store import list_local
+    from pkdpipe.config import default_cache_root
+
+    rows = list_local(cache_dir)
+    root = cache_dir or default_cache_root()
+    if not rows:
+        _plain(f"no caches under {root}")
+        return
+    table = Table(title=f"caches under {root}", box=None, padding=(0, 1, 0, 0), header_style="bold underline")
+    for column in ("task", "key", "teacher", "examples", "stored", "size", "created", "complete"):
+        table.add_column(column, overflow="fold", no_wrap=column == "key")  # a key stays whole: it is copied
+    for r in rows:
+        examples = "\n".join(f"{split} {n:,}" for split, n in r.examples.items()) if r.examples else "-"
+        table.add_row(
+            r.task,
+            r.key,
+            r.teacher or "-",
+            examples,
+            f"layers {_ranges(r.layers)}\n{r.dtype}" if r.layers else "-",
+            human_bytes(r.bytes),
+            r.created[:16].replace("T", "\n") if r.created else "-",  # date, then time to the minute (UTC)
+            "yes" if r.complete else "[red]no[/red]",
+        )
+    console.print(table)
+
+
+def push(
+    path: str = typer.Argument(..., help="Cache folder or key."),
+    url: str = typer.Argument(
+        ..., help="Store URL: a shared folder, file://, s3://, gs://, hf://, memory://"
+    ),
+    cache_dir: Path = CacheDirOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Publish a complete cache to a store as URL/TASK/KEY (shards first, manifest last; resumes)."""
+    from pkdpipe.cache.reader import resolve_cache
+    from pkdpipe.cache.store import push as run
+
+    dest = run(resolve_cache(path, cache_dir), url, quiet=quiet)
+    _plain(f"in store: {dest}")
+
+
+def pull(
+    url_or_key: str = typer.Argument(..., help="A cache's URL (STORE/TASK/KEY), or its key with --store."),
+    cache_dir: Path = CacheDirOpt,
+    store: str = typer.Option(None, envvar="PKDPIPE_STORE", help="Store URL to look a key up in."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Download a cache into the cache root; every checksum is verified before it becomes visible."""
+    from pkdpipe.cache.store import pull as run
+
+    folder = run(url_or_key, cache_dir, store=store, quiet=quiet)
+    _plain(f"cache: {folder}")
+
+
+def rm(path_or_key: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = CacheDirOpt):
+    """Delete one local cache."""
+    from pkdpipe.cache.store import remove
+
+    folder, freed = remove(path_or_key, cache_dir)
+    _plain(f"removed {folder} ({human_bytes(freed)})")
+
+
+def gc(cache_dir: Path = CacheDirOpt):
+    """Remove incomplete leftovers: interrupted pulls and builds, stray temporary files."""
+    from pkdpipe.cache.store import gc as run
+
+    freed = run(cache_dir)
+    for path, size in freed:
+        _plain(f"removed {path} ({human_bytes(size)})")
+    _plain(f"freed {human_bytes(sum(size for _, size in freed))} in {len(freed)} item(s)")

@@ -1,0 +1,68 @@
+"""`report`: one PNG of training curves and final metrics for several runs, plus a table.
+
+Reads only what runs wrote (train_log.jsonl, metrics.json), so it works on finished runs, on
+runs still going, and on runs copied from another machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pkdpipe.errors import ConfigError, PkdError
+
+TERMS = ("loss", "ce", "kd", "pt")
+
+
+def read_run(folder: Path) -> dict:
+    folder = Path(folder)
+    log = folder / "train_log.jsonl"
+    if not log.is_file():
+        raise PkdError(f"{folder} has no train_log.jsonl: not a pkdpipe run folder")
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {"name": folder.name, "path": folder, "records": records, "dev": metrics.get("dev", {})}
+
+
+def make_report(folders: list[Path], output: Path) -> list[dict]:
+    """Write the PNG to `output`; return the runs read (name, dev metrics) for the table."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("report needs matplotlib: pip install 'pkdpipe[plots]'") from None
+    runs = [read_run(f) for f in folders]
+    dev_keys = sorted({k for r in runs for rec in r["records"] for k in rec if k.startswith("dev_")})
+    panels = [t for t in TERMS if any(t in rec for r in runs for rec in r["records"])] + dev_keys
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for run in runs:
+            points = [(rec["step"], rec[key]) for rec in run["records"] if key in rec]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if key.startswith("dev_") else None, markersize=3, label=run["name"])
+        ax.set_title(key.replace("dev_", "dev ").replace("pt", "patient (pt)"))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    bar_ax = axes[0][-1]
+    metric = dev_keys[0].removeprefix("dev_") if dev_keys else None
+    if metric:
+        values = [100 * r["dev"].get(metric, float("nan")) for r in runs]
+        bars = bar_ax.bar(range(len(runs)), values, color=[f"C{i}" for i in range(len(runs))])
+        bar_ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        bar_ax.set_xticks(range(len(runs)), [r["name"] for r in runs], rotation=30, ha="right", fontsize=7)
+        bar_ax.set_title(f"best dev {metric} (%)")
+        finite = [v for v in values if v == v]
+        if finite:
+            bar_ax.set_ylim(max(0, min(finite) - 10), min(100, max(finite) + 5))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return runs

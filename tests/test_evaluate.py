@@ -1,0 +1,81 @@
+"""pkdpipe.evaluate: metrics, size and speed of models side by side; GLUE-style predictions."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import LABELS
+
+from pkdpipe.config import EvaluateConfig
+from pkdpipe.data import load_split
+from pkdpipe.evaluate import evaluate, predict, predict_logits
+from pkdpipe.models import count_parameters, label_config, load_classifier, load_tokenizer
+from pkdpipe.tasks import get_task
+from pkdpipe.text import encode, pad_id_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def student(tiny, tmp_path_factory):
+    """A 2-layer classifier cut from the tiny pre-trained encoder, saved like a distilled student."""
+    folder = tmp_path_factory.mktemp("student")
+    torch.manual_seed(3)
+    model = load_classifier(str(tiny["pretrained"]), num_hidden_layers=2, **label_config(tuple(LABELS)))
+    model.save_pretrained(str(folder))
+    load_tokenizer(str(tiny["pretrained"])).save_pretrained(str(folder))
+    return folder
+
+
+def _plain_logits(model_dir, texts: list[str]) -> np.ndarray:
+    """One example at a time, no padding: the reference for batched, length-sorted inference."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        return np.stack([model(**tokenizer(t, return_tensors="pt")).logits[0].numpy() for t in texts])
+
+
+def test_predict_logits_come_back_in_the_split_order(tiny, student):
+    task = get_task(tiny["task"])
+    examples = load_split(task, "dev")
+    tokenizer = load_tokenizer(str(student))
+    encoded = encode(examples, tokenizer, 128)
+    assert len(set(encoded.lengths().tolist())) > 1  # lengths vary, so sorting really reorders
+    logits = predict_logits(load_classifier(str(student)), encoded, pad_id=pad_id_of(tokenizer), batch_size=4)
+    np.testing.assert_allclose(logits, _plain_logits(student, examples.text_a), atol=1e-4)
+
+
+def test_evaluate_reports_metrics_size_and_speed(tiny, student):
+    task = get_task(tiny["task"])
+    dev = load_split(task, "dev")
+    reports = evaluate(
+        EvaluateConfig(models=[str(tiny["teacher"]), str(student)], task=tiny["task"], quiet=True)
+    )
+    assert [r.model for r in reports] == [str(tiny["teacher"]), str(student)]
+    for report, folder in zip(reports, (tiny["teacher"], student), strict=True):
+        expected = (_plain_logits(folder, dev.text_a).argmax(1) == np.asarray(dev.labels)).mean()
+        assert report.metrics == {"accuracy": pytest.approx(expected)}
+        assert report.parameters == count_parameters(load_classifier(str(folder)))
+        assert report.examples_per_s > 0
+    assert reports[0].speedup == 1.0
+    assert reports[1].speedup == pytest.approx(reports[1].examples_per_s / reports[0].examples_per_s)
+    assert reports[1].parameters < reports[0].parameters
+    assert torch.is_grad_enabled()
+
+
+def test_predict_writes_one_named_label_per_test_example(tiny, student, tmp_path):
+    task = get_task(tiny["task"])
+    test = load_split(task, "test")
+    path = predict(str(student), tiny["task"], "test", tmp_path / "sub" / "tiny.tsv", quiet=True)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["index", "prediction"]
+    assert [int(r[0]) for r in rows[1:]] == list(test.ids) and len(rows) == 1 + len(test) == 13
+    expected = [LABELS[i] for i in _plain_logits(student, test.text_a).argmax(1)]
+    assert [r[1] for r in rows[1:]] == expected
+    assert not list(path.parent.glob("*.tmp"))

@@ -1,0 +1,144 @@
+"""pkdpipe.cache.reader: streaming a cache split for training, by example id, with only the needed layers."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from pkdpipe.cache.reader import open_cache
+from pkdpipe.errors import CacheError
+
+LAYERS = [1, 3]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def cache(tiny_cache):
+    with open_cache(tiny_cache) as opened:
+        yield opened
+
+
+def _stream(cache, **kwargs):
+    settings = {"epoch": 0, "seed": 42, "block_size": 16, **kwargs}
+    return list(cache.stream("train", 8, LAYERS, **settings))
+
+
+def _by_id(cache, layers=LAYERS) -> dict[int, dict]:
+    data = cache.read("train", layers)
+    rows = {}
+    for i, example_id in enumerate(data["example_id"].tolist()):
+        rows[example_id] = {
+            "labels": data["labels"][i],
+            "logits": data["logits"][i],
+            "hidden": data["hidden"][i],
+            "input_ids": data["input_ids"][i],
+            "token_type_ids": data["token_type_ids"][i],
+        }
+    return rows
+
+
+def test_an_epoch_streams_every_example_once_with_its_own_targets(cache):
+    expected = _by_id(cache)
+    batches = _stream(cache)
+    ids = [int(i) for b in batches for i in b["example_id"]]
+    assert sorted(ids) == sorted(expected) and len(expected) == cache.num_examples("train") == 96
+    for batch in batches:
+        assert batch["hidden"].shape == (len(batch["example_id"]), len(LAYERS), cache.hidden_size)
+        assert batch["hidden"].dtype == np.float16 and batch["logits"].dtype == np.float32
+        for i, example_id in enumerate(batch["example_id"].tolist()):
+            row = expected[example_id]
+            np.testing.assert_array_equal(batch["logits"][i], row["logits"])
+            np.testing.assert_array_equal(batch["hidden"][i], row["hidden"])
+            np.testing.assert_array_equal(batch["input_ids"][i], row["input_ids"])
+            np.testing.assert_array_equal(batch["token_type_ids"][i], row["token_type_ids"])
+            assert batch["labels"][i] == row["labels"]
+
+
+def test_hidden_layers_are_the_requested_ones_in_order(cache):
+    one = cache.read("train", [3])["hidden"][:, 0]
+    both = cache.read("train", [1, 3])["hidden"]
+    np.testing.assert_array_equal(both[:, 1], one)
+    assert not np.array_equal(both[:, 0], both[:, 1])
+
+
+def test_epochs_differ_and_repeat(cache):
+    def order(epoch):
+        return [int(i) for b in _stream(cache, epoch=epoch) for i in b["example_id"]]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+
+
+def test_skip_resumes_at_the_right_batch(cache):
+    full = [b["example_id"].tolist() for b in _stream(cache, epoch=1)]
+    for skip in (1, 3, len(full) - 1):
+        assert [b["example_id"].tolist() for b in _stream(cache, epoch=1, skip=skip)] == full[skip:]
+
+
+def test_two_ranks_read_disjoint_equal_halves_of_each_global_batch(cache):
+    shard_ids = {
+        s["file"]: cache.shard(s["file"])["example_id"][:]
+        for s in cache.manifest["splits"]["train"]["shards"]
+    }
+    plan = cache.epoch_plan("train", 8, epoch=0, seed=42, block_size=16, world=2)
+    first, second = _stream(cache, rank=0, world=2), _stream(cache, rank=1, world=2)
+    assert len(first) == len(second) == len(plan)
+    for (name, rows), a, b in zip(plan, first, second, strict=True):
+        a_ids, b_ids = set(a["example_id"].tolist()), set(b["example_id"].tolist())
+        assert len(a_ids) == len(b_ids) == len(rows) // 2
+        assert not a_ids & b_ids
+        assert a_ids | b_ids == set(shard_ids[name][rows].tolist())
+
+
+class _Spy:
+    """An h5py file or group that records which members are read."""
+
+    def __init__(self, obj, path: str, seen: set[str]):
+        self._obj, self._path, self._seen = obj, path, seen
+
+    def __getitem__(self, key):
+        value = self._obj[key]
+        if not isinstance(key, str):
+            return value
+        path = f"{self._path}{key}"
+        self._seen.add(path)
+        return _Spy(value, path + "/", self._seen) if isinstance(value, h5py.Group) else value
+
+    def __contains__(self, key):
+        return key in self._obj
+
+    def __getattr__(self, name):
+        return getattr(self._obj, name)
+
+
+def test_only_the_requested_layers_are_read(cache):
+    seen: set[str] = set()
+    for shard in cache.manifest["splits"]["train"]["shards"]:
+        cache._files[shard["file"]] = _Spy(cache.shard(shard["file"]), "", seen)
+    _stream(cache)
+    assert {p for p in seen if p.startswith("hidden/")} == {f"hidden/{layer}" for layer in LAYERS}
+    seen.clear()
+    list(cache.stream("train", 8, [], epoch=0, seed=42, block_size=16))
+    assert not any(p.startswith("hidden") for p in seen)
+    assert {"example_id", "logits", "labels", "input_ids"} <= seen
+
+
+def test_layers_not_in_the_cache_are_refused(tiny, tmp_path):
+    from pkdpipe.config import CacheConfig
+    from pkdpipe.teacher import cache_teacher
+
+    built = cache_teacher(
+        CacheConfig(
+            task=tiny["task"], teacher=str(tiny["teacher"]), cache_dir=tmp_path, layers=(0, 1), quiet=True
+        )
+    )
+    with open_cache(built.path) as partial:
+        assert partial.layers == [0, 1]
+        with pytest.raises(CacheError, match=r"does not store teacher layer\(s\) \[3\]"):
+            next(partial.stream("train", 8, [1, 3], epoch=0, seed=0, block_size=16))
+
+
+def test_no_cache_under_the_root(tmp_path):
+    with pytest.raises(CacheError, match="no complete cache under"):
+        open_cache(None, tmp_path / "empty")

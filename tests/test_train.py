@@ -1,0 +1,326 @@
+"""pkdpipe.train: `distill` from the cache alone (init, strategies, outputs, checks) and `finetune`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import LABELS, write_tiny_bert
+from safetensors.torch import load_file
+
+from pkdpipe.cache.reader import open_cache
+from pkdpipe.config import CacheConfig, FinetuneConfig
+from pkdpipe.errors import CacheError, ConfigError, ModelError, PkdError
+from pkdpipe.layermap import layer_map
+from pkdpipe.models import FINETUNE_RECORD
+from pkdpipe.teacher import cache_teacher
+from pkdpipe.train import _student, distill, finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOSS_TERMS = ("loss", "ce", "kd", "pt")
+
+
+def _log(output) -> list[dict]:
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+def _train_lines(output) -> list[dict]:
+    return [r for r in _log(output) if "loss" in r]
+
+
+def _tokenizer_files(tmp_path, pretrained) -> set[str]:
+    """What save_pretrained writes for the tiny tokenizer with this transformers version."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tokenizer-files"
+    AutoTokenizer.from_pretrained(str(pretrained)).save_pretrained(str(folder))
+    return {p.name for p in folder.iterdir()}
+
+
+# -- the student starts from the pre-trained model -----------------------------------------------
+@pytest.mark.parametrize("k", [2, 3])
+def test_student_takes_the_first_k_layers_and_embeddings_of_the_init(
+    tiny, tiny_cache, tmp_path, distill_config, k
+):
+    from transformers import AutoModel
+
+    config = distill_config(tiny_cache, tmp_path / "unused", layers=k)
+    with open_cache(tiny_cache) as cache:
+        teacher_map = layer_map("skip", cache.teacher_layers, k)
+        student, _ = _student(str(tiny["pretrained"]), config, cache, teacher_map)
+    pretrained = AutoModel.from_pretrained(str(tiny["pretrained"])).state_dict()
+    body = student.base_model.state_dict()
+
+    assert student.config.num_hidden_layers == k
+    assert {key.split(".")[2] for key in body if key.startswith("encoder.layer.")} == {
+        str(i) for i in range(k)
+    }
+    for key, value in body.items():
+        torch.testing.assert_close(value, pretrained[key], rtol=0, atol=0, msg=key)
+    assert any(key.startswith("embeddings.") for key in body)
+
+    # a fresh classifier with the task's labels, not the teacher's fine-tuned head
+    teacher_head = load_file(str(tiny["teacher"] / "model.safetensors"))["classifier.weight"]
+    assert student.classifier.weight.shape == teacher_head.shape == (3, 32)
+    assert not torch.allclose(student.classifier.weight, teacher_head)
+    assert student.config.id2label == dict(enumerate(LABELS))
+
+
+# -- a full distill run --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def skip_run(one_thread, tiny_cache, tmp_path_factory, distill_config):
+    """A 2-layer PKD-Skip student over 3 epochs (36 steps), checkpointing on the way."""
+    output = tmp_path_factory.mktemp("distill") / "student"
+    config = distill_config(tiny_cache, output, epochs=3, checkpoint_every=5)
+    return config, distill(config), output
+
+
+def test_distill_lowers_the_loss(skip_run):
+    _, result, output = skip_run
+    lines = _train_lines(output)
+    assert result.steps == 36 and lines[-1]["step"] == 36
+    assert lines[-1]["loss"] < 0.85 * lines[0]["loss"]
+
+
+def test_distill_writes_exactly_the_run_files(skip_run, tiny, tmp_path):
+    _, _, output = skip_run
+    expected = {"config.json", "model.safetensors", "pkdpipe_config.json", "metrics.json", "train_log.jsonl"}
+    expected |= {"README.md"} | _tokenizer_files(tmp_path, tiny["pretrained"])
+    assert {p.name for p in output.iterdir()} == expected  # no checkpoint/, best/, *.tmp left
+
+
+def test_training_log_has_every_loss_term_and_dev_metrics(skip_run):
+    _, _, output = skip_run
+    records = _log(output)
+    train = [r for r in records if "loss" in r]
+    dev = [r for r in records if "dev_accuracy" in r]
+    assert train and all({"step", "lr", *LOSS_TERMS} <= set(r) for r in train)
+    assert [r["step"] for r in train] == [10, 20, 30, 36]
+    assert [r["step"] for r in dev] == [12, 24, 36]  # one per epoch
+    assert all(0 <= r["dev_accuracy"] <= 1 for r in dev)
+    assert all(r["pt"] > 0 and r["kd"] >= 0 and r["lr"] > 0 for r in train)
+
+
+def test_run_files_record_the_config_metrics_and_map(skip_run, tiny, tiny_cache):
+    config, result, output = skip_run
+    manifest = json.loads((tiny_cache / "manifest.json").read_text())
+    meta = json.loads((output / "pkdpipe_config.json").read_text())
+    assert meta["layer_map"] == {"student": [1], "teacher": [2]}
+    assert meta["cache"]["key"] == manifest["key"]
+    assert meta["student_init"] == str(tiny["pretrained"])
+    assert (
+        meta["config"]["strategy"] == "skip"
+        and meta["config"]["lr"] == 1e-3
+        and meta["config"]["layers"] == 2
+    )
+
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["dev"] == result.metrics and "accuracy" in metrics["dev"]
+    assert metrics["steps"] == 36 and metrics["best_step"] == result.best_step
+    assert metrics["parameters"] > 0
+
+    assert json.loads((output / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_model_card_names_teacher_cache_strategy_map_and_metrics(skip_run, tiny, tiny_cache):
+    _, result, output = skip_run
+    card = (output / "README.md").read_text()
+    key = json.loads((tiny_cache / "manifest.json").read_text())["key"]
+    for text in (
+        str(tiny["teacher"]),
+        key,
+        "skip",
+        "1<-2",
+        "0.001",
+        "accuracy",
+        f"{result.metrics['accuracy']:.4f}",
+    ):
+        assert text in card, text
+
+
+def test_saved_student_loads_in_plain_transformers(skip_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    _, _, output = skip_run
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert model.config.id2label == dict(enumerate(LABELS))
+    assert model.config.label2id == {name: i for i, name in enumerate(LABELS)}
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert model(**tokenizer(["the film was great"], return_tensors="pt")).logits.shape == (1, 3)
+
+    classify = pipeline("text-classification", model=str(output), device="cpu")
+    (prediction,) = classify("the film was great")
+    assert prediction["label"] in LABELS
+
+
+# -- strategies ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("strategy", "teacher_layers"), [("ft", []), ("kd", []), ("last", [3]), ("skip", [2])]
+)
+def test_strategies_use_their_loss_terms(tiny_cache, tmp_path, distill_config, strategy, teacher_layers):
+    output = tmp_path / strategy
+    distill(distill_config(tiny_cache, output, strategy=strategy, max_steps=4, checkpoint_every=0))
+    (last,) = [r for r in _train_lines(output) if r["step"] == 4]
+    if strategy == "ft":
+        assert last["kd"] == 0 and last["pt"] == 0 and last["loss"] == pytest.approx(last["ce"])
+    elif strategy == "kd":
+        assert last["kd"] > 0 and last["pt"] == 0
+    else:
+        assert last["kd"] > 0 and last["pt"] > 0
+    meta = json.loads((output / "pkdpipe_config.json").read_text())
+    assert meta["layer_map"]["teacher"] == teacher_layers
+    assert "| strategy | " + strategy in (output / "README.md").read_text()
+
+
+def test_explicit_teacher_layers_are_recorded(tiny_cache, tmp_path, distill_config):
+    output = tmp_path / "explicit"
+    config = distill_config(tiny_cache, output, strategy="last", layers=3, teacher_layers=(1, 3), max_steps=2)
+    distill(config)
+    meta = json.loads((output / "pkdpipe_config.json").read_text())
+    assert meta["layer_map"] == {"student": [1, 2], "teacher": [1, 3]}
+    assert "1<-1, 2<-3" in (output / "README.md").read_text()
+
+
+# -- the teacher is never loaded -----------------------------------------------------------------
+def test_distill_works_with_the_teacher_deleted(tiny, tmp_path, distill_config):
+    teacher = tmp_path / "teacher-copy"
+    shutil.copytree(tiny["teacher"], teacher)
+    built = cache_teacher(
+        CacheConfig(task=tiny["task"], teacher=str(teacher), cache_dir=tmp_path / "caches", quiet=True)
+    )
+    assert built.manifest["teacher"]["pretrained_from"] == str(tiny["pretrained"])
+    shutil.rmtree(teacher)
+
+    output = tmp_path / "student"
+    result = distill(distill_config(built.path, output, max_steps=3))
+    assert result.steps == 3 and (output / "model.safetensors").is_file()
+    meta = json.loads((output / "pkdpipe_config.json").read_text())
+    assert meta["student_init"] == str(tiny["pretrained"])
+    assert meta["cache"]["teacher"]["name_or_path"] == str(teacher)
+
+
+# -- the cache must fit the student: one clear line each -----------------------------------------
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert isinstance(err.value, PkdError) and "\n" not in message
+    return message
+
+
+def _other_vocab_bert(folder, pretrained):
+    """The tiny pre-trained encoder with one vocabulary entry renamed: a different tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(pretrained / name, folder / name)
+    vocab = (pretrained / "vocab.txt").read_text() if (pretrained / "vocab.txt").is_file() else None
+    if vocab is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
+        vocab = "\n".join(sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)) + "\n"
+    (folder / "vocab.txt").write_text(vocab.replace("\nawful\n", "\nawfully\n"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512})
+    )
+    AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+    return folder
+
+
+def test_a_student_with_another_tokenizer_is_refused(tiny, tiny_cache, tmp_path, distill_config):
+    init = _other_vocab_bert(tmp_path / "other-vocab", tiny["pretrained"])
+    with pytest.raises(CacheError) as err:
+        distill(distill_config(tiny_cache, tmp_path / "out", student_init=str(init)))
+    assert "tokenizer" in _one_line(err) and "not the one the cache was made with" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_student_of_another_width_needs_strategy_kd(tiny, tiny_cache, tmp_path, distill_config):
+    wide = write_tiny_bert(tmp_path / "wide", layers=2, hidden=48)
+    with pytest.raises(ModelError) as err:
+        distill(distill_config(tiny_cache, tmp_path / "skip", student_init=str(wide)))
+    assert "hidden size 48 differs from the teacher's 32" in _one_line(err)
+    assert "--strategy kd" in str(err.value)
+
+    result = distill(
+        distill_config(tiny_cache, tmp_path / "kd", student_init=str(wide), strategy="kd", max_steps=2)
+    )
+    assert result.steps == 2
+    assert json.loads((tmp_path / "kd" / "config.json").read_text())["hidden_size"] == 48
+
+
+def test_layers_the_map_needs_must_be_in_the_cache(tiny, tmp_path, distill_config):
+    built = cache_teacher(
+        CacheConfig(
+            task=tiny["task"], teacher=str(tiny["teacher"]), cache_dir=tmp_path, layers=(0, 1), quiet=True
+        )
+    )
+    # 4 -> 3 skip maps student layers 1, 2 onto teacher layers 1, 3; layer 3 is not stored
+    with pytest.raises(CacheError) as err:
+        distill(distill_config(built.path, tmp_path / "out", layers=3))
+    assert "does not store teacher layer(s) [3]" in _one_line(err)
+    assert not (tmp_path / "out").exists()  # refused before any training
+    # a map inside the stored layers works: 4 -> 2 with teacher layer 1
+    result = distill(distill_config(built.path, tmp_path / "ok", teacher_layers=(1,), max_steps=2))
+    assert result.steps == 2
+
+
+def test_the_student_must_be_shallower_than_the_teacher(tiny_cache, tmp_path, distill_config):
+    with pytest.raises(ConfigError) as err:
+        distill(distill_config(tiny_cache, tmp_path / "out", layers=4))
+    assert "K=4 is not below the teacher's 4 layers" in _one_line(err)
+
+
+def test_explicit_teacher_layers_must_have_k_minus_1_entries(tiny_cache, tmp_path, distill_config):
+    with pytest.raises(ConfigError) as err:
+        distill(distill_config(tiny_cache, tmp_path / "out", layers=3, teacher_layers=(1, 2, 3)))
+    assert "needs K-1 = 2 layers, got 3" in _one_line(err)
+
+
+def test_no_cache_under_the_root(tmp_path, distill_config):
+    config = distill_config(None, tmp_path / "out", cache_dir=tmp_path / "empty-root")
+    with pytest.raises(CacheError) as err:
+        distill(config)
+    assert "no complete cache under" in _one_line(err) and str(tmp_path / "empty-root") in str(err.value)
+
+
+def test_the_newest_cache_under_the_root_is_the_default(tiny_cache, tmp_path, distill_config):
+    config = distill_config(None, tmp_path / "out", cache_dir=tiny_cache.parent.parent, max_steps=1)
+    assert distill(config).steps == 1
+    meta = json.loads((tmp_path / "out" / "pkdpipe_config.json").read_text())
+    assert meta["cache"]["path"] == str(tiny_cache)
+
+
+# -- finetune ------------------------------------------------------------------------------------
+def test_finetune_writes_a_model_that_records_its_base(tiny, tmp_path):
+    output = tmp_path / "teacher"
+    config = FinetuneConfig(
+        task=tiny["task"],
+        model=str(tiny["pretrained"]),
+        output=output,
+        epochs=1,
+        batch_size=16,
+        lr=1e-3,
+        device="cpu",
+        quiet=True,
+    )
+    result = finetune(config)
+    record = json.loads((output / FINETUNE_RECORD).read_text())
+    assert record["base_model"] == str(tiny["pretrained"]) and record["layers"] is None
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert "accuracy" in metrics["dev"] and metrics["steps"] == result.steps == 6
+    model_config = json.loads((output / "config.json").read_text())
+    assert model_config["num_hidden_layers"] == 4
+    assert model_config["id2label"] == {str(i): name for i, name in enumerate(LABELS)}
+    assert not (output / "checkpoint").exists() and not (output / "best").exists()
+
+
+def test_resuming_drops_log_lines_past_the_checkpoint_and_a_line_cut_by_the_kill(tmp_path):
+    from pkdpipe.train import _truncate_log
+
+    log = tmp_path / "train_log.jsonl"
+    lines = ['{"step": 10, "loss": 1}', '{"step": 12, "dev_accuracy": 1}', '{"step": 20, "loss": 0}', '{"st']
+    log.write_text("\n".join(lines))
+    _truncate_log(log, 12)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [10, 12]
