@@ -34,6 +34,16 @@ def _seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; on a 2-core machine shared with subprocesses (torchrun
+    ranks, kill-and-resume runs) more threads only wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _sentence(rng: random.Random, label: str) -> str:
     words = [rng.choice(_FILLER) for _ in range(rng.randint(2, 14))]
     for _ in range(rng.randint(1, 2)):

