@@ -6,10 +6,19 @@ import json
 from pathlib import Path
 
 import typer
+from pkdpipe_cli.common import (
+    DataDirOpt,
+    TaskOpt,
+    command_line,
+    console,
+    fmt_metrics,
+    human_bytes,
+    int_list,
+    str_list,
+)
 from rich.table import Table
 
 from pkdpipe.config import CacheConfig
-from pkdpipe_cli.common import DataDirOpt, TaskOpt, command_line, console, fmt_metrics, human_bytes, int_list, str_list
 
 cache_app = typer.Typer(help="Inspect, verify and share teacher caches.", no_args_is_help=True)
 
@@ -22,7 +31,9 @@ def register(app: typer.Typer) -> None:
 def cache_teacher(
     task: str = TaskOpt,
     data_dir: Path = DataDirOpt,
-    teacher: str = typer.Option(None, help="Fine-tuned classifier folder or hub name. Default: runs/TASK/teacher."),
+    teacher: str = typer.Option(
+        None, help="Fine-tuned classifier folder or hub name. Default: runs/TASK/teacher."
+    ),
     splits: str = typer.Option("train,dev", help="Comma-separated splits to cache."),
     cache_dir: Path = typer.Option(None, help="Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe."),
     max_seq_len: int = typer.Option(128, help="Truncate inputs to this many tokens."),
@@ -32,14 +43,19 @@ def cache_teacher(
     shard_size: int = typer.Option(8192, help="Rows per shard: the unit of resume and of parallel writing."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     precision: str = typer.Option("fp32", help="Teacher autocast: fp32, bf16 or fp16."),
-    store: str = typer.Option(None, envvar="PKDPIPE_STORE", help="Shared store URL to look the key up in first."),
+    store: str = typer.Option(
+        None, envvar="PKDPIPE_STORE", help="Shared store URL to look the key up in first."
+    ),
     push: bool = typer.Option(False, "--push", help="Publish the cache to --store after computing it."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the cache exists."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow code shipped with the model."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow code shipped with the model."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Run the teacher once over a task's splits and cache its logits and every layer's [CLS] vector."""
-    from pkdpipe.teacher import cache_teacher as run, describe
+    from pkdpipe.teacher import cache_teacher as run
+    from pkdpipe.teacher import describe
 
     config = CacheConfig(
         task=task,
@@ -73,7 +89,9 @@ def cache_teacher(
     table = Table(title=f"teacher cache {result.key}", show_header=False)
     table.add_row("examples", f"{summary['examples']:,}")
     table.add_row("shards", str(summary["shards"]))
-    table.add_row("on disk", f"{human_bytes(summary['bytes'])} ({summary['bytes_per_example']:,.0f} B/example)")
+    table.add_row(
+        "on disk", f"{human_bytes(summary['bytes'])} ({summary['bytes_per_example']:,.0f} B/example)"
+    )
     if summary["seconds"] is not None and not result.hit:
         table.add_row("time", f"{summary['seconds']:.1f} s")
     for split, metrics in summary["teacher_metrics"].items():
@@ -95,7 +113,8 @@ def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir
     teacher = m["teacher"]
     table.add_row(
         "teacher",
-        f"{teacher['name_or_path']} ({teacher['architecture']}, {teacher['num_layers']} layers, hidden {teacher['hidden_size']})",
+        f"{teacher['name_or_path']} ({teacher['architecture']}, "
+        f"{teacher['num_layers']} layers, hidden {teacher['hidden_size']})",
     )
     table.add_row("teacher weights", teacher["weights_sha256"][:16])
     table.add_row("pre-trained from", str(teacher.get("pretrained_from")))
@@ -105,7 +124,9 @@ def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir
     table.add_row("layers", f"{m['layers']} as {m['hidden_dtype']}, logits {m['logits_dtype']}")
     for split, s in m["splits"].items():
         size = sum(x["bytes"] for x in s["shards"])
-        table.add_row(f"split {split}", f"{s['examples']:,} examples, {len(s['shards'])} shard(s), {human_bytes(size)}")
+        table.add_row(
+            f"split {split}", f"{s['examples']:,} examples, {len(s['shards'])} shard(s), {human_bytes(size)}"
+        )
     for split, metrics in m.get("teacher_metrics", {}).items():
         table.add_row(f"teacher on {split}", fmt_metrics(metrics))
     table.add_row("dataset", m["dataset"]["source"])
@@ -141,7 +162,9 @@ def verify(
         console.print(f"[red]FAIL[/red] {problem}")
     if not report.ok:
         raise typer.Exit(1)
-    console.print(f"OK: {report.shards_checked} shard(s), {report.rows_checked:,} rows verified in {report.path}")
+    console.print(
+        f"OK: {report.shards_checked} shard(s), {report.rows_checked:,} rows verified in {report.path}"
+    )
     if recompute:
         r = recompute_check(folder, teacher, recompute, seed=seed, device=device)
         for note in r.notes:

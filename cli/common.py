@@ -44,4 +44,6 @@ def fmt_metrics(metrics: dict) -> str:
 
 
 TaskOpt = typer.Option(..., "--task", help="Task name (sst2, mnli, banking77, trec, ...) or a task file.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Local copy of the data (GLUE TSV or hub layout). Default: the hub.")
+DataDirOpt = typer.Option(
+    None, "--data-dir", help="Local copy of the data (GLUE TSV or hub layout). Default: the hub."
+)

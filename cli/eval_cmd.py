@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from pkdpipe_cli.common import DataDirOpt, console
 from rich.table import Table
 
 from pkdpipe.config import EvaluateConfig
-from pkdpipe_cli.common import DataDirOpt, console
 
 
 def register(app: typer.Typer) -> None:
@@ -30,8 +30,17 @@ def evaluate(
     """Metrics, parameters, examples/s and speed-up of each model on one split."""
     from pkdpipe.evaluate import evaluate as run
 
-    config = EvaluateConfig(models=models, task=task, data_dir=data_dir, split=split, batch_size=batch_size,
-                            max_seq_len=max_seq_len, device=device, precision=precision, quiet=quiet)
+    config = EvaluateConfig(
+        models=models,
+        task=task,
+        data_dir=data_dir,
+        split=split,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        device=device,
+        precision=precision,
+        quiet=quiet,
+    )
     print_reports(run(config), f"{task} {split}")
 
 
@@ -41,8 +50,13 @@ def print_reports(reports, title: str) -> None:
     for column in ["model", *metric_names, "parameters", "examples/s", "speed-up"]:
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in reports:
-        table.add_row(r.model, *(f"{100 * r.metrics[m]:.2f}" for m in metric_names), f"{r.parameters / 1e6:.1f}M",
-                      f"{r.examples_per_s:,.0f}", f"{r.speedup:.2f}x")
+        table.add_row(
+            r.model,
+            *(f"{100 * r.metrics[m]:.2f}" for m in metric_names),
+            f"{r.parameters / 1e6:.1f}M",
+            f"{r.examples_per_s:,.0f}",
+            f"{r.speedup:.2f}x",
+        )
     console.print(table)
 
 
@@ -60,6 +74,15 @@ def predict(
     """Write GLUE-style predictions: one row per example, its index and predicted label."""
     from pkdpipe.evaluate import predict as run
 
-    path = run(model, task, split, output, data_dir=data_dir, batch_size=batch_size, max_seq_len=max_seq_len,
-               device=device, quiet=quiet)
+    path = run(
+        model,
+        task,
+        split,
+        output,
+        data_dir=data_dir,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        device=device,
+        quiet=quiet,
+    )
     console.print(f"predictions: {path}")

@@ -27,7 +27,8 @@ class PkdGroup(TyperGroup):
 app = typer.Typer(
     name="pkdpipe",
     cls=PkdGroup,
-    help="Patient Knowledge Distillation for BERT-style models: cache the teacher once, distill many students.",
+    help="Patient Knowledge Distillation for BERT-style models: "
+    "cache the teacher once, distill many students.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -30,7 +30,9 @@ def sweep(
     strategy: str = typer.Option("skip", help="Comma-separated strategies: last, skip, kd, ft."),
     layers: str = typer.Option("3", help="Comma-separated student depths."),
     alpha: str = typer.Option("0.5", help="Comma-separated alphas, e.g. 0.2,0.5,0.7."),
-    beta: str = typer.Option("0.5", help="Comma-separated betas (pkdpipe scale: authors' beta / hidden size)."),
+    beta: str = typer.Option(
+        "0.5", help="Comma-separated betas (pkdpipe scale: authors' beta / hidden size)."
+    ),
     temperature: str = typer.Option("10", help="Comma-separated temperatures, e.g. 5,10,20."),
     lr: str = typer.Option("5e-5", help="Comma-separated learning rates."),
     seed: str = typer.Option("42", help="Comma-separated seeds."),
@@ -53,16 +55,27 @@ def sweep(
         "lr": _floats(lr, "--lr"),
         "seed": [int(x) for x in _floats(seed, "--seed")],
     }
-    base = DistillConfig(cache=cache, cache_dir=cache_dir, epochs=epochs, batch_size=batch_size,
-                         max_steps=max_steps, device=device, quiet=quiet)
+    base = DistillConfig(
+        cache=cache,
+        cache_dir=cache_dir,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        device=device,
+        quiet=quiet,
+    )
     runs = run(base, values, output)
     table = Table(title="sweep (best first)")
     metric_names = list(runs[0].metrics) if runs else []
     for column in ["run", *metric_names, "time", ""]:
         table.add_column(column)
     for r in runs:
-        table.add_row(r.name, *(f"{100 * r.metrics.get(m, float('nan')):.2f}" for m in metric_names),
-                      f"{r.seconds:.0f} s" if r.seconds else "-", "kept" if r.reused else "")
+        table.add_row(
+            r.name,
+            *(f"{100 * r.metrics.get(m, float('nan')):.2f}" for m in metric_names),
+            f"{r.seconds:.0f} s" if r.seconds else "-",
+            "kept" if r.reused else "",
+        )
     console.print(table)
     if runs:
         console.print(f"best: {runs[0].output}")
@@ -82,6 +95,10 @@ def report(
         table.add_column(column)
     for r in read:
         steps = max((rec["step"] for rec in r["records"]), default=0)
-        table.add_row(r["name"], *(f"{100 * r['dev'][m]:.2f}" if m in r["dev"] else "-" for m in metric_names), str(steps))
+        table.add_row(
+            r["name"],
+            *(f"{100 * r['dev'][m]:.2f}" if m in r["dev"] else "-" for m in metric_names),
+            str(steps),
+        )
     console.print(table)
     console.print(f"report: {output}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from pkdpipe_cli.common import DataDirOpt, command_line, console, fmt_metrics, int_list
 from rich.table import Table
 
 from pkdpipe.config import DistillConfig, FinetuneConfig
-from pkdpipe_cli.common import DataDirOpt, command_line, console, fmt_metrics, int_list
 
 
 def register(app: typer.Typer) -> None:
@@ -54,7 +54,9 @@ def finetune(
     task: str = typer.Option(..., "--task", help="Task name or task file."),
     model: str = typer.Option(..., "--model", help="Pre-trained model folder or hub name to start from."),
     data_dir: Path = DataDirOpt,
-    layers: int = typer.Option(None, help="Keep only the first K layers (a fine-tuned-only student baseline)."),
+    layers: int = typer.Option(
+        None, help="Keep only the first K layers (a fine-tuned-only student baseline)."
+    ),
     output: Path = typer.Option(None, help="Output folder. Default: runs/TASK/teacher (or runs/TASK/ft-K)."),
     max_seq_len: int = typer.Option(128),
     lr: float = _T["lr"],
@@ -77,11 +79,27 @@ def finetune(
     from pkdpipe.train import finetune as run
 
     config = FinetuneConfig(
-        task=task, model=model, data_dir=data_dir, layers=layers, output=output, max_seq_len=max_seq_len,
-        lr=lr, epochs=epochs, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed,
-        eval_every=eval_every, checkpoint_every=checkpoint_every, precision=precision, device=device,
-        max_steps=max_steps, report_to=report_to,
-        trust_remote_code=trust_remote_code, quiet=quiet, command=command_line(),
+        task=task,
+        model=model,
+        data_dir=data_dir,
+        layers=layers,
+        output=output,
+        max_seq_len=max_seq_len,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        seed=seed,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        precision=precision,
+        device=device,
+        max_steps=max_steps,
+        report_to=report_to,
+        trust_remote_code=trust_remote_code,
+        quiet=quiet,
+        command=command_line(),
     )
     result = run(config)
     if distributed.is_main():
@@ -94,13 +112,20 @@ def distill(
     cache: str = typer.Option(None, help="Cache folder or key. Default: the newest complete cache."),
     cache_dir: Path = typer.Option(None, help="Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe."),
     teacher_layers: str = typer.Option(None, help="Explicit map for student layers 1..K-1, e.g. 2,4,6,8,10."),
-    student_init: str = typer.Option(None, help="Pre-trained model to take the first K layers from. "
-                                     "Default: the model the teacher was fine-tuned from."),
+    student_init: str = typer.Option(
+        None,
+        help="Pre-trained model to take the first K layers from. "
+        "Default: the model the teacher was fine-tuned from.",
+    ),
     output: Path = typer.Option(None, help="Output folder. Default: runs/TASK/STRATEGY-K."),
     alpha: float = typer.Option(0.5, help="Weight of the soft-label (KD) term against CE."),
-    beta: float = typer.Option(0.5, help="Weight of the patient term (pkdpipe scale: authors' beta / hidden size)."),
+    beta: float = typer.Option(
+        0.5, help="Weight of the patient term (pkdpipe scale: authors' beta / hidden size)."
+    ),
     temperature: float = typer.Option(10.0, help="KD temperature."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise [CLS] vectors in PT."),
+    normalize: bool = typer.Option(
+        True, "--normalize/--no-normalize", help="L2-normalise [CLS] vectors in PT."
+    ),
     lr: float = _T["lr"],
     epochs: int = _T["epochs"],
     batch_size: int = _T["batch_size"],
@@ -121,13 +146,32 @@ def distill(
     from pkdpipe.train import distill as run
 
     config = DistillConfig(
-        cache=cache, cache_dir=cache_dir, strategy=strategy, layers=layers,
-        teacher_layers=int_list(teacher_layers, "--teacher-layers"), student_init=student_init, output=output,
-        alpha=alpha, beta=beta, temperature=temperature, normalize=normalize, lr=lr, epochs=epochs,
-        batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, eval_every=eval_every,
-        checkpoint_every=checkpoint_every, precision=precision, device=device, max_steps=max_steps,
+        cache=cache,
+        cache_dir=cache_dir,
+        strategy=strategy,
+        layers=layers,
+        teacher_layers=int_list(teacher_layers, "--teacher-layers"),
+        student_init=student_init,
+        output=output,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        normalize=normalize,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        seed=seed,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        precision=precision,
+        device=device,
+        max_steps=max_steps,
         report_to=report_to,
-        trust_remote_code=trust_remote_code, quiet=quiet, command=command_line(),
+        trust_remote_code=trust_remote_code,
+        quiet=quiet,
+        command=command_line(),
     )
     result = run(config)
     if distributed.is_main():

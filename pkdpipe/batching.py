@@ -25,7 +25,11 @@ def plan_epoch(
     if block_size % batch_size:
         raise ConfigError(f"block size {block_size} must be a multiple of the batch size {batch_size}")
     rng = np.random.default_rng([seed, epoch])
-    blocks = [(s, start, min(start + block_size, rows)) for s, rows in enumerate(segment_rows) for start in range(0, rows, block_size)]
+    blocks = [
+        (s, start, min(start + block_size, rows))
+        for s, rows in enumerate(segment_rows)
+        for start in range(0, rows, block_size)
+    ]
     plan = []
     for b in rng.permutation(len(blocks)):
         segment, start, stop = blocks[b]

@@ -159,7 +159,9 @@ class DistillConfig(TrainConfig):
     teacher_layers: tuple[int, ...] | None = None  # explicit map for student layers 1..K-1
     student_init: str | None = None  # None = the model the teacher was fine-tuned from
     alpha: float = 0.5  # weight of the soft-label term
-    beta: float = 0.5  # weight of the patient term; pkdpipe scale = authors' beta / hidden size (pkdpipe.losses)
+    beta: float = (
+        0.5  # weight of the patient term; pkdpipe scale = authors' beta / hidden size (pkdpipe.losses)
+    )
     temperature: float = 10.0
     normalize: bool = True  # L2-normalise the [CLS] vectors before the patient loss
     block_size: int = 0  # rows read from a shard at a time; 0 = 8 global batches

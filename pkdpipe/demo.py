@@ -39,7 +39,9 @@ def default_data_dir() -> Path:
     for candidate in (Path("data/banking77"), REPO_DATA):
         if (candidate / "train.csv").is_file():
             return candidate
-    raise DataError("the bundled BANKING77 data is not here (data/banking77): run from a pkdpipe clone or pass --data-dir")
+    raise DataError(
+        "the bundled BANKING77 data is not here (data/banking77): run from a pkdpipe clone or pass --data-dir"
+    )
 
 
 @dataclass
@@ -99,50 +101,112 @@ def run_demo(config: DemoConfig) -> DemoResult:
     data_dir = config.data_dir or default_data_dir()
     run_dir = config.run_dir
     reused = []
-    common = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed, "device": config.device,
-              "quiet": config.quiet, "max_steps": config.max_train}
+    common = {
+        "task": config.task,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "device": config.device,
+        "quiet": config.quiet,
+        "max_steps": config.max_train,
+    }
 
     teacher_dir = run_dir / "teacher"
-    teacher_settings = {"model": model, "epochs": config.teacher_epochs, "lr": config.teacher_lr,
-                        "max_seq_len": config.max_seq_len, **common}
+    teacher_settings = {
+        "model": model,
+        "epochs": config.teacher_epochs,
+        "lr": config.teacher_lr,
+        "max_seq_len": config.max_seq_len,
+        **common,
+    }
     teacher_settings.pop("quiet")
     if _same_settings(teacher_dir, "metrics.json", teacher_settings):
         reused.append("teacher")
         progress.info(f"[1/4] teacher: reusing {teacher_dir}", config.quiet)
     else:
         progress.info(f"[1/4] fine-tuning the teacher ({Path(model).name}) on {config.task}", config.quiet)
-        finetune(FinetuneConfig(model=model, data_dir=data_dir, output=teacher_dir, epochs=config.teacher_epochs,
-                                lr=config.teacher_lr, max_seq_len=config.max_seq_len, **common))
+        finetune(
+            FinetuneConfig(
+                model=model,
+                data_dir=data_dir,
+                output=teacher_dir,
+                epochs=config.teacher_epochs,
+                lr=config.teacher_lr,
+                max_seq_len=config.max_seq_len,
+                **common,
+            )
+        )
         _mark(teacher_dir, "metrics.json", teacher_settings)
 
     progress.info("[2/4] caching the teacher's logits and [CLS] vectors", config.quiet)
-    cache = cache_teacher(CacheConfig(task=config.task, data_dir=data_dir, teacher=str(teacher_dir),
-                                      cache_dir=run_dir / "cache", max_seq_len=config.max_seq_len,
-                                      device=config.device, quiet=config.quiet))
+    cache = cache_teacher(
+        CacheConfig(
+            task=config.task,
+            data_dir=data_dir,
+            teacher=str(teacher_dir),
+            cache_dir=run_dir / "cache",
+            max_seq_len=config.max_seq_len,
+            device=config.device,
+            quiet=config.quiet,
+        )
+    )
     if cache.hit:
         reused.append("cache")
 
     student_dir = run_dir / f"student-{config.strategy}-{config.student_layers}"
-    student_settings = {"cache": cache.key, "strategy": config.strategy, "layers": config.student_layers,
-                        "epochs": config.student_epochs, "lr": config.student_lr, "alpha": config.alpha,
-                        "beta": config.beta, "temperature": config.temperature, **common}
+    student_settings = {
+        "cache": cache.key,
+        "strategy": config.strategy,
+        "layers": config.student_layers,
+        "epochs": config.student_epochs,
+        "lr": config.student_lr,
+        "alpha": config.alpha,
+        "beta": config.beta,
+        "temperature": config.temperature,
+        **common,
+    }
     student_settings.pop("quiet")
     if _same_settings(student_dir, "metrics.json", student_settings):
         reused.append("student")
         progress.info(f"[3/4] student: reusing {student_dir}", config.quiet)
     else:
-        progress.info(f"[3/4] distilling a {config.student_layers}-layer PKD-{config.strategy} student from the cache",
-                      config.quiet)
-        distill(DistillConfig(cache=str(cache.path), strategy=config.strategy, layers=config.student_layers,
-                              output=student_dir, epochs=config.student_epochs, lr=config.student_lr,
-                              alpha=config.alpha, beta=config.beta, temperature=config.temperature, **common))
+        progress.info(
+            f"[3/4] distilling a {config.student_layers}-layer PKD-{config.strategy} student from the cache",
+            config.quiet,
+        )
+        distill(
+            DistillConfig(
+                cache=str(cache.path),
+                strategy=config.strategy,
+                layers=config.student_layers,
+                output=student_dir,
+                epochs=config.student_epochs,
+                lr=config.student_lr,
+                alpha=config.alpha,
+                beta=config.beta,
+                temperature=config.temperature,
+                **common,
+            )
+        )
         _mark(student_dir, "metrics.json", student_settings)
 
     progress.info("[4/4] evaluating teacher and student on the test split", config.quiet)
-    reports = evaluate(EvaluateConfig(models=[str(teacher_dir), str(student_dir)], task=config.task,
-                                      data_dir=data_dir, split="test", max_seq_len=config.max_seq_len,
-                                      device=config.device, quiet=config.quiet))
-    summary = {"config": to_dict(config), "model": model, "cache": str(cache.path), "reused": reused,
-               "test": [vars(r) for r in reports]}
+    reports = evaluate(
+        EvaluateConfig(
+            models=[str(teacher_dir), str(student_dir)],
+            task=config.task,
+            data_dir=data_dir,
+            split="test",
+            max_seq_len=config.max_seq_len,
+            device=config.device,
+            quiet=config.quiet,
+        )
+    )
+    summary = {
+        "config": to_dict(config),
+        "model": model,
+        "cache": str(cache.path),
+        "reused": reused,
+        "test": [vars(r) for r in reports],
+    }
     (run_dir / "demo_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return DemoResult(run_dir, teacher_dir, cache.path, student_dir, reports, reused)

@@ -118,8 +118,13 @@ def predict(model_dir: str, task_name: str, split: str, output: str | Path, data
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir).to(pick_device(kwargs.get("device", "auto")))
     encoded = encode(examples, tokenizer, kwargs.get("max_seq_len", 128))
-    logits = predict_logits(model, encoded, pad_id=pad_id_of(tokenizer), batch_size=kwargs.get("batch_size", 64),
-                            quiet=kwargs.get("quiet", False))
+    logits = predict_logits(
+        model,
+        encoded,
+        pad_id=pad_id_of(tokenizer),
+        batch_size=kwargs.get("batch_size", 64),
+        quiet=kwargs.get("quiet", False),
+    )
     preds = predictions_from_logits(task, logits)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,12 @@ def load_classifier(name: str, trust_remote_code: bool = False, **config_overrid
 def label_config(labels: tuple[str, ...] | None) -> dict:
     """Config fields that give a classifier named labels (or a single regression output)."""
     if labels is None:
-        return {"num_labels": 1, "problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
+        return {
+            "num_labels": 1,
+            "problem_type": "regression",
+            "id2label": {0: "score"},
+            "label2id": {"score": 0},
+        }
     return {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),

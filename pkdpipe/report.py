@@ -43,7 +43,9 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
             points = [(rec["step"], rec[key]) for rec in run["records"] if key in rec]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if key.startswith("dev_") else None, markersize=3, label=run["name"])
+                ax.plot(
+                    xs, ys, marker="o" if key.startswith("dev_") else None, markersize=3, label=run["name"]
+                )
         ax.set_title(key.replace("dev_", "dev ").replace("pt", "patient (pt)"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

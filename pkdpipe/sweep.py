@@ -34,7 +34,8 @@ class SweepRun:
 def run_name(settings: dict) -> str:
     """A folder name from the settings that vary, e.g. skip-3_a0.5_b0.1_t5_lr5e-05_s42."""
     s = settings
-    return f"{s['strategy']}-{s['layers']}_a{s['alpha']:g}_b{s['beta']:g}_t{s['temperature']:g}_lr{s['lr']:g}_s{s['seed']}"
+    hyper = f"a{s['alpha']:g}_b{s['beta']:g}_t{s['temperature']:g}_lr{s['lr']:g}"
+    return f"{s['strategy']}-{s['layers']}_{hyper}_s{s['seed']}"
 
 
 def grid(values: dict[str, list]) -> list[dict]:
@@ -62,7 +63,9 @@ def sweep(base: DistillConfig, values: dict[str, list], sweep_dir: Path | None =
         done = output / "metrics.json"
         if done.is_file():
             metrics = json.loads(done.read_text())
-            runs.append(SweepRun(output.name, settings, output, metrics["dev"], True, metrics.get("train_seconds")))
+            runs.append(
+                SweepRun(output.name, settings, output, metrics["dev"], True, metrics.get("train_seconds"))
+            )
             progress.info(f"[{i}/{len(combos)}] {output.name}: done before, kept", base.quiet)
             continue
         progress.info(f"[{i}/{len(combos)}] {output.name}", base.quiet)
@@ -70,7 +73,12 @@ def sweep(base: DistillConfig, values: dict[str, list], sweep_dir: Path | None =
         runs.append(SweepRun(output.name, settings, output, result.metrics, False, result.seconds))
     main = task.main_metric
     runs.sort(key=lambda r: r.metrics.get(main, float("-inf")), reverse=True)
-    summary = [{"name": r.name, **r.settings, **r.metrics, "seconds": r.seconds, "output": str(r.output)} for r in runs]
+    summary = [
+        {"name": r.name, **r.settings, **r.metrics, "seconds": r.seconds, "output": str(r.output)}
+        for r in runs
+    ]
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep_results.json").write_text(json.dumps({"main_metric": main, "runs": summary}, indent=2) + "\n")
+    (sweep_dir / "sweep_results.json").write_text(
+        json.dumps({"main_metric": main, "runs": summary}, indent=2) + "\n"
+    )
     return runs

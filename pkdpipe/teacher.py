@@ -21,7 +21,14 @@ import torch
 
 from pkdpipe import __version__, distributed, progress
 from pkdpipe.cache import manifest as mf
-from pkdpipe.cache.fingerprint import FORMAT_VERSION, cache_key, hash_tokenizer, hash_weights, sha256_file, sha256_json
+from pkdpipe.cache.fingerprint import (
+    FORMAT_VERSION,
+    cache_key,
+    hash_tokenizer,
+    hash_weights,
+    sha256_file,
+    sha256_json,
+)
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import load_split
@@ -55,7 +62,9 @@ def resolve_teacher(config: CacheConfig, task: Task) -> str:
     default = config.runs_dir / task.name / "teacher"
     if (default / "config.json").is_file():
         return str(default)
-    raise ModelError(f"no teacher given and {default} does not exist: pass --teacher NAME_OR_PATH (or run finetune first)")
+    raise ModelError(
+        f"no teacher given and {default} does not exist: pass --teacher NAME_OR_PATH (or run finetune first)"
+    )
 
 
 def cache_teacher(config: CacheConfig) -> CacheResult:
@@ -78,7 +87,9 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
     depth = num_layers(model.config)
     layers = config.layers if config.layers is not None else tuple(range(depth + 1))
     if not layers or min(layers) < 0 or max(layers) > depth:
-        raise ConfigError(f"--layers must be within 0..{depth} for this {depth}-layer teacher; got {list(layers)}")
+        raise ConfigError(
+            f"--layers must be within 0..{depth} for this {depth}-layer teacher; got {list(layers)}"
+        )
 
     examples = {split: load_split(task, split, config.data_dir) for split in config.splits}
     fingerprints = {
@@ -119,11 +130,15 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
         for split, ex in examples.items():
             encoded = encode(ex, tokenizer, config.max_seq_len)
             t0 = time.time()
-            splits_info[split] = _cache_split(split, encoded, model, tokenizer, layers, folder, config, task, device)
+            splits_info[split] = _cache_split(
+                split, encoded, model, tokenizer, layers, folder, config, task, device
+            )
             timings[f"{split}_s"] = round(time.time() - t0, 2)
         distributed.barrier()
         if distributed.is_main():
-            manifest = _manifest(config, task, teacher_name, model, key, fingerprints, layers, splits_info, folder)
+            manifest = _manifest(
+                config, task, teacher_name, model, key, fingerprints, layers, splits_info, folder
+            )
             manifest["timings"] = {**timings, "total_s": round(time.time() - started, 2)}
             mf.write(folder, manifest)
         distributed.barrier()
@@ -189,7 +204,11 @@ def _write_shard(path, rows, encoded: Encoded, model, tokenizer, layers, config,
         for start in range(0, len(rows), config.batch_size):
             batch_rows = rows[start : start + config.batch_size]
             ids = [encoded.input_ids[i] for i in batch_rows]
-            types = [encoded.token_type_ids[i] for i in batch_rows] if encoded.token_type_ids is not None else None
+            types = (
+                [encoded.token_type_ids[i] for i in batch_rows]
+                if encoded.token_type_ids is not None
+                else None
+            )
             batch = {k: v.to(device, non_blocking=True) for k, v in collate(ids, types, pad_id).items()}
             with torch.inference_mode(), autocast(device, config.precision):
                 out = model(**batch, output_hidden_states=True)
@@ -275,7 +294,12 @@ def _teacher_metrics(folder: Path, task: Task, splits_info: dict) -> dict:
                 logits.append(f["logits"][:])
                 labels.append(f["labels"][:])
         labels_all = np.concatenate(labels)
-        if task.is_regression and np.isnan(labels_all).all() or not task.is_regression and (labels_all < 0).all():
+        if (
+            task.is_regression
+            and np.isnan(labels_all).all()
+            or not task.is_regression
+            and (labels_all < 0).all()
+        ):
             continue
         preds = predictions_from_logits(task, np.concatenate(logits))
         metrics[split] = compute_metrics(task, preds, labels_all)

@@ -25,7 +25,21 @@ _WORDS = {
     "neu": ["plain", "average", "okay", "fine", "usual", "standard"],
     "pos": ["great", "superb", "lovely", "good", "brilliant", "strong"],
 }
-_FILLER = ["the", "film", "was", "a", "story", "with", "some", "acting", "and", "music", "very", "quite", "really"]
+_FILLER = [
+    "the",
+    "film",
+    "was",
+    "a",
+    "story",
+    "with",
+    "some",
+    "acting",
+    "and",
+    "music",
+    "very",
+    "quite",
+    "really",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +79,7 @@ def write_tiny_task(folder: Path, n_train: int = 96, n_dev: int = 30, n_test: in
     task_file = folder / "tiny.toml"
     task_file.write_text(
         'name = "tiny"\ntext_fields = ["text"]\nlabel_field = "label"\n'
-        f"labels = {json.dumps(LABELS)}\nmetric = \"accuracy\"\n"
+        f'labels = {json.dumps(LABELS)}\nmetric = "accuracy"\n'
         '[files]\ntrain = "train.csv"\ndev = "dev.csv"\ntest = "test.csv"\n'
     )
     return task_file
@@ -75,7 +89,15 @@ def write_tokenizer(folder: Path) -> None:
     """A real BERT WordPiece tokenizer over the tiny task's words (loaded with AutoTokenizer)."""
     from transformers import AutoTokenizer
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_FILLER, *(w for ws in _WORDS.values() for w in ws)]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *_FILLER,
+        *(w for ws in _WORDS.values() for w in ws),
+    ]
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz.,!?'")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
@@ -133,7 +155,13 @@ def tiny(tmp_path_factory) -> dict:
     task_file = write_tiny_task(root / "data")
     pretrained = write_tiny_bert(root / "pretrained")
     teacher = write_tiny_teacher(root / "teacher", pretrained)
-    return {"root": root, "task": str(task_file), "data": root / "data", "pretrained": pretrained, "teacher": teacher}
+    return {
+        "root": root,
+        "task": str(task_file),
+        "data": root / "data",
+        "pretrained": pretrained,
+        "teacher": teacher,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +172,9 @@ def tiny_cache(tiny, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("cache-root")
     result = cache_teacher(
-        CacheConfig(task=tiny["task"], teacher=str(tiny["teacher"]), cache_dir=root, shard_size=40, batch_size=16)
+        CacheConfig(
+            task=tiny["task"], teacher=str(tiny["teacher"]), cache_dir=root, shard_size=40, batch_size=16
+        )
     )
     return result.path
 

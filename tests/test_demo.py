@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO
+
 from pkdpipe.data import load_split
 from pkdpipe.demo import DemoConfig, run_demo
 from pkdpipe.tasks import get_task
@@ -32,8 +32,18 @@ def test_bundled_banking77_splits():
 
 
 def _tiny_demo(tiny, run_dir, **kw) -> DemoConfig:
-    return DemoConfig(run_dir=run_dir, task=tiny["task"], data_dir=tiny["data"], model=str(tiny["pretrained"]),
-                      student_layers=2, teacher_epochs=1, student_epochs=1, batch_size=16, quiet=True, **kw)
+    return DemoConfig(
+        run_dir=run_dir,
+        task=tiny["task"],
+        data_dir=tiny["data"],
+        model=str(tiny["pretrained"]),
+        student_layers=2,
+        teacher_epochs=1,
+        student_epochs=1,
+        batch_size=16,
+        quiet=True,
+        **kw,
+    )
 
 
 def test_demo_runs_every_stage_and_reuses_them(tiny, tmp_path, monkeypatch):
@@ -89,18 +99,33 @@ def test_real_minilm_teacher_caches_banking77(tmp_path):
     task = get_task("banking77")
     rows = (BUNDLED / "test.csv").read_text().splitlines()[:65]  # header and 64 queries
     (tmp_path / "dev.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "slice.json").write_text(json.dumps({
-        "name": "banking77-slice", "text_fields": ["text"], "label_field": "category",
-        "labels": list(task.labels), "files": {"dev": "dev.csv"},
-    }))
+    (tmp_path / "slice.json").write_text(
+        json.dumps(
+            {
+                "name": "banking77-slice",
+                "text_fields": ["text"],
+                "label_field": "category",
+                "labels": list(task.labels),
+                "files": {"dev": "dev.csv"},
+            }
+        )
+    )
     folder = tmp_path / "teacher"
     model = load_classifier(str(minilm.get_model_path()), **label_config(task.labels))
     model.save_pretrained(folder)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(minilm.get_model_path())).save_pretrained(folder)
-    result = cache_teacher(CacheConfig(task=str(tmp_path / "slice.json"), teacher=str(folder), splits=("dev",),
-                                       cache_dir=tmp_path / "cache", max_seq_len=64, quiet=True))
+    result = cache_teacher(
+        CacheConfig(
+            task=str(tmp_path / "slice.json"),
+            teacher=str(folder),
+            splits=("dev",),
+            cache_dir=tmp_path / "cache",
+            max_seq_len=64,
+            quiet=True,
+        )
+    )
     assert result.manifest["teacher"]["num_layers"] == 6
     assert result.manifest["teacher"]["hidden_size"] == 384
     assert result.manifest["layers"] == list(range(7))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from pkdpipe_cli.main import app
 from typer.testing import CliRunner
 
 from pkdpipe.errors import ConfigError
 from pkdpipe.sweep import grid, run_name, sweep
-from pkdpipe_cli.main import app
 
 
 def test_grid_is_the_cartesian_product_in_order():
@@ -26,7 +26,15 @@ def test_grid_refuses_unknown_fields_and_empty_lists():
 
 
 def test_run_names_differ_for_different_settings():
-    a = {"strategy": "skip", "layers": 3, "alpha": 0.5, "beta": 0.1, "temperature": 5.0, "lr": 5e-5, "seed": 1}
+    a = {
+        "strategy": "skip",
+        "layers": 3,
+        "alpha": 0.5,
+        "beta": 0.1,
+        "temperature": 5.0,
+        "lr": 5e-5,
+        "seed": 1,
+    }
     assert run_name(a) == "skip-3_a0.5_b0.1_t5_lr5e-05_s1"
     assert run_name({**a, "beta": 1.0}) != run_name(a)
 
@@ -53,9 +61,29 @@ def test_sweep_trains_each_run_once_and_sorts_by_dev_metric(tiny_cache, tmp_path
 def test_sweep_and_report_through_the_cli(tiny_cache, tmp_path, one_thread):
     runner = CliRunner()
     out = tmp_path / "sweep"
-    result = runner.invoke(app, ["sweep", "--cache", str(tiny_cache), "--strategy", "skip,kd", "--layers", "2",
-                                 "--beta", "0.5", "--max-steps", "3", "--batch-size", "8", "--output", str(out),
-                                 "--device", "cpu", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--cache",
+            str(tiny_cache),
+            "--strategy",
+            "skip,kd",
+            "--layers",
+            "2",
+            "--beta",
+            "0.5",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "best:" in result.output
     folders = sorted(p for p in out.iterdir() if p.is_dir())

@@ -85,12 +85,16 @@ class TeacherCache:
     def shard(self, name: str) -> h5py.File:
         """An open shard, verified against its manifest checksum the first time."""
         if name not in self._files:
-            entry = next(s for info in self.manifest["splits"].values() for s in info["shards"] if s["file"] == name)
+            entry = next(
+                s for info in self.manifest["splits"].values() for s in info["shards"] if s["file"] == name
+            )
             path = mf.safe_file(self.path, name)
             if not path.is_file():
                 raise CacheError(f"cache {self.key} is missing shard {name}")
             if sha256_file(path) != entry["sha256"]:
-                raise CacheError(f"checksum mismatch in {path}: the shard is corrupted (cache verify / pull again)")
+                raise CacheError(
+                    f"checksum mismatch in {path}: the shard is corrupted (cache verify / pull again)"
+                )
             try:
                 self._files[name] = h5py.File(path, "r")
             except OSError as err:
@@ -136,7 +140,9 @@ class TeacherCache:
         """A whole split in storage order (length-sorted): for evaluation, verification, tools."""
         self.check_layers(layers)
         parts = [
-            self._read_rows(s["file"], np.arange(s["rows"]), layers) for s in self._split(split)["shards"] if s["rows"]
+            self._read_rows(s["file"], np.arange(s["rows"]), layers)
+            for s in self._split(split)["shards"]
+            if s["rows"]
         ]
         return _concat(parts)
 
@@ -235,7 +241,9 @@ def resolve_cache(path_or_key: str | None, cache_dir: str | Path | None = None) 
         return matches[0]
     if len(matches) > 1:
         raise CacheError(f"key {path_or_key!r} matches several caches: {', '.join(str(m) for m in matches)}")
-    raise CacheError(f"no cache {path_or_key!r}: not a folder, and no such key under {cache_dir or default_cache_root()}")
+    raise CacheError(
+        f"no cache {path_or_key!r}: not a folder, and no such key under {cache_dir or default_cache_root()}"
+    )
 
 
 def open_cache(path_or_key: str | Path | None = None, cache_dir: str | Path | None = None) -> TeacherCache:

@@ -42,7 +42,11 @@ def verify_cache(folder: str | Path) -> VerifyReport:
         for shard in info["shards"]:
             ids.append(_check_shard(folder, shard, manifest, hidden, report))
             report.shards_checked += 1
-        ids = np.concatenate([i for i in ids if i is not None]) if any(i is not None for i in ids) else np.array([])
+        ids = (
+            np.concatenate([i for i in ids if i is not None])
+            if any(i is not None for i in ids)
+            else np.array([])
+        )
         if len(np.unique(ids)) != len(ids):
             report.problems.append(f"{split}: example ids are not unique")
         if len(ids) != info["examples"]:

@@ -7,6 +7,7 @@ the next run overwrites.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -49,13 +50,17 @@ class ShardWriter:
             self.tmp_path.unlink(missing_ok=True)
             raise _write_error(self.final_path, err) from None
         try:
-            self._create_datasets(ids, num_labels, hidden_size, layers, hidden_dtype, regression, with_token_types)
+            self._create_datasets(
+                ids, num_labels, hidden_size, layers, hidden_dtype, regression, with_token_types
+            )
         except OSError as err:  # creating datasets writes too (example_id, offsets): a full disk shows here
             self.abort()
             raise _write_error(self.final_path, err) from None
         self._layers = layers
 
-    def _create_datasets(self, ids, num_labels, hidden_size, layers, hidden_dtype, regression, with_token_types):
+    def _create_datasets(
+        self, ids, num_labels, hidden_size, layers, hidden_dtype, regression, with_token_types
+    ):
         f, offsets, n = self._file, self._offsets, len(ids)
         chunk = (min(ROW_CHUNK, max(n, 1)),)
         f.create_dataset("example_id", data=ids.astype(np.int64))
@@ -69,9 +74,13 @@ class ShardWriter:
             f.create_dataset("token_type_ids", shape=(int(offsets[-1]),), dtype=np.uint8)
         hidden = f.create_group("hidden")
         for layer in layers:
-            hidden.create_dataset(str(layer), shape=(n, hidden_size), dtype=hidden_dtype, chunks=chunk + (hidden_size,))
+            hidden.create_dataset(
+                str(layer), shape=(n, hidden_size), dtype=hidden_dtype, chunks=chunk + (hidden_size,)
+            )
 
-    def write(self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]) -> None:
+    def write(
+        self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]
+    ) -> None:
         """Append a batch of rows: token id arrays, labels, (b, C) logits, {layer: (b, H)} vectors."""
         f, r0 = self._file, self._row
         r1 = r0 + len(input_ids)
@@ -105,14 +114,14 @@ class ShardWriter:
             raise _write_error(self.final_path, err) from None
 
     def abort(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already closed, or never fully opened
             self._file.close()
-        except Exception:
-            pass
         self.tmp_path.unlink(missing_ok=True)
 
 
 def _write_error(path: Path, err: OSError) -> CacheError:
     if err.errno == errno.ENOSPC or "No space" in str(err):
-        return CacheError(f"ran out of disk space writing {path}; free some space or use --cache-dir elsewhere")
+        return CacheError(
+            f"ran out of disk space writing {path}; free some space or use --cache-dir elsewhere"
+        )
     return CacheError(f"cannot write {path}: {err}")
