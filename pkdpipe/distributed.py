@@ -1,12 +1,13 @@
 """The little pkdpipe needs from torch.distributed: who am I, how many are we, wait for the others.
 
 Under `torchrun` (WORLD_SIZE > 1 in the environment) the process group is started on first use,
-with nccl when every rank has a GPU and gloo otherwise. In a plain process every helper answers as
-the only rank, so library code calls them unconditionally.
+with nccl when the ranks compute on GPUs and gloo otherwise (`choose_backend`). In a plain process
+every helper answers as the only rank, so library code calls them unconditionally.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -19,14 +20,28 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> None:
-    """Start the process group if torchrun launched us and nobody has started it yet."""
+def choose_backend(device: str = "auto") -> str:
+    """nccl when the ranks will compute on GPUs (`device` auto or cuda, a GPU visible, torch built
+    with nccl); gloo otherwise, which is what CPU ranks need (nccl cannot reduce CPU tensors)."""
+    if device != "cpu" and torch.cuda.is_available() and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def init(device: str = "auto") -> None:
+    """Start the process group if torchrun launched us and nobody has started it yet.
+
+    `device` is the stage's --device: with `cpu` the group uses gloo even on a GPU machine."""
     if not launched_distributed() or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    backend = choose_backend(device)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+    # Destroy the group while the interpreter is still whole: a gloo group left to interpreter
+    # shutdown can abort a rank after all its work is done (SIGABRT, "terminate called without an
+    # active exception"; see pytorch/pytorch#179291), and torchrun then fails the whole job.
+    atexit.register(shutdown)
 
 
 def rank() -> int:
@@ -46,15 +61,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _collective_device() -> torch.device:
+    """Where a tensor must live for a collective: the rank's GPU under nccl, the CPU under gloo."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_ok(ok: bool) -> bool:
     """True when `ok` holds on every rank, so that all ranks agree to stop together."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks; every rank must call this at the same point, with the
+    same keys. Used for the training log, so that it reports the whole global batch, not rank 0's part."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(totals)
+    means = dict(zip(keys, (totals / dist.get_world_size()).tolist()))
+    return {k: means[k] for k in values}  # in the caller's order
 
 
 def broadcast_object(obj):

@@ -15,11 +15,11 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 from pkdpipe import distributed
@@ -74,16 +74,15 @@ def bar(description: str, total: int | None, unit: str = "ex", quiet: bool = Fal
         return
     columns = [
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=12 if extra else 40),
         MofNCompleteColumn(),
-        TaskProgressColumn(),
         _RateColumn(unit),
-        TimeElapsedColumn(),
+        *([] if extra else [TimeElapsedColumn()]),  # room for the loss terms on one line
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
     if extra:
-        columns.append(TextColumn(extra))
+        columns.append(TextColumn(extra, table_column=Column(no_wrap=True)))
     with Progress(*columns, console=console, transient=False) as progress:
         fields = {name: float("nan") for name in re.findall(r"task\.fields\[(\w+)\]", extra)}
         yield _Bar(progress, progress.add_task(description, total=total, **fields))

@@ -69,7 +69,8 @@ def resolve_teacher(config: CacheConfig, task: Task) -> str:
 
 def cache_teacher(config: CacheConfig) -> CacheResult:
     """Build (or find) the cache for `config`; return where it is and whether it was a hit."""
-    distributed.init()
+    distributed.init(config.device)
+    autocast(pick_device(config.device), config.precision)  # fp16 on CPU fails here, before any work
     started = time.time()
     task = get_task(config.task)
     for split in config.splits:

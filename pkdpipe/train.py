@@ -3,7 +3,8 @@
 Both run through one loop, `fit`, which takes a batch source and a loss step; there is no trainer
 class tree. `distill` never loads the teacher: its targets stream from the cache's shards.
 Only rank 0 writes (logs, checkpoints, the model); under torchrun each rank reads its own share
-of every global batch and DistributedDataParallel averages the gradients.
+of every global batch, DistributedDataParallel averages the gradients, and the logged loss terms
+are averaged over the ranks, so a log line describes the whole global batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pkdpipe.cache.fingerprint import hash_tokenizer
 from pkdpipe.cache.reader import TeacherCache, open_cache
 from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
 from pkdpipe.data import load_split
-from pkdpipe.errors import CacheError, ModelError
+from pkdpipe.errors import CacheError, ConfigError, ModelError
 from pkdpipe.evaluate import predict_logits, score
 from pkdpipe.layermap import layer_map
 from pkdpipe.losses import pkd_loss
@@ -84,20 +85,37 @@ class EncodedSource:
 class CacheSource:
     """Batches of token ids, labels and teacher targets streamed from a cache split (distill)."""
 
-    def __init__(self, cache: TeacherCache, split: str, layers: list[int], batch_size: int, seed: int,
-                 pad_id: int, block_size: int = 0):
+    def __init__(
+        self,
+        cache: TeacherCache,
+        split: str,
+        layers: list[int],
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        block_size: int = 0,
+    ):
         self.cache, self.split, self.layers = cache, split, layers
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self.block_size = block_size or 8 * batch_size
         self.rank, self.world = distributed.rank(), distributed.world_size()
 
     def steps_per_epoch(self) -> int:
-        return len(self.cache.epoch_plan(self.split, self.batch_size, 0, self.seed, self.block_size, self.world))
+        return len(
+            self.cache.epoch_plan(self.split, self.batch_size, 0, self.seed, self.block_size, self.world)
+        )
 
     def epoch(self, epoch: int, skip: int):
         for part in self.cache.stream(
-            self.split, self.batch_size, self.layers, epoch=epoch, seed=self.seed, block_size=self.block_size,
-            skip=skip, rank=self.rank, world=self.world,
+            self.split,
+            self.batch_size,
+            self.layers,
+            epoch=epoch,
+            seed=self.seed,
+            block_size=self.block_size,
+            skip=skip,
+            rank=self.rank,
+            world=self.world,
         ):
             batch = collate(part["input_ids"], part["token_type_ids"], self.pad_id)
             batch["labels"] = torch.from_numpy(part["labels"])
@@ -125,8 +143,13 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(
+                param
+            )
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
@@ -141,8 +164,16 @@ def _scheduler(optimizer, total_steps: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, config: TrainConfig,
-        output: Path, main_metric: str | None, save_final: Callable[[torch.nn.Module, Path], None]) -> TrainResult:
+def fit(
+    model,
+    source: BatchSource,
+    step_fn: StepFn,
+    eval_fn: EvalFn | None,
+    config: TrainConfig,
+    output: Path,
+    main_metric: str | None,
+    save_final: Callable[[torch.nn.Module, Path], None],
+) -> TrainResult:
     """Train `model`; keep the best dev checkpoint in `output/best`; resume from `output/checkpoint`."""
     started = time.time()
     device = pick_device(config.device)
@@ -150,7 +181,9 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
     model.to(device).train()
     core = model
     if distributed.world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = _optimizer(core, config)
     steps_per_epoch = source.steps_per_epoch()
     total = steps_per_epoch * config.epochs
@@ -160,7 +193,14 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
     ckpt_dir, best_dir, log_path = output / "checkpoint", output / "best", output / "train_log.jsonl"
     state = {"epoch": 0, "skip": 0, "step": 0, "best": None, "best_step": 0, "best_metrics": {}}
-    if config.resume and checkpoint.exists(ckpt_dir):
+    resuming = config.resume and checkpoint.exists(ckpt_dir)
+    if not distributed.all_ok(resuming == distributed.broadcast_object(resuming)):
+        # else the ranks would start from different steps and weights, and hang or diverge
+        raise ConfigError(
+            f"some ranks see the checkpoint in {ckpt_dir} and some do not: on several nodes, "
+            "--output must be on a filesystem that every node shares"
+        )
+    if resuming:
         state = checkpoint.load(ckpt_dir, core, optimizer, scheduler, scaler)
         progress.info(f"resuming from {ckpt_dir} at step {state['step']}", config.quiet)
         if distributed.is_main():
@@ -187,7 +227,10 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
     sums: dict[str, float] = {}
     count = 0
     window_start = time.time()
-    extra = "loss {task.fields[loss]:.4f} ce {task.fields[ce]:.3f} kd {task.fields[kd]:.3f} pt {task.fields[pt]:.4f} lr {task.fields[lr]:.2e}"
+    extra = (
+        "loss {task.fields[loss]:.3f} ce {task.fields[ce]:.3f} kd {task.fields[kd]:.3f} "
+        "pt {task.fields[pt]:.3f} lr {task.fields[lr]:.1e}"
+    )
     done = False
     with progress.bar("train", total, unit="step", quiet=config.quiet, extra=extra) as bar:
         bar.advance(state["step"])
@@ -198,7 +241,9 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
                     terms = step_fn(model, batch)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
-                    raise ModelError(f"the loss became {loss.item()} at step {state['step']}: lower --lr or use fp32")
+                    raise ModelError(
+                        f"the loss became {loss.item()} at step {state['step']}: lower --lr or use fp32"
+                    )
                 (scaler.scale(loss) if scaler else loss).backward()
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -215,14 +260,24 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
                 count += 1
                 bar.advance(1, lr=lr, **{k: float(v.detach()) for k, v in terms.items()})
                 step = state["step"]
-                metrics = {}
-                if config.eval_every and step % config.eval_every == 0:
-                    metrics = evaluate_and_keep(step)
-                if step % LOG_EVERY == 0 or metrics or step == total:
+                evaluate_now = bool(config.eval_every and step % config.eval_every == 0)
+                metrics = evaluate_and_keep(step) if evaluate_now else {}  # {} on ranks other than 0
+                # decided alike on every rank: mean_over_ranks is a collective every rank must join
+                if step % LOG_EVERY == 0 or evaluate_now or step == total:
                     seconds = time.time() - window_start
-                    _log(log_path, writer, {"step": step, "epoch": epoch, "lr": lr,
-                                            **{k: v / max(count, 1) for k, v in sums.items()},
-                                            "steps_per_s": count / max(seconds, 1e-9), **_prefixed(metrics)})
+                    means = distributed.mean_over_ranks({k: v / max(count, 1) for k, v in sums.items()})
+                    _log(
+                        log_path,
+                        writer,
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "lr": lr,
+                            **means,
+                            "steps_per_s": count / max(seconds, 1e-9),
+                            **_prefixed(metrics),
+                        },
+                    )
                     sums, count, window_start = {}, 0, time.time()
                 if step >= total:
                     done = True
@@ -247,7 +302,9 @@ def fit(model, source: BatchSource, step_fn: StepFn, eval_fn: EvalFn | None, con
     if writer is not None:
         writer.close()
     distributed.barrier()
-    return TrainResult(output, state["best_metrics"], state["best_step"], state["step"], time.time() - started)
+    return TrainResult(
+        output, state["best_metrics"], state["best_step"], state["step"], time.time() - started
+    )
 
 
 def _prefixed(metrics: dict) -> dict:
@@ -290,6 +347,11 @@ def _tensorboard(output: Path, config: TrainConfig):
     return SummaryWriter(str(output / "tensorboard"))
 
 
+def _check_precision(config: TrainConfig) -> None:
+    """Fail before anything is loaded or written when --precision cannot run on the device."""
+    autocast(pick_device(config.device), config.precision)  # raises ModelError for fp16 on CPU
+
+
 def _prepare_output(output: Path, config: TrainConfig) -> None:
     if distributed.is_main():
         output.mkdir(parents=True, exist_ok=True)
@@ -306,18 +368,27 @@ def task_of(cache: TeacherCache) -> Task:
         spec = cache.manifest["task_spec"]
         fields = {k: spec[k] for k in ("text_fields", "label_field", "metrics", "main_metric") if k in spec}
         labels = tuple(spec["labels"]) if spec.get("labels") is not None else None
-        return Task(name=cache.task, labels=labels, splits=tuple(cache.splits),
-                    **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return Task(
+            name=cache.task,
+            labels=labels,
+            splits=tuple(cache.splits),
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()},
+        )
 
 
 def distill(config: DistillConfig) -> TrainResult:
     """Train a K-layer student from a teacher cache; write it in Hugging Face format."""
-    distributed.init()
+    distributed.init(config.device)
+    _check_precision(config)
     cache = open_cache(config.cache, config.cache_dir)
     progress.info(f"cache: {cache.path}", config.quiet)
     task = task_of(cache)
     teacher_map = layer_map(config.strategy, cache.teacher_layers, config.layers, config.teacher_layers)
-    init = config.student_init or cache.manifest["teacher"].get("pretrained_from") or cache.manifest["teacher"]["name_or_path"]
+    init = (
+        config.student_init
+        or cache.manifest["teacher"].get("pretrained_from")
+        or cache.manifest["teacher"]["name_or_path"]
+    )
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
     student, tokenizer = _student(init, config, cache, teacher_map)
     if "dev" not in cache.splits:
@@ -325,7 +396,9 @@ def distill(config: DistillConfig) -> TrainResult:
     output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
     _prepare_output(output, config)
     pad_id = pad_id_of(tokenizer)
-    source = CacheSource(cache, "train", teacher_map, config.batch_size, config.seed, pad_id, config.block_size)
+    source = CacheSource(
+        cache, "train", teacher_map, config.batch_size, config.seed, pad_id, config.block_size
+    )
     student_layers = list(range(1, config.layers))
     use_teacher = config.strategy != "ft"
 
@@ -338,8 +411,11 @@ def distill(config: DistillConfig) -> TrainResult:
             batch["labels"],
             cls_vectors(out.hidden_states, student_layers) if teacher_map else None,
             batch.get("teacher_cls") if teacher_map else None,
-            alpha=config.alpha, beta=config.beta, temperature=config.temperature,
-            normalize=config.normalize, regression=task.is_regression,
+            alpha=config.alpha,
+            beta=config.beta,
+            temperature=config.temperature,
+            normalize=config.normalize,
+            regression=task.is_regression,
         )
 
     dev = _cached_split(cache, "dev") if "dev" in cache.splits else None
@@ -355,9 +431,13 @@ def distill(config: DistillConfig) -> TrainResult:
     def save_final(model, folder):
         _save_model(model, tokenizer, folder)
 
-    result = fit(student, source, step, eval_fn, config, output, task.main_metric if eval_fn else None, save_final)
+    result = fit(
+        student, source, step, eval_fn, config, output, task.main_metric if eval_fn else None, save_final
+    )
     if distributed.is_main():
-        _write_run_files(output, meta, result, cache.manifest.get("teacher_metrics", {}), count_parameters(student))
+        _write_run_files(
+            output, meta, result, cache.manifest.get("teacher_metrics", {}), count_parameters(student)
+        )
         _model_card(output, task, meta, result, cache.manifest.get("teacher_metrics", {}))
     cache.close()
     return result
@@ -368,7 +448,9 @@ def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map:
     against the cache before any training."""
     init_config = load_config(init, config.trust_remote_code)
     if num_layers(init_config) < config.layers:
-        raise ModelError(f"student init {init} has {num_layers(init_config)} layers; cannot take the first {config.layers}")
+        raise ModelError(
+            f"student init {init} has {num_layers(init_config)} layers; cannot take the first {config.layers}"
+        )
     if teacher_map and hidden_size(init_config) != cache.hidden_size:
         raise ModelError(
             f"student hidden size {hidden_size(init_config)} differs from the teacher's {cache.hidden_size}: "
@@ -382,7 +464,9 @@ def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map:
         )
     cache.check_layers(teacher_map)
     labels = tuple(cache.label_names) if cache.label_names is not None else None
-    model = load_classifier(init, config.trust_remote_code, num_hidden_layers=config.layers, **label_config(labels))
+    model = load_classifier(
+        init, config.trust_remote_code, num_hidden_layers=config.layers, **label_config(labels)
+    )
     if model.config.num_labels != cache.num_labels:
         raise ModelError(f"student has {model.config.num_labels} labels, the cache {cache.num_labels}")
     return model, tokenizer
@@ -393,13 +477,24 @@ def _cached_split(cache: TeacherCache, split: str) -> Encoded:
     labels = data["labels"]
     if labels.dtype.kind == "i" and (labels < 0).all() or labels.dtype.kind == "f" and np.isnan(labels).all():
         labels = None
-    return Encoded(ids=data["example_id"], input_ids=data["input_ids"], token_type_ids=data["token_type_ids"], labels=labels)
+    return Encoded(
+        ids=data["example_id"],
+        input_ids=data["input_ids"],
+        token_type_ids=data["token_type_ids"],
+        labels=labels,
+    )
 
 
 def _eval_fn(task: Task, dev: Encoded, pad_id: int, config: TrainConfig) -> EvalFn:
     def run(model) -> dict:
-        logits = predict_logits(model, dev, pad_id=pad_id, batch_size=max(64, config.batch_size),
-                                precision=config.precision, quiet=True)
+        logits = predict_logits(
+            model,
+            dev,
+            pad_id=pad_id,
+            batch_size=max(64, config.batch_size),
+            precision=config.precision,
+            quiet=True,
+        )
         return score(task, logits, dev.labels)
 
     return run
@@ -415,7 +510,9 @@ def _save_model(model, tokenizer, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def _write_run_files(output: Path, meta: dict, result: TrainResult, teacher_metrics: dict, parameters: int) -> None:
+def _write_run_files(
+    output: Path, meta: dict, result: TrainResult, teacher_metrics: dict, parameters: int
+) -> None:
     (output / "pkdpipe_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     metrics = {
         "dev": result.metrics,
@@ -433,26 +530,29 @@ def _model_card(output: Path, task: Task, meta: dict, result: TrainResult, teach
     teacher = meta["cache"]["teacher"]
     dev = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "not evaluated"
     teacher_dev = ", ".join(f"{k} {v:.4f}" for k, v in teacher_metrics.get("dev", {}).items()) or "-"
+    pairs = zip(meta["layer_map"]["student"], meta["layer_map"]["teacher"])
+    layer_map = ", ".join(f"{s}<-{t}" for s, t in pairs) or "none"
+    schedule = f"{c['lr']} / {c['epochs']} / {c['batch_size']} / {c['warmup']} / {c['weight_decay']}"
     card = f"""---
 library_name: transformers
 pipeline_tag: text-classification
 tags: [pkdpipe, knowledge-distillation, patient-kd]
 ---
-# {task.name} student: {c['strategy']}, {c['layers']} layers
+# {task.name} student: {c["strategy"]}, {c["layers"]} layers
 
 Distilled with [pkdpipe](https://pypi.org/project/pkdpipe/) (Patient Knowledge Distillation, Sun et al. 2019)
 from a cached teacher; the teacher's weights were not loaded during training.
 
 | | |
 |---|---|
-| teacher | `{teacher['name_or_path']}` ({teacher['architecture']}, {teacher['num_layers']} layers) |
-| cache key | `{meta['cache']['key']}` |
-| student init | `{meta['student_init']}` (first {c['layers']} layers) |
-| strategy | {c['strategy']} |
-| layer map (student <- teacher) | {', '.join(f'{s}<-{t}' for s, t in zip(meta['layer_map']['student'], meta['layer_map']['teacher'])) or 'none'} |
-| alpha / beta / T | {c['alpha']} / {c['beta']} / {c['temperature']} (normalize={c['normalize']}) |
-| lr / epochs / batch / warm-up / weight decay | {c['lr']} / {c['epochs']} / {c['batch_size']} / {c['warmup']} / {c['weight_decay']} |
-| seed | {c['seed']} |
+| teacher | `{teacher["name_or_path"]}` ({teacher["architecture"]}, {teacher["num_layers"]} layers) |
+| cache key | `{meta["cache"]["key"]}` |
+| student init | `{meta["student_init"]}` (first {c["layers"]} layers) |
+| strategy | {c["strategy"]} |
+| layer map (student <- teacher) | {layer_map} |
+| alpha / beta / T | {c["alpha"]} / {c["beta"]} / {c["temperature"]} (normalize={c["normalize"]}) |
+| lr / epochs / batch / warm-up / weight decay | {schedule} |
+| seed | {c["seed"]} |
 | dev (best, step {result.best_step}) | {dev} |
 | teacher dev | {teacher_dev} |
 
@@ -467,7 +567,8 @@ classifier = pipeline("text-classification", model="{output}")
 # -- finetune ------------------------------------------------------------------------------------
 def finetune(config: FinetuneConfig) -> TrainResult:
     """Fine-tune `config.model` on a task (optionally cut to its first K layers)."""
-    distributed.init()
+    distributed.init(config.device)
+    _check_precision(config)
     task = get_task(config.task)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     overrides = label_config(task.labels)
@@ -479,30 +580,67 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
     model = load_classifier(config.model, config.trust_remote_code, **overrides)
     train = encode(load_split(task, "train", config.data_dir), tokenizer, config.max_seq_len)
-    dev = encode(load_split(task, "dev", config.data_dir), tokenizer, config.max_seq_len) if "dev" in task.splits else None
-    output = config.output or config.runs_dir / task.name / ("teacher" if config.layers is None else f"ft-{config.layers}")
+    dev = (
+        encode(load_split(task, "dev", config.data_dir), tokenizer, config.max_seq_len)
+        if "dev" in task.splits
+        else None
+    )
+    output = config.output or config.runs_dir / task.name / (
+        "teacher" if config.layers is None else f"ft-{config.layers}"
+    )
     _prepare_output(output, config)
     source = EncodedSource(train, config.batch_size, config.seed, pad_id_of(tokenizer))
 
     def step(model, batch):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         out = model(**inputs)
-        return pkd_loss(out.logits, None, batch["labels"], None, None, alpha=0.0, beta=0.0, temperature=1.0,
-                        regression=task.is_regression)
+        return pkd_loss(
+            out.logits,
+            None,
+            batch["labels"],
+            None,
+            None,
+            alpha=0.0,
+            beta=0.0,
+            temperature=1.0,
+            regression=task.is_regression,
+        )
 
-    eval_fn = _eval_fn(task, dev, pad_id_of(tokenizer), config) if dev is not None and dev.labels is not None else None
+    eval_fn = (
+        _eval_fn(task, dev, pad_id_of(tokenizer), config)
+        if dev is not None and dev.labels is not None
+        else None
+    )
 
     def save_final(model, folder):
         _save_model(model, tokenizer, folder)
 
-    result = fit(model, source, step, eval_fn, config, output, task.main_metric if eval_fn else None, save_final)
+    result = fit(
+        model, source, step, eval_fn, config, output, task.main_metric if eval_fn else None, save_final
+    )
     if distributed.is_main():
-        record = {"base_model": str(config.model), "task": task.name, "layers": config.layers,
-                  "dev": result.metrics, "config": to_dict(config), "command": config.command or " ".join(sys.argv)}
+        record = {
+            "base_model": str(config.model),
+            "task": task.name,
+            "layers": config.layers,
+            "dev": result.metrics,
+            "config": to_dict(config),
+            "command": config.command or " ".join(sys.argv),
+        }
         (output / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (output / "metrics.json").write_text(json.dumps(
-            {"dev": result.metrics, "best_step": result.best_step, "steps": result.steps,
-             "train_seconds": round(result.seconds, 1), "parameters": count_parameters(model)}, indent=2) + "\n")
+        (output / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "dev": result.metrics,
+                    "best_step": result.best_step,
+                    "steps": result.steps,
+                    "train_seconds": round(result.seconds, 1),
+                    "parameters": count_parameters(model),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return result
 
 

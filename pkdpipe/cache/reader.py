@@ -146,6 +146,37 @@ class TeacherCache:
         ]
         return _concat(parts)
 
+    def read_ids(self, split: str, ids: Sequence[int], layers: Sequence[int] = ()) -> dict:
+        """The rows of these example ids, in the order given (KeyError-free: unknown ids raise
+        CacheError). Reads only the shards and rows that hold them."""
+        self.check_layers(layers)
+        where = self._id_index(split)
+        try:
+            located = [where[int(i)] for i in ids]
+        except KeyError as err:
+            raise CacheError(f"cache {self.key} has no example id {err.args[0]} in split {split!r}") from None
+        by_shard: dict[str, list[int]] = {}
+        for name, row in located:
+            by_shard.setdefault(name, []).append(row)
+        parts = {
+            name: (np.unique(rows), self._read_rows(name, np.unique(rows), layers))
+            for name, rows in by_shard.items()
+        }
+        return _concat(
+            [_take(parts[name][1], np.searchsorted(parts[name][0], [row])) for name, row in located]
+        )
+
+    def _id_index(self, split: str) -> dict[int, tuple[str, int]]:
+        """example id -> (shard file, row), built once per split from the small example_id datasets."""
+        cache_key = f"_ids_{split}"
+        if cache_key not in self.__dict__:
+            index = {}
+            for s in self._split(split)["shards"]:
+                for row, example_id in enumerate(self.shard(s["file"])["example_id"][:]):
+                    index[int(example_id)] = (s["file"], row)
+            self.__dict__[cache_key] = index
+        return self.__dict__[cache_key]
+
     # -- streaming for training ------------------------------------------------------------
     def epoch_plan(self, split: str, batch_size: int, epoch: int, seed: int, block_size: int, world: int = 1):
         """The global batches of one epoch as (shard file, row positions): see pkdpipe.batching."""
