@@ -58,13 +58,31 @@ def main() -> None:
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
     if not (teacher / "model.safetensors").is_file():
         t0 = time.time()
-        finetune(FinetuneConfig(task=args.task, data_dir=args.data_dir, model=args.model or default_model(),
-                                output=teacher, epochs=args.teacher_epochs, lr=args.teacher_lr,
-                                batch_size=args.batch_size, max_seq_len=args.max_seq_len, quiet=True))
+        finetune(
+            FinetuneConfig(
+                task=args.task,
+                data_dir=args.data_dir,
+                model=args.model or default_model(),
+                output=teacher,
+                epochs=args.teacher_epochs,
+                lr=args.teacher_lr,
+                batch_size=args.batch_size,
+                max_seq_len=args.max_seq_len,
+                quiet=True,
+            )
+        )
         times["teacher finetune"] = time.time() - t0
     t0 = time.time()
-    cache = cache_teacher(CacheConfig(task=args.task, data_dir=args.data_dir, teacher=str(teacher),
-                                      cache_dir=out / "cache", max_seq_len=args.max_seq_len, quiet=True))
+    cache = cache_teacher(
+        CacheConfig(
+            task=args.task,
+            data_dir=args.data_dir,
+            teacher=str(teacher),
+            cache_dir=out / "cache",
+            max_seq_len=args.max_seq_len,
+            quiet=True,
+        )
+    )
     times["cache-teacher"] = time.time() - t0
 
     results = {}
@@ -72,37 +90,81 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             folder = out / "students" / f"{row}-{args.layers}-s{seed}"
             if not (folder / "metrics.json").is_file():
-                distill(DistillConfig(cache=str(cache.path), strategy=row, layers=args.layers, output=folder,
-                                      epochs=args.epochs, lr=args.lr, alpha=args.alpha, beta=args.beta,
-                                      temperature=args.temperature, batch_size=args.batch_size, seed=seed,
-                                      quiet=True))
+                distill(
+                    DistillConfig(
+                        cache=str(cache.path),
+                        strategy=row,
+                        layers=args.layers,
+                        output=folder,
+                        epochs=args.epochs,
+                        lr=args.lr,
+                        alpha=args.alpha,
+                        beta=args.beta,
+                        temperature=args.temperature,
+                        batch_size=args.batch_size,
+                        seed=seed,
+                        quiet=True,
+                    )
+                )
             train_seconds = json.loads((folder / "metrics.json").read_text())["train_seconds"]
-            results.setdefault(row, []).append({"seed": seed, "folder": str(folder), "train_seconds": train_seconds})
+            results.setdefault(row, []).append(
+                {"seed": seed, "folder": str(folder), "train_seconds": train_seconds}
+            )
             print(f"{row} seed {seed}: trained in {train_seconds:.0f} s", flush=True)
 
     models = [str(teacher)] + [r["folder"] for runs in results.values() for r in runs]
-    reports = {r.model: r for r in evaluate(EvaluateConfig(models=models, task=args.task, data_dir=args.data_dir,
-                                                           split=args.eval_split, max_seq_len=args.max_seq_len,
-                                                           quiet=True))}
+    reports = {
+        r.model: r
+        for r in evaluate(
+            EvaluateConfig(
+                models=models,
+                task=args.task,
+                data_dir=args.data_dir,
+                split=args.eval_split,
+                max_seq_len=args.max_seq_len,
+                quiet=True,
+            )
+        )
+    }
     metric = next(iter(reports[str(teacher)].metrics))
-    lines = [f"{args.task} ({args.eval_split}, {metric}), teacher {reports[str(teacher)].metrics[metric] * 100:.2f}, "
-             f"students K={args.layers}, seeds {args.seeds}", "",
-             "| row | mean | spread (sd) | per seed | train time per run |", "|---|---|---|---|---|"]
+    lines = [
+        f"{args.task} ({args.eval_split}, {metric}), "
+        f"teacher {reports[str(teacher)].metrics[metric] * 100:.2f}, "
+        f"students K={args.layers}, seeds {args.seeds}",
+        "",
+        "| row | mean | spread (sd) | per seed | train time per run |",
+        "|---|---|---|---|---|",
+    ]
     table = {}
     for row, runs in results.items():
         scores = [reports[r["folder"]].metrics[metric] * 100 for r in runs]
         sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
         mean_time = statistics.mean(r["train_seconds"] for r in runs)
         table[row] = {"mean": statistics.mean(scores), "sd": sd, "scores": scores, "train_seconds": mean_time}
-        lines.append(f"| {row} | {statistics.mean(scores):.2f} | {sd:.2f} | {', '.join(f'{s:.1f}' for s in scores)} "
-                     f"| {mean_time:.0f} s |")
-    lines += ["", f"teacher fine-tune and cache: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
-              f"command: `{command}`"]
+        lines.append(
+            f"| {row} | {statistics.mean(scores):.2f} | {sd:.2f} | {', '.join(f'{s:.1f}' for s in scores)} "
+            f"| {mean_time:.0f} s |"
+        )
+    lines += [
+        "",
+        "teacher fine-tune and cache: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
+        f"command: `{command}`",
+    ]
     text = "\n".join(lines)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"command": command, "metric": metric, "rows": table,
-                                                  "teacher": reports[str(teacher)].metrics, "times": times},
-                                                 indent=2) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "metric": metric,
+                "rows": table,
+                "teacher": reports[str(teacher)].metrics,
+                "times": times,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(text)
 
 

@@ -1,0 +1,662 @@
+"""Benchmark of stage two, `distill` (issue 3): the real MiniLM teacher (6 layers) and a 3-layer student.
+
+Side by side in one run, on the same batches (batch 32 from a real cache of BANKING77 train, or SST-2):
+
+1. Step time (forward + backward + clip + optimizer and scheduler step, as in `pkdpipe.train.fit`) of
+   - cached PKD: the batch streamed by `CacheSource` from the cache (the read is timed and counted in
+     the step), PKD-Skip 6->3 loss (student layers 1,2 <- teacher layers 2,4), as `distill` computes it;
+   - plain fine-tuning of the same student (CE on the gold labels only, as `distill --strategy ft`),
+     on the same batch, already in memory (no read time: a strict baseline);
+   - online PKD: the teacher's forward on the same batch every step (inference_mode,
+     output_hidden_states=True), then the same student step as cached PKD.
+   Three students start from the same weights (the first 3 layers of MiniLM, a fresh seeded head),
+   each with its own optimizer. Each round reads one batch, then runs the three variants in an order
+   that rotates every round; the ratios are taken per round and the median is reported, with the
+   ratio of the summed times (which also carries the block reads, one per 8 batches).
+   Goals: cached PKD / fine-tuning <= 1.10x; online PKD / cached PKD >= 1.4x.
+2. Peak RSS (`ru_maxrss`) at the end of a real `pkdpipe.train.distill` run (PKD-Skip, --rss-steps
+   optimizer steps), each in a fresh subprocess, on the cache and on a cache 8x as large. Goal: the
+   growth stays under 200 MB (distill streams blocks of rows; it must not load the cache).
+   The 8x cache (`--scale-via copy`, the default) is written directly with pkdpipe's ShardWriter: the
+   1x rows repeated 8 times under new example ids, sorted by (length, id) and cut into shards the way
+   cache-teacher does, with a manifest carrying real checksums. `--scale-via teacher` instead writes
+   the training rows 8 times into a CSV behind a task file and runs cache_teacher on it (honest to
+   the last byte, but it runs the teacher over 8x the data: several minutes on 2 cores).
+   The peak also follows the widest batch a run trains on, whatever the cache: on this 3-layer
+   student, measured here, a batch of 32 padded to 56 tokens peaks about 250 MB above one padded to
+   9; an earlier version of this script, drawing batches from whole shards, saw the 1x run meet a
+   93-token batch and the 8x run (whose shards each hold a narrow band of lengths) nothing wider than
+   13, for a "growth" of -496 MB. Which lengths 50 steps meet is luck (blocks are shuffled), so
+   the RSS runs pin the width instead: their caches are built by cache_teacher with max_seq_len L
+   (`--rss-max-seq-len`, default: the 2nd percentile of the train split's token lengths, 8 for
+   BANKING77), so that 98% of the rows are exactly L tokens and every batch is L (or, at the very
+   bottom of the length order, a token or two less) wide in both runs. Same teacher, same rows, same
+   bytes per row: only the sequence length, which is not what this test is about, is held fixed.
+   `--rss-max-seq-len 0` uses the step-time cache as it is. The widest and mean batch width of each
+   run are printed (recorded by wrapping CacheSource.epoch in the child; nothing else changes).
+
+Run from the repository root:  python benchmarks/bench_distill.py [--task banking77|sst2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    DEFAULT_DATASETS,
+    Stopwatch,
+    command_line,
+    load_avg,
+    log,
+    machine_lines,
+    make_teacher,
+    median,
+    minilm_path,
+    set_threads,
+    table,
+    write_sst2_slice,
+)
+
+STUDENT_LAYERS = 3
+STRATEGY = "skip"  # PKD-Skip 6->3: student layers 1, 2 learn from teacher layers 2, 4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("banking77", "sst2"), default="banking77")
+    p.add_argument(
+        "--data", type=Path, default=None, help="dataset folder (default: ../shared/datasets/<task>)"
+    )
+    p.add_argument("--rows", type=int, default=8192, help="sst2 only: the first N train rows (0 = all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=60, help="timed rounds (one step of each variant per round)")
+    p.add_argument("--warmup-steps", type=int, default=5, help="untimed rounds first")
+    p.add_argument("--scale", type=int, default=8, help="how much larger the second cache of the RSS test is")
+    p.add_argument(
+        "--scale-via",
+        choices=("copy", "teacher"),
+        default="copy",
+        help="build the large cache by copying rows into new shards, or by running cache_teacher",
+    )
+    p.add_argument("--rss-steps", type=int, default=50, help="max_steps of each distill run in the RSS test")
+    p.add_argument(
+        "--rss-max-seq-len",
+        type=int,
+        default=-1,
+        help="max_seq_len of the RSS caches: -1 = the 2nd percentile of the token lengths (pins the batch "
+        "width), 0 = use the step-time cache (max_seq_len 128) as it is",
+    )
+    p.add_argument(
+        "--rss-block-size", type=int, default=0, help="distill's block_size in the RSS runs (0 = its default)"
+    )
+    p.add_argument("--rss-repeats", type=int, default=1, help="1x/8x distill pairs (alternating order)")
+    p.add_argument("--skip-steps", action="store_true", help="skip the step-time comparison")
+    p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS comparison")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the teacher, data and caches go (default: a temporary folder, removed at the end)",
+    )
+    p.add_argument(
+        "--rss-child", type=Path, default=None, help=argparse.SUPPRESS
+    )  # internal: one distill run
+    p.add_argument("--output", type=Path, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -- one distill run in a fresh process (the RSS test) -----------------------------------------------
+def rss_child(args) -> None:
+    set_threads(args.threads)
+    from pkdpipe import train
+    from pkdpipe.config import DistillConfig
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm_before = vm_hwm_kib()
+    config = DistillConfig(
+        cache=str(args.rss_child),
+        strategy=STRATEGY,
+        layers=STUDENT_LAYERS,
+        student_init=minilm_path(),
+        batch_size=args.batch_size,
+        max_steps=args.rss_steps,
+        output=args.output,
+        device="cpu",
+        resume=False,
+        checkpoint_every=0,
+        quiet=True,
+        block_size=args.rss_block_size,
+    )
+    widths = []
+    real_epoch = train.CacheSource.epoch
+
+    def recording_epoch(self, epoch, skip):  # observes the batches distill trains on, changes nothing
+        for batch in real_epoch(self, epoch, skip):
+            widths.append(batch["input_ids"].shape[1])
+            yield batch
+
+    train.CacheSource.epoch = recording_epoch
+    with Stopwatch() as t:
+        result = train.distill(config)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": peak / 1024,
+                "peak_before_distill_mb": before / 1024,
+                "vm_hwm_mb": vm_hwm_kib() / 1024,
+                "vm_hwm_before_mb": hwm_before / 1024,
+                "steps": result.steps,
+                "seconds": t.seconds,
+                "widest_batch": max(widths),
+                "mean_width": sum(widths) / len(widths),
+            }
+        )
+    )
+
+
+def vm_hwm_kib() -> float:
+    """This process image's peak RSS from /proc (NaN where there is no /proc)."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.is_file() else []
+    return next((float(line.split()[1]) for line in lines if line.startswith("VmHWM:")), float("nan"))
+
+
+def run_rss_child(cache: Path, output: Path, args) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--rss-child",
+        str(cache),
+        "--output",
+        str(output),
+        "--rss-steps",
+        str(args.rss_steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
+    # Linux carries a process's peak RSS over fork and exec: a child forked straight from this
+    # (large) process would report our peak as its ru_maxrss. A small shell in between forks the
+    # child from itself (not its last command, so it cannot exec it in place), so the figure is the
+    # child's own.
+    cmd = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"distill subprocess failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- data and caches ----------------------------------------------------------------------------------
+def prepare_data(args, work: Path) -> tuple[str, Path]:
+    """(task name, data dir) for cache_teacher."""
+    data = args.data or DEFAULT_DATASETS / args.task
+    if args.task == "sst2":
+        if not (data / "train.tsv").is_file():
+            sys.exit(f"no SST-2 train.tsv in {data}: pass --data")
+        sliced = work / "sst2"
+        write_sst2_slice(data, sliced, args.rows)
+        return "sst2", sliced
+    if not (data / "train.csv").is_file():
+        sys.exit(f"no BANKING77 train.csv in {data}: pass --data")
+    return "banking77", data
+
+
+def build_cache(task: str, data_dir: Path | None, teacher: Path, cache_dir: Path, max_seq_len: int = 128):
+    from pkdpipe.config import CacheConfig
+    from pkdpipe.teacher import cache_teacher
+
+    config = CacheConfig(
+        task=task,
+        data_dir=data_dir,
+        teacher=str(teacher),
+        splits=("train",),
+        cache_dir=cache_dir,
+        max_seq_len=max_seq_len,
+        device="cpu",
+        quiet=True,
+        command="bench_distill",
+    )
+    return cache_teacher(config).path
+
+
+def scale_by_copy(source: Path, cache_root: Path, factor: int) -> Path:
+    """A cache `factor` times as large as `source`: its train rows repeated under new ids, in new shards."""
+    from pkdpipe.cache import manifest as mf
+    from pkdpipe.cache.fingerprint import sha256_file, sha256_json
+    from pkdpipe.cache.reader import TeacherCache
+    from pkdpipe.cache.writer import ShardWriter
+    from pkdpipe.text import length_sorted_order
+
+    with TeacherCache(source) as cache:
+        manifest = json.loads(json.dumps(cache.manifest))
+        layers = cache.layers
+        data = cache.read("train", layers)
+    n = len(data["example_id"])
+    stride = int(data["example_id"].max()) + 1
+    base = np.tile(np.arange(n), factor)  # the source row of each new row
+    ids = np.concatenate([data["example_id"] + k * stride for k in range(factor)])
+    lengths = np.array([len(x) for x in data["input_ids"]])[base]
+    order = length_sorted_order(lengths, ids)
+    key = sha256_json({"scaled_from": manifest["key"], "factor": factor})[:16]
+    folder = cache_root / manifest["task"] / key
+    folder.mkdir(parents=True, exist_ok=True)
+    shard_size = manifest["config"]["shard_size"]
+    count = -(-len(order) // shard_size)
+    types = data["token_type_ids"]
+    shards = []
+    for index in range(count):
+        rows = order[index * shard_size : (index + 1) * shard_size]
+        path = folder / mf.shard_name("train", index, count)
+        writer = ShardWriter(
+            path,
+            ids[rows],
+            lengths[rows],
+            num_labels=manifest["num_labels"],
+            hidden_size=manifest["teacher"]["hidden_size"],
+            layers=tuple(layers),
+            hidden_dtype=manifest["hidden_dtype"],
+            regression=manifest["num_labels"] == 1,
+            with_token_types=types is not None,
+        )
+        for start in range(0, len(rows), 256):
+            src = base[rows[start : start + 256]]
+            writer.write(
+                [data["input_ids"][i] for i in src],
+                [types[i] for i in src] if types is not None else None,
+                data["labels"][src],
+                data["logits"][src],
+                {layer: data["hidden"][src, j] for j, layer in enumerate(layers)},
+            )
+        writer.commit()
+        shards.append(
+            {
+                "file": path.name,
+                "rows": int(len(rows)),
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+            }
+        )
+    manifest.update(
+        key=key,
+        splits={"train": {"examples": int(len(order)), "shards": shards}},
+        benchmark_note=f"bench_distill.py: the train rows of cache {manifest['key']} repeated {factor}x",
+    )
+    mf.write(folder, manifest)
+    return folder
+
+
+def scale_by_teacher(
+    task_name: str, data_dir: Path, teacher: Path, work: Path, cache_root: Path, factor: int, max_seq_len: int
+) -> Path:
+    """The training rows written `factor` times into a CSV behind a task file, cached by cache_teacher."""
+    import csv
+
+    from pkdpipe.data import load_split
+    from pkdpipe.tasks import get_task
+
+    task = get_task(task_name)
+    train = load_split(task, "train", data_dir)
+    folder = work / f"{task.name}-x{factor}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.csv", "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        for _ in range(factor):
+            out.writerows((text, task.labels[label]) for text, label in zip(train.text_a, train.labels))
+    # a dev file, so that none is carved out of train (only train is cached)
+    with open(folder / "dev.csv", "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        out.writerows((text, task.labels[label]) for text, label in zip(train.text_a[:64], train.labels[:64]))
+    spec = {
+        "name": f"{task.name}-x{factor}",
+        "text_fields": ["text"],
+        "label_field": "label",
+        "labels": list(task.labels),
+        "files": {"train": "train.csv", "dev": "dev.csv"},
+    }
+    (folder / "task.json").write_text(json.dumps(spec))
+    return build_cache(str(folder / "task.json"), None, teacher, cache_root, max_seq_len)
+
+
+# -- step times ---------------------------------------------------------------------------------------
+def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
+    import torch
+
+    from pkdpipe.cache.reader import open_cache
+    from pkdpipe.config import DistillConfig
+    from pkdpipe.layermap import layer_map
+    from pkdpipe.losses import pkd_loss
+    from pkdpipe.models import cls_vectors, label_config, load_classifier, load_tokenizer
+    from pkdpipe.text import pad_id_of
+    from pkdpipe.train import CacheSource, _optimizer, _scheduler, task_of
+
+    cache = open_cache(cache_path)
+    task = task_of(cache)
+    config = DistillConfig(
+        cache=str(cache_path),
+        strategy=STRATEGY,
+        layers=STUDENT_LAYERS,
+        batch_size=args.batch_size,
+        device="cpu",
+        quiet=True,
+    )
+    teacher_map = layer_map(STRATEGY, cache.teacher_layers, STUDENT_LAYERS)
+    student_layers = list(range(1, STUDENT_LAYERS))
+    pad_id = pad_id_of(load_tokenizer(str(teacher_dir)))
+    source = CacheSource(cache, "train", teacher_map, args.batch_size, config.seed, pad_id, config.block_size)
+    teacher = load_classifier(str(teacher_dir)).eval()
+    rounds = args.warmup_steps + args.steps
+
+    def students():
+        torch.manual_seed(config.seed)
+        model = load_classifier(minilm_path(), num_hidden_layers=STUDENT_LAYERS, **label_config(task.labels))
+        model.train()
+        optimizer = _optimizer(model, config)
+        return model, optimizer, _scheduler(optimizer, rounds, config.warmup)
+
+    def inputs_of(batch):
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    def pkd_step(model, batch):  # distill's step with a layer map
+        out = model(**inputs_of(batch), output_hidden_states=True)
+        return pkd_loss(
+            out.logits,
+            batch["teacher_logits"],
+            batch["labels"],
+            cls_vectors(out.hidden_states, student_layers),
+            batch["teacher_cls"],
+            alpha=config.alpha,
+            beta=config.beta,
+            temperature=config.temperature,
+            normalize=config.normalize,
+            regression=task.is_regression,
+        )
+
+    def ft_step(model, batch):  # distill --strategy ft (finetune's step is the same)
+        out = model(**inputs_of(batch))
+        return pkd_loss(
+            out.logits,
+            None,
+            batch["labels"],
+            None,
+            None,
+            alpha=config.alpha,
+            beta=config.beta,
+            temperature=config.temperature,
+            regression=task.is_regression,
+        )
+
+    def train_step(state, step_fn, batch) -> None:  # the body of fit's loop
+        model, optimizer, scheduler = state
+        batch = {k: v.to("cpu", non_blocking=True) for k, v in batch.items()}
+        terms = step_fn(model, batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise RuntimeError("non-finite loss")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.get_last_lr()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        {k: float(v.detach()) for k, v in terms.items()}
+
+    cached_state, ft_state, online_state = students(), students(), students()
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from source.epoch(epoch, 0)
+            epoch += 1
+
+    def cached(batch, plain, read_s) -> dict:
+        with Stopwatch() as t:
+            train_step(cached_state, pkd_step, batch)
+        return {"cached": read_s + t.seconds}
+
+    def ft(batch, plain, read_s) -> dict:
+        with Stopwatch() as t:
+            train_step(ft_state, ft_step, plain)
+        return {"ft": t.seconds}
+
+    def online(batch, plain, read_s) -> dict:
+        with Stopwatch() as t:
+            with Stopwatch() as tf, torch.inference_mode():
+                out = teacher(**inputs_of(plain), output_hidden_states=True)
+            targets = {
+                "teacher_logits": out.logits,
+                "teacher_cls": cls_vectors(out.hidden_states, teacher_map),
+            }
+            train_step(online_state, pkd_step, {**plain, **targets})
+        return {"online": t.seconds, "teacher": tf.seconds}
+
+    stream = batches()
+    times = {"read": [], "cached": [], "ft": [], "online": [], "teacher": []}
+    widths = []
+    variants = [cached, ft, online]
+    for r in range(rounds):
+        with Stopwatch() as read:
+            batch = next(stream)
+        plain = {
+            k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in batch
+        }
+        took = {"read": read.seconds}
+        for fn in variants[r % 3 :] + variants[: r % 3]:  # the order rotates every round
+            took.update(fn(batch, plain, read.seconds))
+        if r >= args.warmup_steps:
+            for k, v in took.items():
+                times[k].append(v)
+            widths.append(batch["input_ids"].shape[1])
+        if r == args.warmup_steps - 1:
+            log(f"  warm-up done (load {load_avg()})")
+    cache.close()
+    return {
+        **{k: np.array(v) for k, v in times.items()},
+        "mean_width": float(np.mean(widths)),
+        "examples": cache.num_examples("train"),
+    }
+
+
+# -- main ---------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.rss_child:
+        rss_child(args)
+        return
+    set_threads(args.threads)
+    from pkdpipe.tasks import get_task
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="pkdpipe-bench-distill-"))
+    try:
+        task_name, data_dir = prepare_data(args, work)
+        task = get_task(task_name)
+        log(f"preparing the teacher (MiniLM + a random {task.num_labels}-label head), cache of {task_name}")
+        teacher = make_teacher(work / "teacher", num_labels=task.num_labels)
+        with Stopwatch() as t:
+            cache_1x = build_cache(task_name, data_dir, teacher, work / "cache")
+        log(f"  cache built in {t.seconds:.1f} s: {cache_1x}")
+        load_start = load_avg()
+
+        steps = None
+        if not args.skip_steps:
+            log(f"step times: {args.warmup_steps} + {args.steps} rounds (load {load_avg()})")
+            steps = step_benchmark(args, cache_1x, teacher)
+
+        rss = None
+        if not args.skip_rss:
+            rss_len = args.rss_max_seq_len if args.rss_max_seq_len >= 0 else pinned_length(cache_1x)
+            rss_1x = cache_1x
+            if rss_len:
+                log(f"building the RSS cache with max_seq_len {rss_len} (load {load_avg()})")
+                rss_1x = build_cache(task_name, data_dir, teacher, work / "cache-rss", rss_len)
+            log(f"building the {args.scale}x cache ({args.scale_via}) (load {load_avg()})")
+            with Stopwatch() as t:
+                if args.scale_via == "copy":
+                    cache_nx = scale_by_copy(rss_1x, work / "cache-rss", args.scale)
+                else:
+                    cache_nx = scale_by_teacher(
+                        task_name, data_dir, teacher, work, work / "cache-rss", args.scale, rss_len or 128
+                    )
+            log(f"  built in {t.seconds:.1f} s: {cache_nx}")
+            rss = {"1x": [], "nx": []}
+            for r in range(args.rss_repeats):
+                pair = [("1x", rss_1x), ("nx", cache_nx)]
+                for name, folder in pair if r % 2 == 0 else pair[::-1]:
+                    log(f"  distill {args.rss_steps} steps, {name} cache, fresh process (load {load_avg()})")
+                    rss[name].append(run_rss_child(folder, work / f"student-{name}-{r}", args))
+            sizes = {name: cache_size(folder) for name, folder in (("1x", rss_1x), ("nx", cache_nx))}
+            sizes["max_seq_len"] = rss_len or 128
+        load_end = load_avg()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print("pkdpipe benchmark: distill (issue 3)")
+    print(f"command: {command_line()}")
+    for line in machine_lines():
+        print(line)
+    source = args.data or DEFAULT_DATASETS / args.task
+    if task_name == "banking77":
+        what = f"BANKING77 train ({source}/train.csv less the carved-out dev)"
+    else:
+        what = f"SST-2 train ({source}), " + (f"the first {args.rows:,} rows" if args.rows else "all rows")
+    print(f"data: {what}")
+    print(
+        f"teacher: all-MiniLM-L6-v2 (6 layers, hidden 384) + random {task.num_labels}-label head; "
+        f"student: its first {STUDENT_LAYERS} layers + a fresh head; "
+        f"PKD-Skip 6->3 (student 1,2 <- teacher 2,4); batch {args.batch_size}"
+    )
+    print(f"load average: {load_start} before the measurements, {load_end} at the end")
+    print()
+    rows = []
+    if steps is not None:
+        rows += step_rows(steps)
+    if rss is not None:
+        rows += rss_rows(rss, sizes, args)
+    print(table(rows, ("measure", "value", "goal", "detail")))
+    if steps is not None:
+        print()
+        print(
+            f"{args.steps} timed rounds after {args.warmup_steps} warm-up rounds, over a cache of "
+            f"{steps['examples']:,} examples; mean padded width {steps['mean_width']:.1f} tokens; "
+            "ratios are per round (same batch), then the median"
+        )
+    print(f"load average at the end: {load_avg()}")
+
+
+def pinned_length(cache_folder: Path) -> int:
+    """The 2nd percentile of the token lengths in a cache's train split."""
+    from pkdpipe.cache.reader import TeacherCache
+
+    with TeacherCache(cache_folder) as cache:
+        lengths = [len(x) for x in cache.read("train")["input_ids"]]
+    return int(np.percentile(lengths, 2))
+
+
+def cache_size(folder: Path) -> tuple[int, int]:
+    """(examples, bytes on disk) of a cache's train split, from its manifest."""
+    train = json.loads((folder / "manifest.json").read_text())["splits"]["train"]
+    return train["examples"], sum(s["bytes"] for s in train["shards"])
+
+
+def step_rows(s: dict) -> list[tuple[str, ...]]:
+    c_over_f = s["cached"] / s["ft"]
+    o_over_c = s["online"] / s["cached"]
+
+    def ms(key, digits=0):
+        return f"{median(s[key]) * 1e3:.{digits}f}"
+
+    def spread(x, num, den):
+        return (
+            f"per-round p25-p75 {np.percentile(x, 25):.3f}-{np.percentile(x, 75):.3f}; "
+            f"ratio of the summed times {s[num].sum() / s[den].sum():.3f}x"
+        )
+
+    return [
+        ("plain fine-tuning step, CE only (ms)", ms("ft"), "", "batch already in memory"),
+        (
+            "cached PKD step (ms)",
+            ms("cached"),
+            "",
+            f"incl. reading the batch via CacheSource: median {ms('read', 2)} ms, "
+            f"mean {s['read'].mean() * 1e3:.2f} ms (a block of 8 batches is read at once)",
+        ),
+        ("online PKD step (ms)", ms("online"), "", f"incl. the teacher forward: {ms('teacher')} ms"),
+        (
+            "cached PKD / fine-tuning",
+            f"{median(c_over_f):.3f}x",
+            "<= 1.10x",
+            spread(c_over_f, "cached", "ft"),
+        ),
+        (
+            "online PKD / cached PKD",
+            f"{median(o_over_c):.3f}x",
+            ">= 1.4x",
+            spread(o_over_c, "online", "cached"),
+        ),
+    ]
+
+
+def rss_rows(rss: dict, sizes: dict, args) -> list[tuple[str, ...]]:
+    n = f"{args.scale}x"
+
+    def figures(name, key):
+        return [r[key] for r in rss[name]]
+
+    def listed(name, key, fmt="{:.0f}"):
+        return ", ".join(fmt.format(v) for v in figures(name, key))
+
+    one, many = median(figures("1x", "peak_rss_mb")), median(figures("nx", "peak_rss_mb"))
+    hwm_growth = median(figures("nx", "vm_hwm_mb")) - median(figures("1x", "vm_hwm_mb"))
+    block = args.rss_block_size or "8 batches"
+    rows = []
+    for label, name, value in (("1x", "1x", one), (n, "nx", many)):
+        examples, size = sizes[name]
+        via = f" ({args.scale_via})" if name == "nx" else ""
+        rows.append(
+            (
+                f"peak RSS of distill, {label} cache (MB)",
+                f"{value:.0f}",
+                "",
+                f"{examples:,} rows, {size / 2**20:.0f} MiB on disk{via}; "
+                f"runs: {listed(name, 'peak_rss_mb')}; batch width max {listed(name, 'widest_batch', '{}')}, "
+                f"mean {listed(name, 'mean_width', '{:.1f}')} tokens",
+            )
+        )
+    before = listed("1x", "peak_before_distill_mb") + ", " + listed("nx", "peak_before_distill_mb")
+    rows += [
+        (
+            f"peak RSS growth, 1x -> {n} (MB)",
+            f"{many - one:+.0f}",
+            "< 200",
+            f"ru_maxrss; {args.rss_steps} steps each, max_seq_len {sizes['max_seq_len']}, "
+            f"block size {block}; before distill() {before} MB",
+        ),
+        (
+            "  the same from /proc VmHWM (MB)",
+            f"{hwm_growth:+.0f}",
+            "< 200",
+            f"VmHWM 1x: {listed('1x', 'vm_hwm_mb')}; {n}: {listed('nx', 'vm_hwm_mb')} MB",
+        ),
+    ]
+    return rows
+
+
+if __name__ == "__main__":
+    main()
