@@ -37,10 +37,17 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
     runs = [read_run(f) for f in folders]
     dev_keys = sorted({k for r in runs for rec in r["records"] for k in rec if k.startswith("dev_")})
     panels = [t for t in TERMS if any(t in rec for r in runs for rec in r["records"])] + dev_keys
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.6), squeeze=False)
+    ncols = 3
+    nrows = -(-(len(panels) + 1) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.6), squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(panels) + 1 :]:
+        ax.set_visible(False)
     for ax, key in zip(axes[0], panels):
         for run in runs:
             points = [(rec["step"], rec[key]) for rec in run["records"] if key in rec]
+            if key in ("kd", "pt") and all(y == 0 for _, y in points):
+                continue  # a run without that term (fine-tuning, or KD without PT)
             if points:
                 xs, ys = zip(*points)
                 ax.plot(
@@ -49,7 +56,7 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
         ax.set_title(key.replace("dev_", "dev ").replace("pt", "patient (pt)"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    bar_ax = axes[0][-1]
+    bar_ax = axes[0][len(panels)]
     metric = dev_keys[0].removeprefix("dev_") if dev_keys else None
     if metric:
         values = [100 * r["dev"].get(metric, float("nan")) for r in runs]
@@ -62,7 +69,7 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
             bar_ax.set_ylim(max(0, min(finite) - 10), min(100, max(finite) + 5))
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)
