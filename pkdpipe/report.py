@@ -27,6 +27,7 @@ def read_run(folder: Path) -> dict:
 
 def make_report(folders: list[Path], output: Path) -> list[dict]:
     """Write the PNG to `output`; return the runs read (name, dev metrics) for the table."""
+    runs = [read_run(f) for f in folders]  # a wrong folder is the first thing to hear about
     try:
         import matplotlib
 
@@ -34,7 +35,6 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("report needs matplotlib: pip install 'pkdpipe[plots]'") from None
-    runs = [read_run(f) for f in folders]
     dev_keys = sorted({k for r in runs for rec in r["records"] for k in rec if k.startswith("dev_")})
     panels = [t for t in TERMS if any(t in rec for r in runs for rec in r["records"])] + dev_keys
     ncols = 3
