@@ -9,6 +9,7 @@ shard is the unit of resume (and of parallel work under torchrun: rank r writes 
 from __future__ import annotations
 
 import fcntl
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -314,7 +315,7 @@ def _build_lock(folder: Path):
     Under torchrun the ranks split the work instead, so no lock is taken."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"  # one per process: ranks probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
