@@ -154,7 +154,8 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
 
 def _cache_split(split, encoded: Encoded, model, tokenizer, layers, folder, config, task, device) -> dict:
     """Write this rank's shards of one split (skipping finished ones); return the shard plan."""
-    order = length_sorted_order(encoded.lengths(), encoded.ids)
+    lengths = encoded.lengths()
+    order = length_sorted_order(lengths, encoded.ids)
     n_shards = max(1, -(-len(order) // config.shard_size))
     plan = []
     todo = []
@@ -168,7 +169,9 @@ def _cache_split(split, encoded: Encoded, model, tokenizer, layers, folder, conf
     total = sum(len(rows) for _, rows in todo)
     with progress.bar(f"teacher {split}", total, quiet=config.quiet) as bar:
         for path, rows in todo:
-            _write_shard(path, rows, encoded, model, tokenizer, layers, config, task, device, bar)
+            _write_shard(
+                path, rows, lengths[rows], encoded, model, tokenizer, layers, config, task, device, bar
+            )
     return {"examples": len(order), "shards": plan}
 
 
@@ -188,8 +191,9 @@ def _finished(path: Path, ids: np.ndarray) -> bool:
         return False
 
 
-def _write_shard(path, rows, encoded: Encoded, model, tokenizer, layers, config, task, device, bar) -> None:
-    lengths = encoded.lengths()[rows]
+def _write_shard(
+    path, rows, lengths, encoded: Encoded, model, tokenizer, layers, config, task, device, bar
+) -> None:
     writer = ShardWriter(
         path,
         encoded.ids[rows],

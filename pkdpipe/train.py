@@ -125,6 +125,11 @@ class CacheSource:
             yield batch
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a model's forward takes, from a batch that also carries labels and targets."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
 # -- the loop ------------------------------------------------------------------------------------
 StepFn = Callable[[torch.nn.Module, dict], dict]  # (model, batch on device) -> {"loss", terms...}
 EvalFn = Callable[[torch.nn.Module], dict]  # model -> dev metrics
@@ -403,7 +408,7 @@ def distill(config: DistillConfig) -> TrainResult:
     use_teacher = config.strategy != "ft"
 
     def step(model, batch):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        inputs = model_inputs(batch)
         out = model(**inputs, output_hidden_states=bool(teacher_map))
         return pkd_loss(
             out.logits,
@@ -592,7 +597,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     source = EncodedSource(train, config.batch_size, config.seed, pad_id_of(tokenizer))
 
     def step(model, batch):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        inputs = model_inputs(batch)
         out = model(**inputs)
         return pkd_loss(
             out.logits,
