@@ -260,10 +260,11 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
                 state["skip"] += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                values = {k: float(v.detach()) for k, v in terms.items()}  # one device sync per step
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
                 count += 1
-                bar.advance(1, lr=lr, **{k: float(v.detach()) for k, v in terms.items()})
+                bar.advance(1, lr=lr, **values)
                 step = state["step"]
                 evaluate_now = bool(config.eval_every and step % config.eval_every == 0)
                 metrics = evaluate_and_keep(step) if evaluate_now else {}  # {} on ranks other than 0
