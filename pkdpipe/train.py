@@ -221,8 +221,19 @@ def fit(
         value = metrics[main_metric]
         if state["best"] is None or value > state["best"]:
             state.update(best=value, best_step=step, best_metrics=metrics)
-            save_final(core, best_dir)
+            save_best()
         return metrics
+
+    def save_best() -> None:
+        # written aside, then moved in file by file: each move is atomic and only the weights
+        # differ between two saves, so a kill at any moment leaves a whole model in best/
+        staging = output / "best.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_final(core, staging)
+        best_dir.mkdir(exist_ok=True)
+        for path in staging.iterdir():
+            path.replace(best_dir / path.name)
+        staging.rmdir()
 
     def save_checkpoint() -> None:
         if distributed.is_main():
@@ -300,10 +311,11 @@ def fit(
             save_checkpoint()
     if distributed.is_main():
         if eval_fn is None or not best_dir.is_dir():
-            save_final(core, best_dir)  # no dev split: the last weights are the result
+            save_best()  # no dev split: the last weights are the result
         for path in best_dir.iterdir():
             path.replace(output / path.name)
         best_dir.rmdir()
+        shutil.rmtree(output / "best.partial", ignore_errors=True)  # left by a kill during a save
         checkpoint.remove(ckpt_dir)
     if writer is not None:
         writer.close()

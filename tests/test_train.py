@@ -324,3 +324,45 @@ def test_resuming_drops_log_lines_past_the_checkpoint_and_a_line_cut_by_the_kill
     log.write_text("\n".join(lines))
     _truncate_log(log, 12)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [10, 12]
+
+
+def test_a_kill_while_saving_a_new_best_leaves_the_previous_best_whole(tmp_path):
+    from safetensors.torch import save_file
+
+    from pkdpipe.config import TrainConfig
+    from pkdpipe.train import fit
+
+    class Batches:
+        def steps_per_epoch(self):
+            return 2
+
+        def epoch(self, epoch, skip):
+            for _ in range(2 - skip):
+                yield {"x": torch.ones(4, 3)}
+
+    saved = []
+
+    def save_final(model, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        if saved:  # the second best: killed halfway through writing the weights
+            (folder / "model.safetensors").write_bytes(b"\0" * 10)
+            raise KeyboardInterrupt
+        save_file({"w": model.weight.detach().clone()}, str(folder / "model.safetensors"))
+        saved.append(model.weight.detach().clone())
+
+    model = torch.nn.Linear(3, 1)
+    scores = iter([0.5, 0.9])
+    config = TrainConfig(epochs=2, lr=0.1, device="cpu", checkpoint_every=0, quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            model,
+            Batches(),
+            lambda m, b: {"loss": m(b["x"]).pow(2).mean()},
+            lambda m: {"accuracy": next(scores)},
+            config,
+            tmp_path,
+            "accuracy",
+            save_final,
+        )
+    assert load_file(str(tmp_path / "best" / "model.safetensors"))["w"].equal(saved[0])
