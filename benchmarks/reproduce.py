@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -28,6 +30,22 @@ from pkdpipe.train import distill, finetune
 ROWS = ("ft", "kd", "last", "skip")
 
 
+def sample_train_rows(source: Path, dest: Path, rows: int, seed: int = 0) -> Path:
+    """A copy of a classic GLUE folder (a header line, then one example a line) whose train.tsv
+    keeps `rows` rows drawn at random with `seed`, in their original order; other files as they are."""
+    with open(source / "train.tsv", encoding="utf-8") as f:
+        header, *lines = f.readlines()
+    if rows > len(lines):
+        sys.exit(f"--train-rows {rows}: {source / 'train.tsv'} has only {len(lines)} rows")
+    keep = sorted(random.Random(seed).sample(range(len(lines)), rows))
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name != "train.tsv":
+            shutil.copyfile(path, dest / path.name)
+    (dest / "train.tsv").write_text(header + "".join(lines[i] for i in keep), encoding="utf-8")
+    return dest
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True)
@@ -38,6 +56,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument(
+        "--train-rows",
+        type=int,
+        default=0,
+        help="train on this many rows of train.tsv drawn at random (seeded); 0 = all (classic GLUE TSV)",
+    )
     p.add_argument("--eval-split", default="dev", help="dev, or test for tasks with a labelled test split")
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--teacher-epochs", type=int, default=3)
@@ -55,13 +79,16 @@ def main() -> None:
     command = shlex.join(["python", *sys.argv])
     times: dict[str, float] = {}
 
+    data_dir = Path(args.data_dir)
+    if args.train_rows:
+        data_dir = sample_train_rows(data_dir, out / "data", args.train_rows)
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
     if not (teacher / "model.safetensors").is_file():
         t0 = time.time()
         finetune(
             FinetuneConfig(
                 task=args.task,
-                data_dir=args.data_dir,
+                data_dir=data_dir,
                 model=args.model or default_model(),
                 output=teacher,
                 epochs=args.teacher_epochs,
@@ -76,7 +103,7 @@ def main() -> None:
     cache = cache_teacher(
         CacheConfig(
             task=args.task,
-            data_dir=args.data_dir,
+            data_dir=data_dir,
             teacher=str(teacher),
             cache_dir=out / "cache",
             max_seq_len=args.max_seq_len,
@@ -119,7 +146,7 @@ def main() -> None:
             EvaluateConfig(
                 models=models,
                 task=args.task,
-                data_dir=args.data_dir,
+                data_dir=data_dir,
                 split=args.eval_split,
                 max_seq_len=args.max_seq_len,
                 quiet=True,
@@ -130,7 +157,8 @@ def main() -> None:
     lines = [
         f"{args.task} ({args.eval_split}, {metric}), "
         f"teacher {reports[str(teacher)].metrics[metric] * 100:.2f}, "
-        f"students K={args.layers}, seeds {args.seeds}",
+        f"students K={args.layers}, seeds {args.seeds}"
+        + (f", trained on {args.train_rows} sampled train rows" if args.train_rows else ""),
         "",
         "| row | mean | spread (sd) | per seed | train time per run |",
         "|---|---|---|---|---|",
