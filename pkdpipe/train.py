@@ -400,6 +400,7 @@ def distill(config: DistillConfig) -> TrainResult:
     _check_precision(config)
     cache = open_cache(config.cache, config.cache_dir)
     progress.info(f"cache: {cache.path}", config.quiet)
+    cache.verify_across_ranks([split for split in ("train", "dev") if split in cache.splits])
     task = task_of(cache)
     teacher_map = layer_map(config.strategy, cache.teacher_layers, config.layers, config.teacher_layers)
     init = (

@@ -164,3 +164,58 @@ def test_read_ids_returns_rows_in_the_order_asked(tiny_cache):
             np.testing.assert_array_equal(rows["input_ids"][got], everything["input_ids"][at])
         with pytest.raises(CacheError, match="no example id 999999"):
             cache.read_ids("train", [999999])
+
+
+# -- checksums shared by torchrun ranks ----------------------------------------------------------
+def _as_rank(monkeypatch, rank, world, others_ok=True):
+    from pkdpipe import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    monkeypatch.setattr(distributed, "all_ok", lambda ok: ok and others_ok)
+
+
+def _count_checksums(monkeypatch) -> list[str]:
+    from pkdpipe.cache import reader
+
+    seen = []
+    real = reader.sha256_file
+
+    def counted(path):
+        seen.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(reader, "sha256_file", counted)
+    return seen
+
+
+def test_each_rank_checksums_its_share_of_the_shards_once(tiny_cache, monkeypatch):
+    _as_rank(monkeypatch, rank=1, world=2)
+    seen = _count_checksums(monkeypatch)
+    with open_cache(tiny_cache) as cache:
+        names = [s["file"] for split in ("train", "dev") for s in cache.manifest["splits"][split]["shards"]]
+        cache.verify_across_ranks(["train", "dev"])
+        assert seen == names[1::2]
+        _stream(cache)  # reading every train shard checksums nothing more
+        assert seen == names[1::2]
+
+
+def test_a_corrupted_shard_stops_every_rank(tiny_cache, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / tiny_cache.name
+    shutil.copytree(tiny_cache, copy)
+    with open_cache(copy) as cache:
+        second = cache.manifest["splits"]["train"]["shards"][1]["file"]
+    with open(copy / second, "r+b") as f:  # flip the last byte in place
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+
+    _as_rank(monkeypatch, rank=1, world=2)  # the rank that checks it names it
+    with open_cache(copy) as cache, pytest.raises(CacheError, match=f"checksum mismatch in .*{second}"):
+        cache.verify_across_ranks(["train"])
+    _as_rank(monkeypatch, rank=0, world=2, others_ok=False)  # the other stops too
+    with open_cache(copy) as cache, pytest.raises(CacheError, match="another rank found"):
+        cache.verify_across_ranks(["train"])

@@ -6,7 +6,8 @@ blocks and the rows inside each block, seeded by (seed, epoch), so every rank, a
 run, computes the same order without storing it. Rows inside a shard are length-sorted, so a
 batch drawn from one block pads to a similar length: the student gets dynamic padding too.
 
-Every shard's sha256 is checked against the manifest the first time this process opens it.
+Every shard's sha256 is checked against the manifest the first time this process opens it; under
+torchrun the ranks share that work (`verify_across_ranks`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pkdpipe import distributed
 from pkdpipe.batching import plan_epoch, rank_rows
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import sha256_file
@@ -31,6 +33,7 @@ class TeacherCache:
         self.path = Path(folder)
         self.manifest = mf.read(self.path)
         self._files: dict[str, h5py.File] = {}
+        self._verified: set[str] = set()  # shards whose checksum matched, here or on another rank
         self._id_indexes: dict[str, dict[int, tuple[str, int]]] = {}  # split -> id -> (shard, row)
 
     # -- what the manifest says ------------------------------------------------------------
@@ -86,21 +89,46 @@ class TeacherCache:
     def shard(self, name: str) -> h5py.File:
         """An open shard, verified against its manifest checksum the first time."""
         if name not in self._files:
-            entry = next(
-                s for info in self.manifest["splits"].values() for s in info["shards"] if s["file"] == name
-            )
-            path = mf.safe_file(self.path, name)
-            if not path.is_file():
-                raise CacheError(f"cache {self.key} is missing shard {name}")
-            if sha256_file(path) != entry["sha256"]:
-                raise CacheError(
-                    f"checksum mismatch in {path}: the shard is corrupted (cache verify / pull again)"
-                )
+            path = self._checksum(name) if name not in self._verified else mf.safe_file(self.path, name)
             try:
                 self._files[name] = h5py.File(path, "r")
             except OSError as err:
                 raise CacheError(f"cannot open {path}: {err}") from None
         return self._files[name]
+
+    def _checksum(self, name: str) -> Path:
+        entry = next(
+            s for info in self.manifest["splits"].values() for s in info["shards"] if s["file"] == name
+        )
+        path = mf.safe_file(self.path, name)
+        if not path.is_file():
+            raise CacheError(f"cache {self.key} is missing shard {name}")
+        if sha256_file(path) != entry["sha256"]:
+            raise CacheError(
+                f"checksum mismatch in {path}: the shard is corrupted (cache verify / pull again)"
+            )
+        self._verified.add(name)
+        return path
+
+    def verify_across_ranks(self, splits: Sequence[str]) -> None:
+        """Under torchrun: each rank checksums every N-th shard of `splits`, and the ranks agree on
+        the outcome, so the cache is read once for checking instead of once per rank. Every rank
+        stops with an error if any shard fails. One process: nothing to share, shards are checked
+        lazily when first opened."""
+        rank, world = distributed.rank(), distributed.world_size()
+        if world == 1:
+            return
+        names = [s["file"] for split in splits for s in self._split(split)["shards"]]
+        failure = None
+        for name in names[rank::world]:
+            try:
+                self._checksum(name)
+            except CacheError as err:
+                failure = str(err)
+                break
+        if not distributed.all_ok(failure is None):
+            raise CacheError(failure or f"cache {self.key}: another rank found a missing or corrupted shard")
+        self._verified.update(names)
 
     def close(self) -> None:
         for f in self._files.values():
