@@ -1,0 +1,100 @@
+"""benchmarks/reproduce.py: the paper's four rows from one cache, run as a user runs it, on the tiny world."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "reproduce.py"
+
+
+def _reproduce_module():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_trains_the_four_rows_from_one_cache_and_tabulates_them(tiny, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--task",
+        tiny["task"],
+        "--data-dir",
+        str(tiny["data"]),
+        "--model",
+        str(tiny["pretrained"]),
+        "--layers",
+        "2",
+        "--seeds",
+        "1,2",
+        "--teacher-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--max-seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["ft", "kd", "last", "skip"]
+    for row in results["rows"].values():
+        assert len(row["scores"]) == 2 and all(0 <= s <= 100 for s in row["scores"])
+        assert row["mean"] == pytest.approx(statistics.mean(row["scores"]))
+        assert row["sd"] == pytest.approx(statistics.stdev(row["scores"]))
+    assert 0 <= results["teacher"]["accuracy"] <= 1
+    assert set(results["times"]) == {"teacher finetune", "cache-teacher"}
+    table = (out / "results.md").read_text()
+    assert "| skip |" in table and str(SCRIPT.name) in results["command"]
+    # each student was distilled from the one cache, with its row's strategy and seed
+    caches = set()
+    for row in ("ft", "kd", "last", "skip"):
+        for seed in (1, 2):
+            config = json.loads((out / "students" / f"{row}-2-s{seed}" / "pkdpipe_config.json").read_text())
+            assert config["config"]["strategy"] == row and config["config"]["seed"] == seed
+            caches.add(config["cache"]["key"])
+    assert len(caches) == 1
+
+    # a rerun reuses the teacher and every student: only the cache lookup and evaluation run again
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    again = json.loads((out / "results.json").read_text())
+    assert "teacher finetune" not in again["times"]
+    assert {r: v["scores"] for r, v in again["rows"].items()} == {
+        r: v["scores"] for r, v in results["rows"].items()
+    }
+
+
+def test_train_rows_are_a_seeded_sample_in_file_order_with_the_other_splits_copied(tmp_path):
+    source = tmp_path / "glue"
+    source.mkdir()
+    rows = [f"sentence {i}\t{i % 2}\n" for i in range(10)]
+    (source / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows))
+    (source / "dev.tsv").write_text("sentence\tlabel\nx\t1\n")
+
+    sample = _reproduce_module().sample_train_rows
+    dest = sample(source, tmp_path / "a", 4)
+    header, *kept = (dest / "train.tsv").read_text().splitlines(keepends=True)
+    assert header == "sentence\tlabel\n" and len(kept) == 4
+    assert kept == sorted(kept, key=rows.index) and set(kept) <= set(rows)
+    assert (dest / "dev.tsv").read_text() == (source / "dev.tsv").read_text()
+    assert (sample(source, tmp_path / "b", 4) / "train.tsv").read_text() == (dest / "train.tsv").read_text()
+    with pytest.raises(SystemExit, match="has only 10 rows"):
+        sample(source, tmp_path / "c", 11)
