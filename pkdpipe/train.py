@@ -197,6 +197,7 @@ def fit(
     scheduler = _scheduler(optimizer, total, config.warmup)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
     ckpt_dir, best_dir, log_path = output / "checkpoint", output / "best", output / "train_log.jsonl"
+    staging, previous_best = output / "best.partial", output / "best.old"
     state = {"epoch": 0, "skip": 0, "step": 0, "best": None, "best_step": 0, "best_metrics": {}}
     resuming = config.resume and checkpoint.exists(ckpt_dir)
     if not distributed.all_ok(resuming == distributed.broadcast_object(resuming)):
@@ -210,8 +211,11 @@ def fit(
         progress.info(f"resuming from {ckpt_dir} at step {state['step']}", config.quiet)
         if distributed.is_main():
             _truncate_log(log_path, state["step"])
+            if not best_dir.exists() and previous_best.exists():  # killed between save_best's renames
+                previous_best.rename(best_dir)
     elif distributed.is_main():
         log_path.unlink(missing_ok=True)
+        _remove(output, "best", *SCRATCH)  # an earlier run's, which this run must not finish with
     writer = _tensorboard(output, config) if distributed.is_main() else None
 
     def evaluate_and_keep(step: int) -> dict:
@@ -225,15 +229,15 @@ def fit(
         return metrics
 
     def save_best() -> None:
-        # written aside, then moved in file by file: each move is atomic and only the weights
-        # differ between two saves, so a kill at any moment leaves a whole model in best/
-        staging = output / "best.partial"
-        shutil.rmtree(staging, ignore_errors=True)
+        # written aside, then swapped in by two renames: a kill at any moment leaves a whole best
+        # model, the new one or the previous one (in best.old/ between the renames; see above)
+        _remove(output, "best.partial", "best.partial.tmp")
         save_final(core, staging)
-        best_dir.mkdir(exist_ok=True)
-        for path in staging.iterdir():
-            path.replace(best_dir / path.name)
-        staging.rmdir()
+        if best_dir.exists():
+            _remove(output, "best.old")
+            best_dir.rename(previous_best)
+        staging.rename(best_dir)
+        _remove(output, "best.old")
 
     def save_checkpoint() -> None:
         if distributed.is_main():
@@ -315,7 +319,7 @@ def fit(
         for path in best_dir.iterdir():
             path.replace(output / path.name)
         best_dir.rmdir()
-        shutil.rmtree(output / "best.partial", ignore_errors=True)  # left by a kill during a save
+        _remove(output, *SCRATCH)  # left by a kill during a save
         checkpoint.remove(ckpt_dir)
     if writer is not None:
         writer.close()
@@ -323,6 +327,14 @@ def fit(
     return TrainResult(
         output, state["best_metrics"], state["best_step"], state["step"], time.time() - started
     )
+
+
+SCRATCH = ("best.partial", "best.partial.tmp", "best.old")  # save_best's folders on the way
+
+
+def _remove(output: Path, *names: str) -> None:
+    for name in names:
+        shutil.rmtree(output / name, ignore_errors=True)
 
 
 def _prefixed(metrics: dict) -> dict:

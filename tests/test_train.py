@@ -326,43 +326,89 @@ def test_resuming_drops_log_lines_past_the_checkpoint_and_a_line_cut_by_the_kill
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [10, 12]
 
 
-def test_a_kill_while_saving_a_new_best_leaves_the_previous_best_whole(tmp_path):
-    from safetensors.torch import save_file
+class _TwoBatches:
+    def steps_per_epoch(self):
+        return 2
 
+    def epoch(self, epoch, skip):
+        for _ in range(2 - skip):
+            yield {"x": torch.ones(4, 3)}
+
+
+def _fit_toy(output, scores, save_final, epochs=2):
+    """fit on a 3-weight model whose dev scores are given; one checkpoint at the end of each epoch."""
     from pkdpipe.config import TrainConfig
     from pkdpipe.train import fit
 
-    class Batches:
-        def steps_per_epoch(self):
-            return 2
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    config = TrainConfig(epochs=epochs, lr=0.1, device="cpu", checkpoint_every=0, quiet=True)
+    step = lambda m, b: {"loss": m(b["x"]).pow(2).mean()}  # noqa: E731
+    fit(
+        model,
+        _TwoBatches(),
+        step,
+        lambda m: {"accuracy": next(scores)},
+        config,
+        output,
+        "accuracy",
+        save_final,
+    )
 
-        def epoch(self, epoch, skip):
-            for _ in range(2 - skip):
-                yield {"x": torch.ones(4, 3)}
 
-    saved = []
+def _saving(saved: list):
+    from safetensors.torch import save_file
 
     def save_final(model, folder):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text("{}")
-        if saved:  # the second best: killed halfway through writing the weights
-            (folder / "model.safetensors").write_bytes(b"\0" * 10)
-            raise KeyboardInterrupt
         save_file({"w": model.weight.detach().clone()}, str(folder / "model.safetensors"))
         saved.append(model.weight.detach().clone())
 
-    model = torch.nn.Linear(3, 1)
-    scores = iter([0.5, 0.9])
-    config = TrainConfig(epochs=2, lr=0.1, device="cpu", checkpoint_every=0, quiet=True)
+    return save_final
+
+
+def test_a_kill_while_writing_a_new_best_leaves_the_previous_best_whole(tmp_path):
+    saved = []
+    save = _saving(saved)
+
+    def killed_on_the_second_best(model, folder):
+        if saved:  # killed halfway through writing the weights
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model.safetensors").write_bytes(b"\0" * 10)
+            raise KeyboardInterrupt
+        save(model, folder)
+
     with pytest.raises(KeyboardInterrupt):
-        fit(
-            model,
-            Batches(),
-            lambda m, b: {"loss": m(b["x"]).pow(2).mean()},
-            lambda m: {"accuracy": next(scores)},
-            config,
-            tmp_path,
-            "accuracy",
-            save_final,
-        )
+        _fit_toy(tmp_path, iter([0.5, 0.9]), killed_on_the_second_best)
     assert load_file(str(tmp_path / "best" / "model.safetensors"))["w"].equal(saved[0])
+
+
+def test_a_kill_between_the_renames_of_a_new_best_is_undone_on_resume(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    saved = []
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "best.partial" and (self.parent / "best.old").exists():  # the second best
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_toy(tmp_path, iter([0.5, 0.9]), _saving(saved))
+    assert not (tmp_path / "best").exists() and (tmp_path / "best.old").is_dir()
+
+    monkeypatch.setattr(Path, "rename", real_rename)
+    _fit_toy(tmp_path, iter([0.3]), _saving(saved))  # resumes from epoch 1's checkpoint; no better
+    assert load_file(str(tmp_path / "model.safetensors"))["w"].equal(saved[0])
+    assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "train_log.jsonl"}
+
+
+def test_a_fresh_start_drops_an_earlier_runs_best(tmp_path):
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "tokenizer.json").write_text("{}")  # from a killed run with other settings
+    saved = []
+    _fit_toy(tmp_path, iter([0.5, 0.4]), _saving(saved))
+    assert not (tmp_path / "tokenizer.json").exists()
+    assert load_file(str(tmp_path / "model.safetensors"))["w"].equal(saved[0])
