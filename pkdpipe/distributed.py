@@ -52,6 +52,14 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def node_rank_and_size() -> tuple[int, int]:
+    """This rank's place among the ranks of its own machine (torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE); (0, 1) in one process."""
+    if not dist.is_initialized():
+        return 0, 1
+    return int(os.environ.get("LOCAL_RANK", rank())), int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -172,6 +172,7 @@ def _as_rank(monkeypatch, rank, world, others_ok=True):
 
     monkeypatch.setattr(distributed, "rank", lambda: rank)
     monkeypatch.setattr(distributed, "world_size", lambda: world)
+    monkeypatch.setattr(distributed, "node_rank_and_size", lambda: (rank, world))
     monkeypatch.setattr(distributed, "all_ok", lambda ok: ok and others_ok)
 
 
@@ -218,4 +219,16 @@ def test_a_corrupted_shard_stops_every_rank(tiny_cache, tmp_path, monkeypatch):
         cache.verify_across_ranks(["train"])
     _as_rank(monkeypatch, rank=0, world=2, others_ok=False)  # the other stops too
     with open_cache(copy) as cache, pytest.raises(CacheError, match="another rank found"):
+        cache.verify_across_ranks(["train"])
+
+
+def test_a_shard_that_cannot_be_read_stops_the_ranks_with_one_line(tiny_cache, monkeypatch):
+    from pkdpipe.cache import reader
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(reader, "sha256_file", unreadable)
+    _as_rank(monkeypatch, rank=0, world=2)
+    with open_cache(tiny_cache) as cache, pytest.raises(CacheError, match="cannot read shard .*Permission"):
         cache.verify_across_ranks(["train"])

@@ -111,20 +111,21 @@ class TeacherCache:
         return path
 
     def verify_across_ranks(self, splits: Sequence[str]) -> None:
-        """Under torchrun: each rank checksums every N-th shard of `splits`, and the ranks agree on
-        the outcome, so the cache is read once for checking instead of once per rank. Every rank
-        stops with an error if any shard fails. One process: nothing to share, shards are checked
-        lazily when first opened."""
-        rank, world = distributed.rank(), distributed.world_size()
-        if world == 1:
+        """Under torchrun: the ranks of each machine share the checksums of `splits` (rank r of N
+        checks shards r, r+N, ...), so each machine reads its copy of the cache once for checking
+        instead of once per rank, and a node with its own copy checks all of it. Then all ranks
+        agree: if any shard fails anywhere, every rank stops with an error. One process: nothing
+        to share; shards are checked lazily when first opened."""
+        if distributed.world_size() == 1:
             return
+        rank, ranks_here = distributed.node_rank_and_size()
         names = [s["file"] for split in splits for s in self._split(split)["shards"]]
         failure = None
-        for name in names[rank::world]:
+        for name in names[rank::ranks_here]:
             try:
                 self._checksum(name)
-            except CacheError as err:
-                failure = str(err)
+            except (CacheError, OSError) as err:  # every rank must reach the agreement below
+                failure = str(err) if isinstance(err, CacheError) else f"cannot read shard {name}: {err}"
                 break
         if not distributed.all_ok(failure is None):
             raise CacheError(failure or f"cache {self.key}: another rank found a missing or corrupted shard")
