@@ -50,7 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", default=None, help="results folder (default bench-out/reproduce-TASK)")
+    p.add_argument("--out", default=None, help="results folder (default bench-out/reproduce-TASK[-Nrows])")
     p.add_argument("--model", default=None, help="pre-trained model (default: MiniLM-L6 from PyPI)")
     p.add_argument("--teacher", default=None, help="an already fine-tuned teacher (skips fine-tuning)")
     p.add_argument("--layers", type=int, default=3)
@@ -74,7 +74,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
 
-    out = Path(args.out or f"bench-out/reproduce-{args.task}")
+    if args.train_rows < 0:
+        sys.exit(f"--train-rows must be 0 (all) or more; got {args.train_rows}")
+    # a sample gets its own folder: a rerun must not reuse a teacher or students from another one
+    out = Path(
+        args.out
+        or f"bench-out/reproduce-{args.task}" + (f"-{args.train_rows}rows" if args.train_rows else "")
+    )
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", *sys.argv])
     times: dict[str, float] = {}
