@@ -343,7 +343,7 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     from pkdpipe.losses import pkd_loss
     from pkdpipe.models import cls_vectors, label_config, load_classifier, load_tokenizer
     from pkdpipe.text import pad_id_of
-    from pkdpipe.train import CacheSource, _optimizer, _scheduler, task_of
+    from pkdpipe.train import CacheSource, _optimizer, _scheduler, model_inputs, task_of
 
     cache = open_cache(cache_path)
     task = task_of(cache)
@@ -369,11 +369,8 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
         optimizer = _optimizer(model, config)
         return model, optimizer, _scheduler(optimizer, rounds, config.warmup)
 
-    def inputs_of(batch):
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
     def pkd_step(model, batch):  # distill's step with a layer map
-        out = model(**inputs_of(batch), output_hidden_states=True)
+        out = model(**model_inputs(batch), output_hidden_states=True)
         return pkd_loss(
             out.logits,
             batch["teacher_logits"],
@@ -388,7 +385,7 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
         )
 
     def ft_step(model, batch):  # distill --strategy ft (finetune's step is the same)
-        out = model(**inputs_of(batch))
+        out = model(**model_inputs(batch))
         return pkd_loss(
             out.logits,
             None,
@@ -437,7 +434,7 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     def online(batch, plain, read_s) -> dict:
         with Stopwatch() as t:
             with Stopwatch() as tf, torch.inference_mode():
-                out = teacher(**inputs_of(plain), output_hidden_states=True)
+                out = teacher(**model_inputs(plain), output_hidden_states=True)
             targets = {
                 "teacher_logits": out.logits,
                 "teacher_cls": cls_vectors(out.hidden_states, teacher_map),
