@@ -1,45 +1,54 @@
-"""Epoch order for training: shuffled blocks of length-sorted rows, the same on every rank.
+"""Epoch order for training: a fresh uniform shuffle of all rows each epoch, the same on every rank.
 
-Rows are kept in length order (the cache stores them so; finetune sorts once). Each epoch, blocks
-of `block_size` consecutive rows are shuffled, then the rows inside each block, and each block is
-cut into global batches. Batches therefore hold rows of similar length (cheap dynamic padding),
-reads stay sequential within a block, and the order is a pure function of (seed, epoch): a resumed
-run or another rank recomputes it instead of storing it.
+Each epoch is a permutation of every row of the split, drawn from `(seed, epoch)`, cut into global
+batches: the statistics of a plain `DataLoader(shuffle=True)`. The order is a pure function of
+(seed, epoch), so a resumed run or another rank recomputes it instead of storing it.
+
+Optional length grouping (`group_by_length`, as in `transformers`' `group_by_length`): the
+permutation is cut into megabatches of `GROUP_BATCHES` batches, each megabatch is sorted by length
+and cut into batches, and all batches of the epoch are shuffled. Batches then pad less, but each
+holds rows of one length band. It is off by default: an order that kept whole runs of batches at
+one length was measured to learn 4-8x slower (benchmarks/bench_parity.py compares both).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pkdpipe.errors import ConfigError
+GROUP_BATCHES = 50  # batches per length-sorted megabatch (transformers' mega_batch_mult)
 
 
 def plan_epoch(
-    segment_rows: list[int], batch_size: int, block_size: int, seed: int, epoch: int, world: int = 1
-) -> list[tuple[int, np.ndarray]]:
-    """Global batches of one epoch as (segment index, row positions in that segment).
+    num_rows: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    world: int = 1,
+    lengths: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Global batches of one epoch, as arrays of row positions in `0..num_rows-1`.
 
-    `segment_rows` are the row counts of the segments (the shards of a cache split). A batch never
-    spans two blocks; it is trimmed to a multiple of `world` so each rank gets equally many rows.
+    Every row appears once; the last batch may be short. Each batch is trimmed to a multiple of
+    `world` so every rank gets equally many rows (at most `world - 1` rows a batch are left out).
+    With `lengths` (one per row), batches are length-grouped inside random megabatches.
     """
-    if block_size % batch_size:
-        raise ConfigError(f"block size {block_size} must be a multiple of the batch size {batch_size}")
     rng = np.random.default_rng([seed, epoch])
-    blocks = [
-        (s, start, min(start + block_size, rows))
-        for s, rows in enumerate(segment_rows)
-        for start in range(0, rows, block_size)
-    ]
-    plan = []
-    for b in rng.permutation(len(blocks)):
-        segment, start, stop = blocks[b]
-        rows = start + rng.permutation(stop - start)
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i : i + batch_size]
-            batch = batch[: len(batch) - len(batch) % world]
-            if len(batch):
-                plan.append((segment, batch))
-    return plan
+    order = rng.permutation(num_rows)
+    if lengths is None:
+        batches = _cut(order, batch_size)
+    else:
+        mega = GROUP_BATCHES * batch_size
+        batches = []
+        for start in range(0, num_rows, mega):
+            part = order[start : start + mega]
+            batches += _cut(part[np.argsort(lengths[part], kind="stable")], batch_size)
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    trimmed = (batch[: len(batch) - len(batch) % world] for batch in batches)
+    return [batch for batch in trimmed if len(batch)]
+
+
+def _cut(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
 def rank_rows(batch: np.ndarray, rank: int, world: int) -> np.ndarray:

@@ -108,6 +108,7 @@ class TrainConfig:
     runs_dir: Path = Path("runs")
     report_to: str | None = None  # "tensorboard" to also log there (needs tensorboard installed)
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for smoke tests
+    group_by_length: bool = False  # batches of similar length inside random megabatches (less padding)
     trust_remote_code: bool = False
     quiet: bool = False
     command: str | None = None
@@ -164,7 +165,6 @@ class DistillConfig(TrainConfig):
     )
     temperature: float = 10.0
     normalize: bool = True  # L2-normalise the [CLS] vectors before the patient loss
-    block_size: int = 0  # rows read from a shard at a time; 0 = 8 global batches
 
     def __post_init__(self):
         super().__post_init__()

@@ -46,7 +46,7 @@ from pkdpipe.models import (
     quiet_transformers,
 )
 from pkdpipe.tasks import Task, get_task
-from pkdpipe.text import Encoded, collate, encode, length_sorted_order, pad_id_of
+from pkdpipe.text import Encoded, collate, encode, pad_id_of
 
 LOG_EVERY = 10  # optimizer steps between training-log lines
 
@@ -60,22 +60,23 @@ class BatchSource(Protocol):
 class EncodedSource:
     """Batches from an in-memory tokenised split (finetune)."""
 
-    def __init__(self, encoded: Encoded, batch_size: int, seed: int, pad_id: int, block_size: int = 0):
+    def __init__(
+        self, encoded: Encoded, batch_size: int, seed: int, pad_id: int, group_by_length: bool = False
+    ):
         self.encoded, self.batch_size, self.seed, self.pad_id = encoded, batch_size, seed, pad_id
-        self.block_size = block_size or 8 * batch_size
-        self.order = length_sorted_order(encoded.lengths(), encoded.ids)
+        self.lengths = encoded.lengths() if group_by_length else None
         self.rank, self.world = distributed.rank(), distributed.world_size()
 
-    def _plan(self, epoch: int):
-        return plan_epoch([len(self.order)], self.batch_size, self.block_size, self.seed, epoch, self.world)
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        return plan_epoch(len(self.encoded), self.batch_size, self.seed, epoch, self.world, self.lengths)
 
     def steps_per_epoch(self) -> int:
         return len(self._plan(0))
 
     def epoch(self, epoch: int, skip: int):
         enc = self.encoded
-        for _, rows in self._plan(epoch)[skip:]:
-            idx = self.order[rank_rows(rows, self.rank, self.world)]
+        for rows in self._plan(epoch)[skip:]:
+            idx = rank_rows(rows, self.rank, self.world)
             types = [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None
             batch = collate([enc.input_ids[i] for i in idx], types, self.pad_id)
             batch["labels"] = torch.from_numpy(enc.labels[idx])
@@ -93,17 +94,15 @@ class CacheSource:
         batch_size: int,
         seed: int,
         pad_id: int,
-        block_size: int = 0,
+        group_by_length: bool = False,
     ):
         self.cache, self.split, self.layers = cache, split, layers
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
-        self.block_size = block_size or 8 * batch_size
+        self.group_by_length = group_by_length
         self.rank, self.world = distributed.rank(), distributed.world_size()
 
     def steps_per_epoch(self) -> int:
-        return len(
-            self.cache.epoch_plan(self.split, self.batch_size, 0, self.seed, self.block_size, self.world)
-        )
+        return len(self.cache.epoch_plan(self.split, self.batch_size, 0, self.seed, self.world))
 
     def epoch(self, epoch: int, skip: int):
         for part in self.cache.stream(
@@ -112,10 +111,10 @@ class CacheSource:
             self.layers,
             epoch=epoch,
             seed=self.seed,
-            block_size=self.block_size,
             skip=skip,
             rank=self.rank,
             world=self.world,
+            group_by_length=self.group_by_length,
         ):
             batch = collate(part["input_ids"], part["token_type_ids"], self.pad_id)
             batch["labels"] = torch.from_numpy(part["labels"])
@@ -428,7 +427,7 @@ def distill(config: DistillConfig) -> TrainResult:
     _prepare_output(output, config)
     pad_id = pad_id_of(tokenizer)
     source = CacheSource(
-        cache, "train", teacher_map, config.batch_size, config.seed, pad_id, config.block_size
+        cache, "train", teacher_map, config.batch_size, config.seed, pad_id, config.group_by_length
     )
     student_layers = list(range(1, config.layers))
     use_teacher = config.strategy != "ft"
@@ -620,7 +619,9 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         "teacher" if config.layers is None else f"ft-{config.layers}"
     )
     _prepare_output(output, config)
-    source = EncodedSource(train, config.batch_size, config.seed, pad_id_of(tokenizer))
+    source = EncodedSource(
+        train, config.batch_size, config.seed, pad_id_of(tokenizer), config.group_by_length
+    )
 
     def step(model, batch):
         inputs = model_inputs(batch)

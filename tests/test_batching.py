@@ -5,28 +5,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pkdpipe.batching import plan_epoch, rank_rows
-from pkdpipe.errors import ConfigError
+from pkdpipe.batching import GROUP_BATCHES, plan_epoch, rank_rows
 
-SEGMENTS = [40, 40, 16]  # the tiny cache's train shards
-
-
-def _rows(plan) -> list[tuple[int, int]]:
-    return [(segment, int(row)) for segment, rows in plan for row in rows]
-
-
-def test_an_epoch_covers_every_row_exactly_once():
-    plan = plan_epoch(SEGMENTS, batch_size=8, block_size=16, seed=42, epoch=0)
-    rows = _rows(plan)
-    assert sorted(rows) == [(s, r) for s, n in enumerate(SEGMENTS) for r in range(n)]
-    assert all(len(batch) <= 8 for _, batch in plan)
-    # a batch never spans two blocks, so its rows are close together in the length-sorted shard
-    assert all(len({int(r) // 16 for r in batch}) == 1 for _, batch in plan)
+# A split as the cache stores it: rows sorted by length, and a label that goes with the length
+# (short questions are one intent, long ones another), which is what makes a blocked order harmful.
+N = 2000
+LENGTHS = np.sort(np.random.default_rng(0).integers(4, 60, N))
+LABELS = np.arange(N) * 4 // N  # 4 labels, 500 rows each, in length order
 
 
-def test_the_order_is_a_function_of_seed_and_epoch():
+def _rows(plan) -> list[int]:
+    return [int(row) for batch in plan for row in batch]
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["uniform", "grouped"])
+def test_an_epoch_covers_every_row_exactly_once(lengths):
+    plan = plan_epoch(N, batch_size=32, seed=42, epoch=0, lengths=lengths)
+    assert sorted(_rows(plan)) == list(range(N))
+    assert [len(batch) for batch in plan].count(32) == N // 32  # one short batch at most
+    assert len(plan) == -(-N // 32)
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["uniform", "grouped"])
+def test_the_order_is_a_function_of_seed_and_epoch(lengths):
     def order(seed, epoch):
-        return _rows(plan_epoch(SEGMENTS, 8, 16, seed, epoch))
+        return _rows(plan_epoch(N, 32, seed, epoch, lengths=lengths))
 
     assert order(42, 0) == order(42, 0)
     assert order(42, 1) == order(42, 1)
@@ -34,12 +37,47 @@ def test_the_order_is_a_function_of_seed_and_epoch():
     assert order(42, 0) != order(7, 0)
 
 
+def test_the_first_batches_of_an_epoch_have_the_label_mix_of_the_split():
+    """A uniform shuffle: the first 10 batches hold every label in about its share (1/4 each),
+    although the stored order groups the labels. A blocked order gave each batch one label."""
+    for epoch in range(3):
+        first = np.concatenate(plan_epoch(N, 32, seed=1, epoch=epoch)[:10])
+        shares = np.bincount(LABELS[first], minlength=4) / len(first)
+        assert np.all(np.abs(shares - 0.25) < 0.1), shares
+
+
+def test_uniform_batches_mix_lengths_like_the_split():
+    """Each batch spreads over the lengths as the split does (sd 16 here), every batch of the epoch,
+    not one length band per batch (the old blocked order: sd 2)."""
+    plan = plan_epoch(N, 32, seed=3, epoch=0)
+    spreads = np.array([LENGTHS[batch].std() for batch in plan[:-1]])
+    assert 0.8 * LENGTHS.std() < spreads.mean() < 1.2 * LENGTHS.std()
+    assert spreads.min() > 0.5 * LENGTHS.std()
+
+
+def test_length_grouping_pads_less_and_still_mixes_the_epoch():
+    uniform = plan_epoch(N, 32, seed=3, epoch=0)
+    grouped = plan_epoch(N, 32, seed=3, epoch=0, lengths=LENGTHS)
+
+    def padding(plan):
+        return sum(int(LENGTHS[b].max()) * len(b) - int(LENGTHS[b].sum()) for b in plan)
+
+    assert padding(grouped) < padding(uniform) / 5
+    # the grouped batches come from random megabatches, in a shuffled order: the first ten still
+    # span several length bands, not the shortest rows first
+    first_means = [LENGTHS[b].mean() for b in grouped[:10]]
+    assert max(first_means) - min(first_means) > 20
+    # each megabatch is a random sample of the split: its rows are not the neighbours in storage
+    assert len(grouped) == len(uniform) and GROUP_BATCHES * 32 < N
+
+
 @pytest.mark.parametrize("batch_size", [8, 7])
-def test_two_ranks_split_each_global_batch(batch_size):
-    block = 4 * batch_size
-    global_plan = plan_epoch(SEGMENTS, batch_size, block, seed=3, epoch=2, world=2)
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["uniform", "grouped"])
+def test_two_ranks_split_each_global_batch(batch_size, lengths):
+    some = lengths[:100] if lengths is not None else None
+    global_plan = plan_epoch(100, batch_size, seed=3, epoch=2, world=2, lengths=some)
     assert global_plan, "no batches"
-    for _, batch in global_plan:
+    for batch in global_plan:
         assert len(batch) % 2 == 0
         first, second = rank_rows(batch, 0, 2), rank_rows(batch, 1, 2)
         assert len(first) == len(second) > 0
@@ -47,14 +85,9 @@ def test_two_ranks_split_each_global_batch(batch_size):
         assert sorted(np.concatenate([first, second]).tolist()) == sorted(batch.tolist())
     # trimming to a multiple of the world size drops at most one row per batch
     covered = len(_rows(global_plan))
-    assert sum(SEGMENTS) - len(global_plan) <= covered <= sum(SEGMENTS)
+    assert 100 - len(global_plan) <= covered <= 100
 
 
 def test_one_rank_gets_the_whole_batch():
     batch = np.array([5, 3, 9])
     assert rank_rows(batch, 0, 1).tolist() == [5, 3, 9]
-
-
-def test_block_size_must_be_a_multiple_of_the_batch_size():
-    with pytest.raises(ConfigError, match="multiple of the batch size"):
-        plan_epoch(SEGMENTS, batch_size=8, block_size=12, seed=0, epoch=0)

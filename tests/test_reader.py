@@ -20,7 +20,7 @@ def cache(tiny_cache):
 
 
 def _stream(cache, **kwargs):
-    settings = {"epoch": 0, "seed": 42, "block_size": 16, **kwargs}
+    settings = {"epoch": 0, "seed": 42, **kwargs}
     return list(cache.stream("train", 8, LAYERS, **settings))
 
 
@@ -77,18 +77,36 @@ def test_skip_resumes_at_the_right_batch(cache):
 
 
 def test_two_ranks_read_disjoint_equal_halves_of_each_global_batch(cache):
-    shard_ids = {
-        s["file"]: cache.shard(s["file"])["example_id"][:]
-        for s in cache.manifest["splits"]["train"]["shards"]
-    }
-    plan = cache.epoch_plan("train", 8, epoch=0, seed=42, block_size=16, world=2)
+    stored_ids = cache.read("train")["example_id"]  # the split's rows in storage order
+    plan = cache.epoch_plan("train", 8, epoch=0, seed=42, world=2)
     first, second = _stream(cache, rank=0, world=2), _stream(cache, rank=1, world=2)
     assert len(first) == len(second) == len(plan)
-    for (name, rows), a, b in zip(plan, first, second, strict=True):
+    for rows, a, b in zip(plan, first, second, strict=True):
         a_ids, b_ids = set(a["example_id"].tolist()), set(b["example_id"].tolist())
         assert len(a_ids) == len(b_ids) == len(rows) // 2
         assert not a_ids & b_ids
-        assert a_ids | b_ids == set(shard_ids[name][rows].tolist())
+        assert a_ids | b_ids == set(stored_ids[rows].tolist())
+
+
+def test_batches_draw_from_every_shard_of_the_split(cache):
+    """A uniform shuffle of the whole split: the first batches already mix the shards (which hold
+    the shortest and the longest rows), where a blocked order kept each batch in one shard."""
+    shard_of = {}
+    for index, s in enumerate(cache.manifest["splits"]["train"]["shards"]):
+        for example_id in cache.shard(s["file"])["example_id"][:]:
+            shard_of[int(example_id)] = index
+    first_two = [shard_of[int(i)] for b in _stream(cache)[:2] for i in b["example_id"]]
+    assert len(set(first_two)) == 3
+
+
+def test_length_grouped_batches_stream_every_row_with_its_targets(cache):
+    expected = _by_id(cache)
+    batches = _stream(cache, group_by_length=True)
+    assert sorted(int(i) for b in batches for i in b["example_id"]) == sorted(expected)
+    for batch in batches:
+        for i, example_id in enumerate(batch["example_id"].tolist()):
+            np.testing.assert_array_equal(batch["hidden"][i], expected[example_id]["hidden"])
+    assert [b["example_id"].tolist() for b in batches] != [b["example_id"].tolist() for b in _stream(cache)]
 
 
 class _Spy:
@@ -118,10 +136,11 @@ def test_only_the_requested_layers_are_read(cache):
         cache._files[shard["file"]] = _Spy(cache.shard(shard["file"]), "", seen)
     _stream(cache)
     assert {p for p in seen if p.startswith("hidden/")} == {f"hidden/{layer}" for layer in LAYERS}
+    assert {"example_id", "logits", "labels", "input_ids", "offsets"} <= seen
     seen.clear()
-    list(cache.stream("train", 8, [], epoch=0, seed=42, block_size=16))
+    list(cache.stream("train", 8, [], epoch=0, seed=42))
     assert not any(p.startswith("hidden") for p in seen)
-    assert {"example_id", "logits", "labels", "input_ids"} <= seen
+    assert {"example_id", "logits", "labels"} <= seen  # token ids are kept from the first read
 
 
 def test_layers_not_in_the_cache_are_refused(tiny, tmp_path):
@@ -136,7 +155,7 @@ def test_layers_not_in_the_cache_are_refused(tiny, tmp_path):
     with open_cache(built.path) as partial:
         assert partial.layers == [0, 1]
         with pytest.raises(CacheError, match=r"does not store teacher layer\(s\) \[3\]"):
-            next(partial.stream("train", 8, [1, 3], epoch=0, seed=0, block_size=16))
+            next(partial.stream("train", 8, [1, 3], epoch=0, seed=0))
 
 
 def test_no_cache_under_the_root(tmp_path):
