@@ -154,8 +154,8 @@ def examples_trained(cache_path: Path, batch_size: int, world: int, seed: int) -
     from pkdpipe.cache.reader import TeacherCache
 
     with TeacherCache(cache_path) as cache:
-        plan = cache.epoch_plan("train", batch_size, 0, seed, 8 * batch_size, world)
-    return sum(len(rows) for _, rows in plan)
+        plan = cache.epoch_plan("train", batch_size, 0, seed, world)
+    return sum(len(rows) for rows in plan)
 
 
 def main(argv=None) -> None:
