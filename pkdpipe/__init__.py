@@ -11,7 +11,7 @@ Imports are lazy so that `import pkdpipe` stays cheap (no torch until a stage ru
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "CacheConfig": "pkdpipe.config",
