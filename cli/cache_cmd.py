@@ -150,7 +150,7 @@ def verify(
     With --recompute N --teacher PATH, also rerun the teacher on N examples: fail when a logit
     differs by more than 1e-2 or a [CLS] vector's cosine to the cached one is below 0.999
     (0.1 and 0.99 for a cache made under bf16/fp16 autocast)."""
-    from pkdpipe.cache.reader import resolve_cache
+    from pkdpipe.cache.local import resolve_cache
     from pkdpipe.cache.verify import recompute_check, verify_cache
     from pkdpipe.errors import ConfigError
 

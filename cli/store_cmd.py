@@ -44,7 +44,7 @@ def _ranges(layers: list[int]) -> str:
 
 def ls(cache_dir: Path = CacheDirOpt):
     """List the caches under the cache root: complete or not, what made them, size on disk."""
-    from pkdpipe.cache.store import list_local
+    from pkdpipe.cache.local import list_local
     from pkdpipe.config import default_cache_root
 
     rows = list_local(cache_dir)
@@ -79,7 +79,7 @@ def push(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Publish a complete cache to a store as URL/TASK/KEY (shards first, manifest last; resumes)."""
-    from pkdpipe.cache.reader import resolve_cache
+    from pkdpipe.cache.local import resolve_cache
     from pkdpipe.cache.store import push as run
 
     dest = run(resolve_cache(path, cache_dir), url, quiet=quiet)
@@ -101,7 +101,7 @@ def pull(
 
 def rm(path_or_key: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = CacheDirOpt):
     """Delete one local cache."""
-    from pkdpipe.cache.store import remove
+    from pkdpipe.cache.local import remove
 
     folder, freed = remove(path_or_key, cache_dir)
     _plain(f"removed {folder} ({human_bytes(freed)})")
@@ -109,7 +109,7 @@ def rm(path_or_key: str = typer.Argument(..., help="Cache folder or key."), cach
 
 def gc(cache_dir: Path = CacheDirOpt):
     """Remove incomplete leftovers: interrupted pulls and builds, stray temporary files."""
-    from pkdpipe.cache.store import gc as run
+    from pkdpipe.cache.local import gc as run
 
     freed = run(cache_dir)
     for path, size in freed:

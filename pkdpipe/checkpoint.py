@@ -1,20 +1,20 @@
 """Resumable training state without pickle: tensors in safetensors, everything else in JSON.
 
 A checkpoint folder holds the model weights, the optimizer's tensors and settings, the scheduler's
-position, the trainer's counters and the torch RNG state. It is written to a temporary folder and
-swapped in whole, so a kill at any moment leaves either the old checkpoint or the new one.
+position, the trainer's counters and the torch RNG state. It is written aside and swapped in whole
+(`pkdpipe.files.replace_dir`), so a kill at any moment leaves either the old checkpoint or the new one.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from pkdpipe import files
 from pkdpipe.errors import PkdError
 
 
@@ -39,9 +39,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save(folder: Path, model, optimizer, scheduler, trainer_state: dict, scaler=None) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with files.replace_dir(folder) as tmp:
+        _write(tmp, model, optimizer, scheduler, trainer_state, scaler)
+
+
+def _write(tmp: Path, model, optimizer, scheduler, trainer_state: dict, scaler) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
@@ -56,27 +58,17 @@ def save(folder: Path, model, optimizer, scheduler, trainer_state: dict, scaler=
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def exists(folder: Path) -> bool:
     """Whether there is a checkpoint to resume from; a kill between the two renames in `save`
-    leaves only `<folder>.old`, which is then put back."""
-    old = folder.with_name(folder.name + ".old")
-    if not (folder / "state.json").is_file() and (old / "state.json").is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        old.rename(folder)
-    return (folder / "state.json").is_file()
+    leaves only the previous checkpoint, which is then put back."""
+    return files.restore_dir(folder) and (folder / "state.json").is_file()
 
 
 def remove(folder: Path) -> None:
     """Delete a checkpoint and any half-written or superseded copy of it."""
-    for path in (folder, folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
-        shutil.rmtree(path, ignore_errors=True)
+    files.remove_dir(folder)
 
 
 def load(folder: Path, model, optimizer, scheduler, scaler=None) -> dict:

@@ -8,11 +8,9 @@ shard is the unit of resume (and of parallel work under torchrun: rank r writes 
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkdpipe import __version__, distributed, progress
+from pkdpipe import __version__, distributed, files, progress
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import (
     FORMAT_VERSION,
@@ -30,6 +28,7 @@ from pkdpipe.cache.fingerprint import (
     sha256_file,
     sha256_json,
 )
+from pkdpipe.cache.local import key_lock
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import load_split
@@ -121,7 +120,7 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
 
     device = pick_device(config.device)
     model.to(device).eval()
-    with _build_lock(folder) as already_built:
+    with _build_lock(folder, config.quiet) as already_built:
         if already_built and not config.force:
             return CacheResult(folder, key, hit=True, manifest=mf.read(folder))
         if config.force and distributed.is_main():
@@ -313,27 +312,15 @@ def _teacher_metrics(folder: Path, task: Task, splits_info: dict) -> dict:
 
 
 @contextmanager
-def _build_lock(folder: Path):
-    """Hold an exclusive lock on this key while building, so that two processes building the
-    same cache at once do the work once: the second waits, then finds the manifest.
-    Under torchrun the ranks split the work instead, so no lock is taken."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"  # one per process: ranks probe at once
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise CacheError(f"cache root {folder.parents[1]} cannot be written: {err.strerror or err}") from None
-    if distributed.world_size() > 1:
-        yield (folder / mf.MANIFEST).is_file()
-        return
-    lock_path = folder.parent / f".{folder.name}.lock"
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield (folder / mf.MANIFEST).is_file()
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _build_lock(folder: Path, quiet: bool = False):
+    """Hold the key's lock while building (yield whether the cache is complete by then), so that
+    two processes building the same cache do the work once: the second waits, then finds the
+    manifest. Under torchrun rank 0 holds it for all the ranks, which wait for it, so `cache gc`
+    leaves the build alone while the ranks split the work."""
+    files.probe_writable(folder, CacheError, what="cache folder")
+    with key_lock(folder, quiet) if distributed.is_main() else nullcontext():
+        distributed.barrier()
+        yield distributed.broadcast_object((folder / mf.MANIFEST).is_file())
 
 
 def _clear(folder: Path) -> None:

@@ -12,8 +12,8 @@ from pkdpipe_cli.main import app
 from typer.testing import CliRunner
 
 from pkdpipe.cache import manifest as mf
+from pkdpipe.cache.local import PARTIAL
 from pkdpipe.cache.reader import list_caches
-from pkdpipe.cache.store import PARTIAL
 
 
 @pytest.fixture

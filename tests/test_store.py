@@ -18,6 +18,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from pkdpipe.cache import local as cache_root
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import store
 from pkdpipe.cache.reader import list_caches, open_cache
@@ -101,7 +102,7 @@ def test_push_then_pull_gives_identical_bytes_and_a_cache_that_verifies(tiny_cac
         assert cache.key == tiny_cache.name
         assert cache.num_examples("train") == 96
     assert list_caches(tmp_path / "b") == [folder]
-    assert not list((folder.parent).glob(f".*{store.PARTIAL}"))
+    assert not list((folder.parent).glob(f".*{cache_root.PARTIAL}"))
 
 
 def test_pull_by_key_or_key_prefix_looks_under_the_store(tiny_cache, tmp_path, store_url):
@@ -343,7 +344,7 @@ def test_an_interrupted_pull_resumes_from_its_verified_shards(tiny_cache, tmp_pa
         store.pull(dest, root, quiet=True)
     names = shard_names(tiny_cache)
     assert first == names[:2]
-    staging = root / tiny_cache.parent.name / f".{tiny_cache.name}{store.PARTIAL}"
+    staging = root / tiny_cache.parent.name / f".{tiny_cache.name}{cache_root.PARTIAL}"
     assert sorted(p.name for p in staging.iterdir()) == sorted(names[:2])
     assert list_caches(root) == []
 
@@ -424,7 +425,7 @@ def test_two_processes_pulling_one_key_download_it_once(tiny_cache, tmp_path):
     downloads = sorted(len(r["downloads"]) for r in results)
     assert downloads == [0, len(shard_names(tiny_cache))]  # one did the work, the other waited and used it
     assert verify_cache(folder).ok
-    assert not (folder.parent / f".{folder.name}{store.PARTIAL}").exists()
+    assert not (folder.parent / f".{folder.name}{cache_root.PARTIAL}").exists()
 
 
 def test_a_pull_waits_for_a_build_holding_the_key_lock(tiny_cache, tmp_path, monkeypatch):
@@ -437,7 +438,7 @@ def test_a_pull_waits_for_a_build_holding_the_key_lock(tiny_cache, tmp_path, mon
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     (tmp_path / "go").write_text("")
-    with store.key_lock(folder):  # a "build" in this process
+    with cache_root.key_lock(folder):  # a "build" in this process
         child = subprocess.Popen(
             [sys.executable, str(script), dest, str(root), str(tmp_path / "go"), str(tmp_path / "ready")],
             stdout=subprocess.PIPE,
@@ -502,7 +503,7 @@ def test_distill_works_on_a_pulled_cache_without_teacher_weights_or_raw_data(tin
 def test_list_local_shows_complete_and_incomplete_caches(tiny_cache, tmp_path):
     folder = copy_cache(tiny_cache, tmp_path)
     (tmp_path / "tiny" / "0123456789abcdef").mkdir()
-    rows = {r.key: r for r in store.list_local(tmp_path)}
+    rows = {r.key: r for r in cache_root.list_local(tmp_path)}
     assert rows[folder.name].complete and rows[folder.name].examples == {"train": 96, "dev": 30}
     assert rows[folder.name].bytes == sum(p.stat().st_size for p in folder.iterdir())
     assert rows[folder.name].teacher == str(Path(mf.read(folder)["teacher"]["name_or_path"]))
@@ -513,13 +514,13 @@ def test_list_local_shows_complete_and_incomplete_caches(tiny_cache, tmp_path):
 def test_remove_deletes_a_cache_by_key_but_not_a_foreign_folder(tiny_cache, tmp_path):
     folder = copy_cache(tiny_cache, tmp_path)
     size = sum(p.stat().st_size for p in folder.iterdir())
-    assert store.remove(folder.name[:8], tmp_path) == (folder, size)
+    assert cache_root.remove(folder.name[:8], tmp_path) == (folder, size)
     assert not folder.exists()
     precious = tmp_path / "tiny" / "notes"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
     with pytest.raises(CacheError, match="does not look like a pkdpipe cache"):
-        store.remove(str(precious))
+        cache_root.remove(str(precious))
     assert (precious / "thesis.tex").exists()
 
 
@@ -530,7 +531,7 @@ def test_gc_removes_leftovers_but_not_complete_caches_or_keys_in_use(tiny_cache,
     incomplete = task / "0123456789abcdef"
     incomplete.mkdir()
     (incomplete / "train-00000-of-00003.h5").write_bytes(b"x" * 100)
-    partial = task / f".fedcba9876543210{store.PARTIAL}"
+    partial = task / f".fedcba9876543210{cache_root.PARTIAL}"
     partial.mkdir()
     (partial / "train-00000-of-00003.h5.tmp").write_bytes(b"y" * 50)
     busy = task / "aaaaaaaaaaaaaaaa"
@@ -539,10 +540,26 @@ def test_gc_removes_leftovers_but_not_complete_caches_or_keys_in_use(tiny_cache,
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
 
-    with store.key_lock(busy):  # a build in progress keeps its folder
-        freed = dict(store.gc(tmp_path))
+    with cache_root.key_lock(busy):  # a build in progress keeps its folder
+        freed = dict(cache_root.gc(tmp_path))
     assert freed == {folder / ".manifest.json.tmp": 2, incomplete: 100, partial: 50}
     assert verify_cache(folder).ok
     assert busy.exists() and foreign.exists() and not incomplete.exists() and not partial.exists()
-    assert dict(store.gc(tmp_path)) == {busy: 0}
-    assert store.gc(tmp_path / "nothing-here") == []
+    assert dict(cache_root.gc(tmp_path)) == {busy: 0}
+    assert cache_root.gc(tmp_path / "nothing-here") == []
+
+
+def test_a_probe_left_by_a_killed_build_does_not_hide_a_cache_from_gc_or_rm(tiny_cache, tmp_path):
+    """cache-teacher probes the key's folder before building; a kill between writing and removing
+    the probe leaves it there. gc and rm recognise it as pkdpipe's own scratch file."""
+    from pkdpipe import files
+
+    probe = f"{files.PROBE}12345{files.TMP}"
+    folder = copy_cache(tiny_cache, tmp_path)
+    (folder / probe).write_bytes(b"")
+    incomplete = folder.parent / "0123456789abcdef"
+    incomplete.mkdir()
+    (incomplete / probe).write_bytes(b"")
+    assert dict(cache_root.gc(tmp_path)) == {folder / probe: 0, incomplete: 0}
+    (folder / probe).write_bytes(b"")
+    assert cache_root.remove(folder.name, tmp_path)[0] == folder and not folder.exists()

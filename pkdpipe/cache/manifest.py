@@ -8,10 +8,10 @@ cache folder (no absolute paths, no `..`, no sub-folders).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from pkdpipe import files
 from pkdpipe.cache.fingerprint import FORMAT_VERSION
 from pkdpipe.errors import CacheError
 
@@ -65,19 +65,6 @@ def read(folder: str | Path) -> dict:
     return validate(manifest, path)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see either nothing or the whole file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # a full disk or a read-only folder: one clear line, no half file
-        tmp.unlink(missing_ok=True)
-        raise CacheError(f"cannot write {path}: {err.strerror or err}") from None
-
-
 def write(folder: Path, manifest: dict) -> None:
-    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    """Write the manifest whole or not at all (a full disk or a read-only folder: one line)."""
+    files.write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n", CacheError)

@@ -24,7 +24,7 @@ from pkdpipe import distributed
 from pkdpipe.batching import plan_epoch, rank_rows
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import sha256_file
-from pkdpipe.config import default_cache_root
+from pkdpipe.cache.local import latest_cache, list_caches, resolve_cache  # noqa: F401  (re-exported)
 from pkdpipe.errors import CacheError
 
 READ_BATCHES = 50  # batches whose rows are gathered in one read: 12 MB for 5 layers x 768 x fp16
@@ -301,40 +301,6 @@ def _concat(parts: list[dict]) -> dict:
         else:
             out[k] = np.concatenate([p[k] for p in parts])
     return out
-
-
-def list_caches(cache_dir: str | Path | None = None) -> list[Path]:
-    """Every cache folder under the root, complete or not (`<root>/<task>/<key>/`)."""
-    root = Path(cache_dir) if cache_dir else default_cache_root()
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith("."))
-
-
-def latest_cache(cache_dir: str | Path | None = None) -> Path:
-    """The most recently completed cache under the root."""
-    complete = [p for p in list_caches(cache_dir) if (p / mf.MANIFEST).is_file()]
-    if not complete:
-        root = Path(cache_dir) if cache_dir else default_cache_root()
-        raise CacheError(f"no complete cache under {root}: run cache-teacher first, or pass --cache PATH")
-    return max(complete, key=lambda p: (p / mf.MANIFEST).stat().st_mtime)
-
-
-def resolve_cache(path_or_key: str | None, cache_dir: str | Path | None = None) -> Path:
-    """A cache folder from a path, a key (looked up under the root), or None (the newest)."""
-    if not path_or_key:
-        return latest_cache(cache_dir)
-    path = Path(path_or_key).expanduser()
-    if path.is_dir():
-        return path
-    matches = [p for p in list_caches(cache_dir) if p.name.startswith(path_or_key)]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise CacheError(f"key {path_or_key!r} matches several caches: {', '.join(str(m) for m in matches)}")
-    raise CacheError(
-        f"no cache {path_or_key!r}: not a folder, and no such key under {cache_dir or default_cache_root()}"
-    )
 
 
 def open_cache(path_or_key: str | Path | None = None, cache_dir: str | Path | None = None) -> TeacherCache:

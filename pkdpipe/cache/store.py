@@ -1,4 +1,4 @@
-"""Moving caches to and from a shared store, and housekeeping of the local cache root.
+"""Moving caches to and from a shared store.
 
 A store is any fsspec URL: a plain or network-mounted folder, `file://`, `memory://`, and
 `s3://`, `gs://`, `hf://` once the matching fsspec package is installed. Its layout mirrors the
@@ -12,8 +12,8 @@ manifest is written last, so its presence means the cache is complete.
   unknown format versions and odd task or key names are refused), downloads into a hidden staging
   folder `<root>/<task>/.<key>.partial/`, checks every sha256, and only then moves the cache into
   place. Verified shards stay in the staging folder, so an interrupted pull resumes.
-- Pulls and builds of one key take the same exclusive lock, `<root>/<task>/.<key>.lock` (the file
-  `pkdpipe.teacher._build_lock` uses): one process does the work, the others wait and use it.
+- Pulls and builds of one key take the same exclusive lock (`pkdpipe.cache.local.key_lock`): one
+  process does the work, the others wait and use it.
 
 Every store problem is a `StoreError` with one line; local-cache problems are `CacheError`s.
 """
@@ -21,7 +21,6 @@ Every store problem is a `StoreError` with one line; local-cache problems are `C
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -30,16 +29,14 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from pkdpipe import progress
+from pkdpipe import files, progress
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import KEY_LENGTH, sha256_file
-from pkdpipe.config import default_cache_root
+from pkdpipe.cache.local import key_lock, root_of, staging_folder
 from pkdpipe.errors import CacheError, PkdError, StoreError
 
-PARTIAL = ".partial"  # suffix of the hidden staging folder of a pull: <root>/<task>/.<key>.partial/
 CHUNK = 4 << 20  # bytes per read/write when streaming a shard (bounded memory, few round trips)
 MIB = float(1 << 20)  # progress bars count MiB: byte counts are unreadable at shard sizes
 
@@ -245,7 +242,7 @@ def pull(
             )
         url = find_in_store(url_or_key, store)
         expect_task, expect_key = url.rsplit("/", 2)[-2:]
-    return _pull(url, Path(cache_dir) if cache_dir else default_cache_root(), quiet, expect_task, expect_key)
+    return _pull(url, root_of(cache_dir), quiet, expect_task, expect_key)
 
 
 def pull_if_present(
@@ -258,7 +255,7 @@ def pull_if_present(
         if not fs.exists(_join(base, task, key, mf.MANIFEST)):
             progress.info(f"{task}/{key} is not in the store {store}", quiet)
             return None
-    return _pull(url, Path(cache_dir) if cache_dir else default_cache_root(), quiet, task, key)
+    return _pull(url, root_of(cache_dir), quiet, task, key)
 
 
 def _read_remote_manifest(url: str) -> tuple[object, str, dict, bytes]:
@@ -319,44 +316,33 @@ def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key
                 _download(
                     fs, _join(remote, shard["file"]), staging / shard["file"], shard["sha256"], url, bar
                 )
-        mf.write_atomic(staging / mf.MANIFEST, raw.decode())
+        files.write_text(staging / mf.MANIFEST, raw.decode(), CacheError)
         _publish(staging, folder)
     progress.info(f"pulled {key}: {len(todo)} shard(s) downloaded into {folder}", quiet)
     return folder
 
 
 def _download(fs, remote_path: str, local: Path, sha256: str, url: str, bar) -> None:
-    """Stream one shard to `local.tmp`, hashing as it comes; keep it (as `local`) only if it matches."""
-    tmp = local.with_name(local.name + ".tmp")
+    """Stream one shard to its scratch name, hashing as it comes; keep it (as `local`) only if it
+    matches the manifest's sha256."""
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as dst:
-            with _store_errors("read", url):
-                src = fs.open(remote_path, "rb")
-            with src:
-                while True:
-                    with _store_errors("read", url):
-                        block = src.read(CHUNK)
-                    if not block:
-                        break
-                    digest.update(block)
-                    dst.write(block)
-                    bar.advance(len(block) / MIB)
-            dst.flush()
-            os.fsync(dst.fileno())
-    except OSError as err:  # the store's errors became StoreErrors above: this one is the local disk
-        tmp.unlink(missing_ok=True)
-        raise CacheError(f"cannot write {tmp}: {err.strerror or err}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if digest.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(
-            f"checksum mismatch in {local.name} from {url}: the store's copy is corrupted; "
-            "nothing was installed (push the cache again)"
-        )
-    os.replace(tmp, local)
+    with files.replace_file(local, CacheError) as tmp, open(tmp, "wb") as dst:
+        with _store_errors("read", url):
+            src = fs.open(remote_path, "rb")
+        with src:
+            while True:
+                with _store_errors("read", url):
+                    block = src.read(CHUNK)
+                if not block:
+                    break
+                digest.update(block)
+                dst.write(block)
+                bar.advance(len(block) / MIB)
+        if digest.hexdigest() != sha256:
+            raise StoreError(
+                f"checksum mismatch in {local.name} from {url}: the store's copy is corrupted; "
+                "nothing was installed (push the cache again)"
+            )
 
 
 def _publish(staging: Path, folder: Path) -> None:
@@ -376,183 +362,4 @@ def _publish(staging: Path, folder: Path) -> None:
     staging.rmdir()
 
 
-# -- locks -----------------------------------------------------------------------------------------
-def lock_file(folder: Path) -> Path:
-    """The lock of one key: the same file `pkdpipe.teacher._build_lock` takes."""
-    return folder.parent / f".{folder.name}.lock"
-
-
-def staging_folder(folder: Path) -> Path:
-    return folder.parent / f".{folder.name}{PARTIAL}"
-
-
-@contextmanager
-def key_lock(folder: Path, quiet: bool = False) -> Iterator[None]:
-    """Hold the key's exclusive lock, waiting (and saying so) while another process holds it."""
-    with open(lock_file(folder), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress.info(f"waiting for another process working on {folder.name} ...", quiet)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _try_lock(folder: Path) -> Iterator[bool]:
-    """Take the key's lock without waiting; yield whether we got it (False: a process is using it)."""
-    if not folder.parent.is_dir():
-        yield True
-        return
-    with open(lock_file(folder), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-# -- the local cache root --------------------------------------------------------------------------
-@dataclass
-class LocalCache:
-    """One row of `cache ls`."""
-
-    path: Path
-    task: str
-    key: str
-    complete: bool
-    bytes: int  # size on disk of everything in the folder
-    teacher: str | None = None
-    examples: dict[str, int] | None = None  # per split
-    layers: list[int] | None = None
-    dtype: str | None = None
-    created: str | None = None
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def list_local(cache_dir: str | Path | None = None) -> list[LocalCache]:
-    """Every cache folder under the root, complete or not, with what its manifest says."""
-    from pkdpipe.cache.reader import list_caches
-
-    rows = []
-    for folder in list_caches(cache_dir):
-        row = LocalCache(folder, folder.parent.name, folder.name, complete=False, bytes=_size(folder))
-        try:
-            m = mf.read(folder)
-        except CacheError:
-            rows.append(row)
-            continue
-        row.complete = True
-        row.teacher = m["teacher"].get("name_or_path")
-        row.examples = {split: info["examples"] for split, info in m["splits"].items()}
-        row.layers = list(m.get("layers", []))
-        row.dtype = m.get("hidden_dtype")
-        row.created = m.get("created")
-        rows.append(row)
-    return rows
-
-
-# What pkdpipe itself writes into a cache folder; anything else means "not ours, leave it alone".
-_CACHE_FILE = re.compile(
-    r"^(manifest\.json|\.manifest\.json\.tmp|\.write-test|[A-Za-z0-9][A-Za-z0-9_.-]*\.h5(\.tmp)?)$"
-)
-
-
-def _looks_like_cache(folder: Path) -> bool:
-    return folder.is_dir() and all(p.is_file() and _CACHE_FILE.match(p.name) for p in folder.iterdir())
-
-
-def remove(path_or_key: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, int]:
-    """Delete one local cache (a folder, or a key under the root); return (folder, bytes freed).
-    Refuses a folder holding anything a cache does not, and one another process is using."""
-    from pkdpipe.cache.reader import resolve_cache
-
-    folder = resolve_cache(str(path_or_key), cache_dir).resolve()
-    if not _looks_like_cache(folder):
-        raise CacheError(
-            f"{folder} does not look like a pkdpipe cache folder (it holds other files): not removing it"
-        )
-    with _try_lock(folder) as got:
-        if not got:
-            raise CacheError(
-                f"{folder} is in use by another process (building or pulling it): not removing it"
-            )
-        freed = _size(folder)
-        (folder / mf.MANIFEST).unlink(missing_ok=True)  # first: the cache stops being complete at once
-        shutil.rmtree(folder)
-        staging = staging_folder(folder)
-        if staging.is_dir():
-            freed += _size(staging)
-            shutil.rmtree(staging)
-    return folder, freed
-
-
-def gc(cache_dir: str | Path | None = None) -> list[tuple[Path, int]]:
-    """Remove incomplete leftovers under the cache root; return (path, bytes) of what was freed.
-
-    Leftovers: staging folders of interrupted pulls (`.<key>.partial`), cache folders without a
-    manifest (interrupted builds: their finished shards, which a rerun would have resumed from),
-    and stray `*.tmp` files inside complete caches. A key whose lock some process holds (a build or
-    pull in progress) is skipped. Lock files themselves stay: removing one while another process
-    waits on it would let two processes in at once.
-    """
-    root = Path(cache_dir) if cache_dir else default_cache_root()
-    freed: list[tuple[Path, int]] = []
-    if not root.is_dir():
-        return freed
-    for task_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for entry in sorted(task_dir.iterdir()):
-            if not entry.is_dir():
-                continue
-            if entry.name.startswith(".") and entry.name.endswith(PARTIAL):
-                folder = task_dir / entry.name[1 : -len(PARTIAL)]
-                targets = [entry]
-            elif entry.name.startswith("."):
-                continue
-            elif not _looks_like_cache(entry):
-                continue  # not something pkdpipe wrote: leave it alone
-            elif (entry / mf.MANIFEST).is_file():
-                folder = entry
-                targets = [p for p in entry.iterdir() if p.name.endswith(".tmp")]
-            else:
-                folder = entry
-                targets = [entry]
-            if not targets:
-                continue
-            with _try_lock(folder) as got:
-                if not got:
-                    continue
-                for target in targets:
-                    size = _size(target)
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    else:
-                        target.unlink()
-                    freed.append((target, size))
-    return freed
-
-
-__all__ = [
-    "LocalCache",
-    "find_in_store",
-    "gc",
-    "key_lock",
-    "list_local",
-    "lock_file",
-    "pull",
-    "pull_if_present",
-    "push",
-    "remove",
-]
+__all__ = ["find_in_store", "pull", "pull_if_present", "push"]

@@ -8,13 +8,12 @@ the next run overwrites.
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from pkdpipe import files
 from pkdpipe.errors import CacheError
 
 
@@ -35,7 +34,7 @@ class ShardWriter:
         with_token_types: bool,
     ):
         self.final_path = final_path
-        self.tmp_path = final_path.with_name(final_path.name + ".tmp")
+        self.tmp_path = files.scratch(final_path)
         n = len(ids)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -103,9 +102,7 @@ class ShardWriter:
         try:
             self._file.flush()
             self._file.close()
-            with open(self.tmp_path, "rb+") as fd:
-                os.fsync(fd.fileno())
-            os.replace(self.tmp_path, self.final_path)
+            files.fsync_and_rename(self.tmp_path, self.final_path)
         except OSError as err:
             self.abort()
             raise _write_error(self.final_path, err) from None
@@ -117,8 +114,4 @@ class ShardWriter:
 
 
 def _write_error(path: Path, err: OSError) -> CacheError:
-    if err.errno == errno.ENOSPC or "No space" in str(err):
-        return CacheError(
-            f"ran out of disk space writing {path}; free some space or use --cache-dir elsewhere"
-        )
-    return CacheError(f"cannot write {path}: {err}")
+    return files.write_error(path, err, CacheError, "free some space or use --cache-dir elsewhere")

@@ -1,0 +1,234 @@
+"""The local cache root: where caches live, finding one, the lock of a key, and housekeeping.
+
+    <root>/<task>/<key>/              one cache (complete when it holds manifest.json)
+    <root>/<task>/.<key>.lock         the key's lock: held while a process builds or pulls it
+    <root>/<task>/.<key>.partial/     the staging folder of a pull in progress
+
+The root is `--cache-dir`, else `$PKDPIPE_CACHE_DIR`, else `~/.cache/pkdpipe`. Builds (every rank's
+under torchrun) and pulls of one key hold its lock, so one process does the work while the others
+wait, and `gc` and `rm` leave a key alone while its lock is held.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pkdpipe import files, progress
+from pkdpipe.cache import manifest as mf
+from pkdpipe.config import default_cache_root
+from pkdpipe.errors import CacheError
+
+PARTIAL = files.PARTIAL  # the staging folder of a pull: <root>/<task>/.<key>.partial/
+
+
+def root_of(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir else default_cache_root()
+
+
+# -- finding caches --------------------------------------------------------------------------------
+def list_caches(cache_dir: str | Path | None = None) -> list[Path]:
+    """Every cache folder under the root, complete or not (`<root>/<task>/<key>/`)."""
+    root = root_of(cache_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith("."))
+
+
+def latest_cache(cache_dir: str | Path | None = None) -> Path:
+    """The most recently completed cache under the root."""
+    complete = [p for p in list_caches(cache_dir) if (p / mf.MANIFEST).is_file()]
+    if not complete:
+        raise CacheError(
+            f"no complete cache under {root_of(cache_dir)}: run cache-teacher first, or pass --cache PATH"
+        )
+    return max(complete, key=lambda p: (p / mf.MANIFEST).stat().st_mtime)
+
+
+def resolve_cache(path_or_key: str | None, cache_dir: str | Path | None = None) -> Path:
+    """A cache folder from a path, a key (looked up under the root), or None (the newest)."""
+    if not path_or_key:
+        return latest_cache(cache_dir)
+    path = Path(path_or_key).expanduser()
+    if path.is_dir():
+        return path
+    matches = [p for p in list_caches(cache_dir) if p.name.startswith(path_or_key)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise CacheError(f"key {path_or_key!r} matches several caches: {', '.join(str(m) for m in matches)}")
+    raise CacheError(f"no cache {path_or_key!r}: not a folder, and no such key under {root_of(cache_dir)}")
+
+
+# -- the lock of a key -----------------------------------------------------------------------------
+def lock_file(folder: Path) -> Path:
+    """The lock of one key, `<root>/<task>/.<key>.lock`: builds and pulls of the key share it."""
+    return folder.parent / f".{folder.name}.lock"
+
+
+def staging_folder(folder: Path) -> Path:
+    """Where a pull gathers a cache before it becomes visible: `<root>/<task>/.<key>.partial/`."""
+    return folder.parent / f".{folder.name}{PARTIAL}"
+
+
+@contextmanager
+def key_lock(folder: Path, quiet: bool = False) -> Iterator[None]:
+    """Hold the key's exclusive lock, waiting (and saying so) while another process holds it."""
+
+    def say_so():
+        progress.info(f"waiting for another process working on {folder.name} ...", quiet)
+
+    with files.exclusive_lock(lock_file(folder), on_wait=say_so, error=CacheError):
+        yield
+
+
+@contextmanager
+def _try_lock(folder: Path) -> Iterator[bool]:
+    """Take the key's lock without waiting; yield whether we got it (False: a process is using it)."""
+    if not folder.parent.is_dir():
+        yield True
+        return
+    with files.exclusive_lock(lock_file(folder), wait=False, error=CacheError) as got:
+        yield got
+
+
+# -- what is there ---------------------------------------------------------------------------------
+@dataclass
+class LocalCache:
+    """One row of `cache ls`."""
+
+    path: Path
+    task: str
+    key: str
+    complete: bool
+    bytes: int  # size on disk of everything in the folder
+    teacher: str | None = None
+    examples: dict[str, int] | None = None  # per split
+    layers: list[int] | None = None
+    dtype: str | None = None
+    created: str | None = None
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def list_local(cache_dir: str | Path | None = None) -> list[LocalCache]:
+    """Every cache folder under the root, complete or not, with what its manifest says."""
+    rows = []
+    for folder in list_caches(cache_dir):
+        row = LocalCache(folder, folder.parent.name, folder.name, complete=False, bytes=_size(folder))
+        try:
+            m = mf.read(folder)
+        except CacheError:
+            rows.append(row)
+            continue
+        row.complete = True
+        row.teacher = m["teacher"].get("name_or_path")
+        row.examples = {split: info["examples"] for split, info in m["splits"].items()}
+        row.layers = list(m.get("layers", []))
+        row.dtype = m.get("hidden_dtype")
+        row.created = m.get("created")
+        rows.append(row)
+    return rows
+
+
+# What pkdpipe itself writes into a cache folder: the manifest, shards, and the scratch names of
+# pkdpipe.files (anything else means "not ours, leave it alone").
+_CACHE_FILE = re.compile(r"^(manifest\.json|[A-Za-z0-9][A-Za-z0-9_.-]*\.h5)$")
+
+
+def _ours(name: str) -> bool:
+    return bool(_CACHE_FILE.match(name)) or files.is_scratch(name)
+
+
+def _looks_like_cache(folder: Path) -> bool:
+    return folder.is_dir() and all(p.is_file() and _ours(p.name) for p in folder.iterdir())
+
+
+# -- housekeeping ----------------------------------------------------------------------------------
+def remove(path_or_key: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, int]:
+    """Delete one local cache (a folder, or a key under the root); return (folder, bytes freed).
+    Refuses a folder holding anything a cache does not, and one another process is using."""
+    folder = resolve_cache(str(path_or_key), cache_dir).resolve()
+    if not _looks_like_cache(folder):
+        raise CacheError(
+            f"{folder} does not look like a pkdpipe cache folder (it holds other files): not removing it"
+        )
+    with _try_lock(folder) as got:
+        if not got:
+            raise CacheError(
+                f"{folder} is in use by another process (building or pulling it): not removing it"
+            )
+        freed = _size(folder)
+        (folder / mf.MANIFEST).unlink(missing_ok=True)  # first: the cache stops being complete at once
+        shutil.rmtree(folder)
+        staging = staging_folder(folder)
+        if staging.is_dir():
+            freed += _size(staging)
+            shutil.rmtree(staging)
+    return folder, freed
+
+
+def gc(cache_dir: str | Path | None = None) -> list[tuple[Path, int]]:
+    """Remove incomplete leftovers under the cache root; return (path, bytes) of what was freed.
+
+    Leftovers: staging folders of interrupted pulls (`.<key>.partial`), cache folders without a
+    manifest (interrupted builds: their finished shards, which a rerun would have resumed from),
+    and stray scratch files inside complete caches. A key whose lock some process holds (a build or
+    pull in progress) is skipped. Lock files themselves stay: removing one while another process
+    waits on it would let two processes in at once.
+    """
+    root = root_of(cache_dir)
+    freed: list[tuple[Path, int]] = []
+    if not root.is_dir():
+        return freed
+    for task_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(task_dir.iterdir()):
+            if not entry.is_dir():
+                continue
+            if entry.name.startswith(".") and entry.name.endswith(PARTIAL):
+                folder = task_dir / entry.name[1 : -len(PARTIAL)]
+                targets = [entry]
+            elif entry.name.startswith("."):
+                continue
+            elif not _looks_like_cache(entry):
+                continue  # not something pkdpipe wrote: leave it alone
+            elif (entry / mf.MANIFEST).is_file():
+                folder = entry
+                targets = [p for p in entry.iterdir() if files.is_scratch(p.name)]
+            else:
+                folder = entry
+                targets = [entry]
+            if not targets:
+                continue
+            with _try_lock(folder) as got:
+                if not got:
+                    continue
+                for target in targets:
+                    size = _size(target)
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    else:
+                        target.unlink()
+                    freed.append((target, size))
+    return freed
+
+
+__all__ = [
+    "LocalCache",
+    "gc",
+    "key_lock",
+    "latest_cache",
+    "list_caches",
+    "list_local",
+    "lock_file",
+    "remove",
+    "resolve_cache",
+]

@@ -1,0 +1,176 @@
+"""Writing so that readers see all or nothing, and the locks that keep two processes off one key.
+
+Every file and folder pkdpipe writes goes through here, and so does every name it writes on the
+way, so the housekeeping that removes leftovers (`cache gc`, a resumed run) recognises exactly its
+own: `is_scratch` accepts the names `scratch`, `partial` and `superseded` give, and nothing else.
+
+- A file is written as `<name>.tmp`, flushed to disk and renamed over `<name>` (`replace_file`).
+- A folder is written as `<name>.partial/` and swapped in with two renames, the previous version
+  waiting as `<name>.old/` in between (`replace_dir`); `restore_dir` undoes a kill that fell
+  between the renames, so at any moment there is a whole old or a whole new folder.
+- `probe_writable` checks a folder by writing `.write-probe-<pid>.tmp` there (one per process, as
+  torchrun ranks probe at once).
+- `exclusive_lock` is an flock on a lock file: one process works, the others wait (or skip).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pkdpipe.errors import PkdError
+
+TMP = ".tmp"  # a file being written: <name>.tmp
+PARTIAL = ".partial"  # a folder being written: <name>.partial/
+OLD = ".old"  # a folder's previous version while a new one is swapped in: <name>.old/
+PROBE = ".write-probe-"  # .write-probe-<pid>.tmp: a write test, removed at once
+
+
+def scratch(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place."""
+    return path.with_name(path.name + TMP)
+
+
+def partial(folder: Path) -> Path:
+    """Where a new version of `folder` is written before it is swapped in."""
+    return folder.with_name(folder.name + PARTIAL)
+
+
+def superseded(folder: Path) -> Path:
+    """Where the previous version of `folder` waits while the new one moves in."""
+    return folder.with_name(folder.name + OLD)
+
+
+def is_scratch(name: str) -> bool:
+    """True for a name that `scratch`, `partial`, `superseded` or `probe_writable` gives."""
+    return name.endswith((TMP, PARTIAL, OLD))
+
+
+def write_error(
+    path: Path, err: OSError, error: type[PkdError] = PkdError, advice: str = "free some space and rerun"
+) -> PkdError:
+    """One line for a failed write; a full disk (or a file-size limit) says what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space" in str(err):
+        return error(f"ran out of disk space writing {path}; {advice}")
+    if isinstance(err, PermissionError):
+        return error(f"cannot write {path}: permission denied")
+    return error(f"cannot write {path}: {err.strerror or err}")
+
+
+def fsync_and_rename(tmp: Path, path: Path) -> None:
+    """Flush `tmp` to disk and rename it over `path` (atomic on one filesystem)."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def replace_file(path: Path, error: type[PkdError] = PkdError) -> Iterator[Path]:
+    """`with replace_file(p) as tmp: write tmp` - `p` appears whole or not at all.
+
+    On any exception the scratch file is removed; an OSError becomes one `error` line."""
+    tmp = scratch(path)
+    try:
+        yield tmp
+        fsync_and_rename(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err, error) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str, error: type[PkdError] = PkdError) -> None:
+    """Write a whole text file so that readers see either the old file or the new one."""
+    with replace_file(path, error) as tmp:
+        tmp.write_text(text)
+
+
+@contextmanager
+def replace_dir(folder: Path, error: type[PkdError] = PkdError) -> Iterator[Path]:
+    """`with replace_dir(f) as new: fill new` - then `f` is swapped for `new`.
+
+    The new version is written into `<f>.partial/`; a kill while writing leaves `f` as it was.
+    The swap is two renames (`f` -> `<f>.old`, `<f>.partial` -> `f`); call `restore_dir(f)` before
+    reading `f` again to undo a kill between them."""
+    new, old = partial(folder), superseded(folder)
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        new.mkdir(parents=True)
+        yield new
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        new.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(new, ignore_errors=True)
+        raise write_error(folder, err, error) from None
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
+def restore_dir(folder: Path) -> bool:
+    """Put back the previous version of `folder` if a kill fell between `replace_dir`'s renames;
+    return whether `folder` exists now."""
+    old = superseded(folder)
+    if not folder.exists() and old.exists():
+        old.rename(folder)
+    return folder.exists()
+
+
+def remove_dir(folder: Path) -> None:
+    """Delete `folder` and whatever `replace_dir` left of it on the way."""
+    for path in (folder, partial(folder), superseded(folder)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def probe_writable(folder: Path, error: type[PkdError] = PkdError, what: str = "folder") -> None:
+    """Create `folder` if needed and check that files can be written in it, before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{PROBE}{os.getpid()}{TMP}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise error(f"{what} {folder} cannot be written: {err.strerror or err}") from None
+
+
+@contextmanager
+def exclusive_lock(
+    path: Path,
+    *,
+    wait: bool = True,
+    on_wait: Callable[[], None] | None = None,
+    error: type[PkdError] = PkdError,
+) -> Iterator[bool]:
+    """Hold an exclusive flock on the file `path` (created if missing); yield True once held.
+
+    With `wait=False` yield False at once when another process holds it. `on_wait` is called once
+    before blocking (to say that we wait). A lock file that cannot be opened (another user's, in a
+    shared folder) is one `error` line."""
+    try:
+        handle = open(path, "a")  # noqa: SIM115 (held open for the lock's lifetime)
+    except OSError as err:
+        raise error(f"cannot take the lock {path}: {err.strerror or err}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
