@@ -134,16 +134,21 @@ def rss_child(args) -> None:
         quiet=True,
     )
     widths = []
-    real_epoch = train.CacheSource.epoch
 
-    def recording_epoch(self, epoch, skip):  # observes the batches distill trains on, changes nothing
-        for batch in real_epoch(self, epoch, skip):
-            widths.append(batch["input_ids"].shape[1])
-            yield batch
+    class Recording:  # observes the batches distill trains on, changes nothing
+        def __init__(self, source):
+            self.source = source
 
-    train.CacheSource.epoch = recording_epoch
+        def steps_per_epoch(self):
+            return self.source.steps_per_epoch()
+
+        def epoch(self, epoch, skip):
+            for batch in self.source.epoch(epoch, skip):
+                widths.append(batch["input_ids"].shape[1])
+                yield batch
+
     with Stopwatch() as t:
-        result = train.distill(config)
+        result = train.distill(config, source_hook=Recording)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(
         json.dumps(
@@ -331,13 +336,15 @@ def scale_by_teacher(
 def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     import torch
 
+    from pkdpipe import strategies
     from pkdpipe.cache.reader import open_cache
     from pkdpipe.config import DistillConfig
-    from pkdpipe.layermap import layer_map
-    from pkdpipe.losses import pkd_loss
+    from pkdpipe.loop import OptimizerStep, make_optimizer, make_scheduler
     from pkdpipe.models import cls_vectors, label_config, load_classifier, load_tokenizer
+    from pkdpipe.sources import CacheSource
+    from pkdpipe.strategies import StepSpec, layer_map, model_inputs
     from pkdpipe.text import pad_id_of
-    from pkdpipe.train import CacheSource, _optimizer, _scheduler, model_inputs, task_of
+    from pkdpipe.train import task_of
 
     cache = open_cache(cache_path)
     task = task_of(cache)
@@ -360,51 +367,24 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
         torch.manual_seed(config.seed)
         model = load_classifier(minilm_path(), num_hidden_layers=STUDENT_LAYERS, **label_config(task.labels))
         model.train()
-        optimizer = _optimizer(model, config)
-        return model, optimizer, _scheduler(optimizer, rounds, config.warmup)
+        optimizer = make_optimizer(model, config)
+        scheduler = make_scheduler(optimizer, rounds, config.warmup)
+        return model, OptimizerStep(model, optimizer, scheduler, max_grad_norm=config.max_grad_norm)
 
-    def pkd_step(model, batch):  # distill's step with a layer map
-        out = model(**model_inputs(batch), output_hidden_states=True)
-        return pkd_loss(
-            out.logits,
-            batch["teacher_logits"],
-            batch["labels"],
-            cls_vectors(out.hidden_states, student_layers),
-            batch["teacher_cls"],
-            alpha=config.alpha,
-            beta=config.beta,
-            temperature=config.temperature,
-            normalize=config.normalize,
-            regression=task.is_regression,
-        )
-
-    def ft_step(model, batch):  # distill --strategy ft (finetune's step is the same)
-        out = model(**model_inputs(batch))
-        return pkd_loss(
-            out.logits,
-            None,
-            batch["labels"],
-            None,
-            None,
-            alpha=config.alpha,
-            beta=config.beta,
-            temperature=config.temperature,
-            regression=task.is_regression,
-        )
+    # distill's own steps, built as distill builds them
+    pkd_step = strategies.get(STRATEGY).make_step(
+        StepSpec(config, task.is_regression, teacher_map, student_layers)
+    )
+    ft_step = strategies.get("ft").make_step(StepSpec(config, task.is_regression, [], []))
 
     def train_step(state, step_fn, batch) -> None:  # the body of fit's loop
-        model, optimizer, scheduler = state
+        model, apply = state
         batch = {k: v.to("cpu", non_blocking=True) for k, v in batch.items()}
         terms = step_fn(model, batch)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise RuntimeError("non-finite loss")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.get_last_lr()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply(loss)
         {k: float(v.detach()) for k, v in terms.items()}
 
     cached_state, ft_state, online_state = students(), students(), students()
@@ -455,7 +435,7 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
             widths.append(batch["input_ids"].shape[1])
         if r == args.warmup_steps - 1:
             log(f"  warm-up done (load {load_avg()})")
-    optimizer = optimizer_times(cached_state[0], config, _optimizer, rounds=args.steps)
+    optimizer = optimizer_times(cached_state[0], config, make_optimizer, rounds=args.steps)
     cache.close()
     return {
         **{k: np.array(v) for k, v in times.items()},

@@ -7,8 +7,9 @@ Both sweeps are the real `pkdpipe.sweep`, run for run the same settings, batches
 interleaved run by run so that machine noise falls on both.
 The only difference is where the teacher's targets come from:
   - cached: `cache-teacher` once (its time counted), then every run streams the targets from it;
-  - online: the batch source of `distill` is swapped for one that loads the teacher for each run
-    and runs its forward (inference_mode) on every batch, as a pipeline without a cache would.
+  - online: `distill`'s batch source is wrapped (its public `source_hook`) by one that loads the
+    teacher for each run and runs its forward (inference_mode) on every batch, as a pipeline
+    without a cache would.
     It still reads each batch from the cache, cached targets included, exactly as the cached sweep
     does (a pipeline without a cache would tokenise instead): the teacher's forward is the only
     work it adds.
@@ -33,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-import pkdpipe.train
 from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import CacheConfig, DistillConfig
 from pkdpipe.models import cls_vectors, load_classifier, quiet_transformers
+from pkdpipe.sources import CacheSource
+from pkdpipe.strategies import model_inputs
 from pkdpipe.sweep import grid, sweep
 from pkdpipe.teacher import cache_teacher
 
@@ -44,26 +46,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, command_line, log, machine_lines, make_teacher, table  # noqa: E402
 
 
-class OnlineTeacherSource(pkdpipe.train.CacheSource):
-    """The cache's batches (token ids, labels) with the targets computed by the teacher each step."""
+class OnlineTeacher:
+    """Wraps distill's cache source: its batches (token ids, labels) with the targets computed by
+    the teacher each step."""
 
     first_batch_gap: dict[str, float] = {}
 
-    def __init__(self, cache, split, layers, *args, **kwargs):
-        super().__init__(cache, split, layers, *args, **kwargs)
+    def __init__(self, source: CacheSource):
+        self.source, self.layers = source, source.layers
         with quiet_transformers():
-            self.teacher = load_classifier(cache.manifest["teacher"]["name_or_path"], False).eval()
+            self.teacher = load_classifier(source.cache.manifest["teacher"]["name_or_path"], False).eval()
+
+    def steps_per_epoch(self) -> int:
+        return self.source.steps_per_epoch()
 
     def epoch(self, epoch: int, skip: int):
-        for batch in super().epoch(epoch, skip):
-            inputs = pkdpipe.train.model_inputs(batch)
+        for batch in self.source.epoch(epoch, skip):
             with torch.inference_mode():
-                out = self.teacher(**inputs, output_hidden_states=bool(self.layers))
+                out = self.teacher(**model_inputs(batch), output_hidden_states=bool(self.layers))
             online = {"teacher_logits": out.logits.clone()}
             if self.layers:
                 online["teacher_cls"] = cls_vectors(out.hidden_states, self.layers).clone()
-            if not OnlineTeacherSource.first_batch_gap:
-                OnlineTeacherSource.first_batch_gap = {
+            if not OnlineTeacher.first_batch_gap:
+                OnlineTeacher.first_batch_gap = {
                     k: float((v - batch[k].float()).abs().max()) for k, v in online.items()
                 }
             yield {**batch, **online}
@@ -71,15 +76,9 @@ class OnlineTeacherSource(pkdpipe.train.CacheSource):
 
 def timed_run(base: DistillConfig, combo: dict, folder: Path, online: bool) -> tuple[float, list]:
     """One grid point through `pkdpipe.sweep` into `folder`; its wall time and run."""
-    saved = pkdpipe.train.CacheSource
-    if online:
-        pkdpipe.train.CacheSource = OnlineTeacherSource
-    try:
-        start = time.perf_counter()
-        runs = sweep(base, {k: [v] for k, v in combo.items()}, folder)
-        return time.perf_counter() - start, runs
-    finally:
-        pkdpipe.train.CacheSource = saved
+    start = time.perf_counter()
+    runs = sweep(base, {k: [v] for k, v in combo.items()}, folder, OnlineTeacher if online else None)
+    return time.perf_counter() - start, runs
 
 
 def seconds_per_step(runs) -> float:
@@ -170,9 +169,7 @@ def main() -> None:
     cached_runs, online_runs = results["cached"], results["online"]
 
     with TeacherCache(cache.path) as opened:
-        steps_per_epoch = pkdpipe.train.CacheSource(
-            opened, "train", [], base.batch_size, 0, 0
-        ).steps_per_epoch()
+        steps_per_epoch = CacheSource(opened, "train", [], base.batch_size, 0, 0).steps_per_epoch()
     run_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         run_steps = min(run_steps, args.max_steps)
@@ -190,11 +187,9 @@ def main() -> None:
         ("median training step", f"{step_cached * 1000:.0f} ms", f"{step_online * 1000:.0f} ms"),
         ("sweep in all", f"{cache_total:.0f} s", f"{online_seconds:.0f} s"),
     ]
-    gap = OnlineTeacherSource.first_batch_gap
+    gap = OnlineTeacher.first_batch_gap
     if not gap:
-        sys.exit(
-            "the online sweep never ran the teacher: distill no longer takes its batches from CacheSource"
-        )
+        sys.exit("the online sweep never ran the teacher: distill no longer calls its source_hook")
     same = all(
         abs(a.metrics[m] - b.metrics[m]) < 0.02
         for a, b in zip(sorted(cached_runs, key=lambda r: r.name), sorted(online_runs, key=lambda r: r.name))

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pkdpipe import strategies
 from pkdpipe.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -155,7 +156,7 @@ class DistillConfig(TrainConfig):
 
     cache: str | None = None  # cache folder or key; None = the newest complete cache under cache_dir
     cache_dir: Path | None = None
-    strategy: str = "last"  # last, skip (PKD), kd (vanilla KD), ft (gold labels only)
+    strategy: str = "last"  # in pkdpipe.strategies: last, skip (PKD), kd (vanilla KD), ft (gold labels)
     layers: int = 6  # student depth K
     teacher_layers: tuple[int, ...] | None = None  # explicit map for student layers 1..K-1
     student_init: str | None = None  # None = the model the teacher was fine-tuned from
@@ -169,7 +170,7 @@ class DistillConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_root()
-        _check_choice("--strategy", self.strategy, ("last", "skip", "kd", "ft"))
+        strategies.get(self.strategy)  # an unknown name: ConfigError naming the known ones
         if self.layers < 1:
             raise ConfigError(f"--layers must be at least 1; got {self.layers}")
         if not 0 <= self.alpha <= 1:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 from pkdpipe.errors import ConfigError, PkdError
 
-TERMS = ("loss", "ce", "kd", "pt")
+NOT_TERMS = ("step", "epoch", "lr", "steps_per_s")  # the other fields of a training-log line
+
+
+def loss_terms(records: list[dict]) -> list[str]:
+    """The loss terms a run logged, in the order its strategy returns them ("loss" first)."""
+    terms: dict[str, None] = {}
+    for record in records:
+        if "loss" in record:
+            terms.update((k, None) for k in record if k not in NOT_TERMS and not k.startswith("dev_"))
+    return list(terms)
 
 
 def read_run(folder: Path) -> dict:
@@ -36,7 +45,8 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
     except ImportError:
         raise ConfigError("report needs matplotlib: pip install 'pkdpipe[plots]'") from None
     dev_keys = sorted({k for r in runs for rec in r["records"] for k in rec if k.startswith("dev_")})
-    panels = [t for t in TERMS if any(t in rec for r in runs for rec in r["records"])] + dev_keys
+    terms = list(dict.fromkeys(t for r in runs for t in loss_terms(r["records"])))
+    panels = terms + dev_keys
     ncols = 3
     nrows = -(-(len(panels) + 1) // ncols)
     fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.6), squeeze=False)
@@ -46,8 +56,8 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
     for ax, key in zip(axes[0], panels):
         for run in runs:
             points = [(rec["step"], rec[key]) for rec in run["records"] if key in rec]
-            if key in ("kd", "pt") and all(y == 0 for _, y in points):
-                continue  # a run without that term (fine-tuning, or KD without PT)
+            if key != "loss" and points and all(y == 0 for _, y in points):
+                continue  # a run that does not use that term (fine-tuning has no kd or pt)
             if points:
                 xs, ys = zip(*points)
                 ax.plot(

@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pkdpipe import progress
-from pkdpipe.cache.reader import TeacherCache, resolve_cache
+from pkdpipe.cache.local import resolve_cache
+from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import DistillConfig
 from pkdpipe.errors import ConfigError
-from pkdpipe.train import distill, task_of
+from pkdpipe.train import SourceHook, distill, task_of
 
 GRID_FIELDS = ("strategy", "layers", "alpha", "beta", "temperature", "lr", "seed")
 
@@ -48,8 +49,14 @@ def grid(values: dict[str, list]) -> list[dict]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(values[n] for n in names))]
 
 
-def sweep(base: DistillConfig, values: dict[str, list], sweep_dir: Path | None = None) -> list[SweepRun]:
-    """Train every combination of `values` on top of `base`; return the runs, best first."""
+def sweep(
+    base: DistillConfig,
+    values: dict[str, list],
+    sweep_dir: Path | None = None,
+    source_hook: SourceHook | None = None,
+) -> list[SweepRun]:
+    """Train every combination of `values` on top of `base`; return the runs, best first.
+    `source_hook` is passed to every `distill` (see `pkdpipe.train.SourceHook`)."""
     cache_path = resolve_cache(base.cache, base.cache_dir)
     with TeacherCache(cache_path) as cache:
         task = task_of(cache)
@@ -69,7 +76,7 @@ def sweep(base: DistillConfig, values: dict[str, list], sweep_dir: Path | None =
             progress.info(f"[{i}/{len(combos)}] {output.name}: done before, kept", base.quiet)
             continue
         progress.info(f"[{i}/{len(combos)}] {output.name}", base.quiet)
-        result = distill(replace(config, output=output))
+        result = distill(replace(config, output=output), source_hook)
         runs.append(SweepRun(output.name, settings, output, result.metrics, False, result.seconds))
     main = task.main_metric
     runs.sort(key=lambda r: r.metrics.get(main, float("-inf")), reverse=True)

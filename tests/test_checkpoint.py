@@ -9,14 +9,14 @@ import torch
 
 from pkdpipe import checkpoint
 from pkdpipe.errors import PkdError
-from pkdpipe.train import _scheduler
+from pkdpipe.loop import make_scheduler
 
 
 def _setup(seed: int):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    return model, optimizer, _scheduler(optimizer, total_steps=20, warmup=0.1)
+    return model, optimizer, make_scheduler(optimizer, total_steps=20, warmup=0.1)
 
 
 def _train(model, optimizer, scheduler, steps: int) -> None:
@@ -81,5 +81,5 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
     other = torch.nn.Linear(4, 2)
     other_optimizer = torch.optim.AdamW(other.parameters())
     with pytest.raises(PkdError, match="cannot resume from") as err:
-        checkpoint.load(tmp_path / "c", other, other_optimizer, _scheduler(other_optimizer, 10, 0.1))
+        checkpoint.load(tmp_path / "c", other, other_optimizer, make_scheduler(other_optimizer, 10, 0.1))
     assert "\n" not in str(err.value)

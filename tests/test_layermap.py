@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pkdpipe.errors import ConfigError
-from pkdpipe.layermap import STRATEGIES, layer_map, parse_layers
+from pkdpipe.strategies import layer_map, names
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,7 @@ def test_explicit_overrides_strategy():
 def test_unknown_strategy():
     with pytest.raises(ConfigError, match="unknown strategy 'pkd': choose one of last, skip, kd, ft"):
         layer_map("pkd", 12, 6)
-    assert STRATEGIES == ("last", "skip", "kd", "ft")
+    assert names() == ("last", "skip", "kd", "ft")
 
 
 def test_student_needs_a_layer():
@@ -107,20 +107,6 @@ def test_explicit_not_ints():
 
 @pytest.mark.parametrize("strategy", ["kd", "ft"])
 def test_explicit_with_kd_or_ft(strategy):
-    msg = f"--teacher-layers only applies to the skip and last strategies; '{strategy}' has no patient loss"
+    msg = f"--teacher-layers only applies to the last and skip strategies; '{strategy}' has no patient loss"
     with pytest.raises(ConfigError, match=msg):
         layer_map(strategy, 12, 6, explicit=[2, 4, 6, 8, 10])
-
-
-def test_parse_layers():
-    assert parse_layers("2,4,6,8,10") == [2, 4, 6, 8, 10]
-    assert parse_layers(" 2, 4 ,6 ") == [2, 4, 6]
-    assert parse_layers("7") == [7]
-
-
-@pytest.mark.parametrize("junk", ["", "2,,4", "2,4,", "a,b", "2.5", "-1,2", "2;4", "二"])
-def test_parse_layers_refuses_junk(junk):
-    with pytest.raises(
-        ConfigError, match="--teacher-layers expects comma-separated layer numbers like 2,4,6"
-    ):
-        parse_layers(junk)

@@ -1,0 +1,356 @@
+"""The training loop, in small parts that each do one thing and can be tested alone.
+
+`fit` trains a model from a batch source with a step function (model, batch) -> {"loss", terms}.
+It composes:
+
+- `make_optimizer` / `make_scheduler`: AdamW (fused where the device has the kernel), linear
+  warm-up then linear decay;
+- `OptimizerStep`: backward, gradient clipping, the optimizer and scheduler steps, for one loss;
+- `TrainingLog`: `train_log.jsonl` (and tensorboard), the loss terms averaged over a window of
+  steps and over the ranks;
+- `BestKeeper`: the best dev checkpoint in `output/best/`, swapped in whole, and the output's
+  final files;
+- `start_or_resume`: a fresh start, or the state of `output/checkpoint/`.
+
+There is no trainer class tree: recipes (`pkdpipe.train`) pass a source, a step and an evaluation
+function. Only rank 0 writes; under torchrun each rank reads its share of every global batch,
+DistributedDataParallel averages the gradients, and the logged terms are averaged over the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pkdpipe import checkpoint, distributed, files, progress
+from pkdpipe.config import TrainConfig
+from pkdpipe.errors import ConfigError, ModelError
+from pkdpipe.models import autocast, pick_device
+
+LOG_EVERY = 10  # optimizer steps between training-log lines
+
+StepFn = Callable[[torch.nn.Module, dict], dict]  # (model, batch on device) -> {"loss", terms...}
+EvalFn = Callable[[torch.nn.Module], dict]  # model -> dev metrics
+SaveFn = Callable[[torch.nn.Module, Path], None]  # write the model into a folder
+
+
+class BatchSource(Protocol):
+    def steps_per_epoch(self) -> int: ...
+    def epoch(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    metrics: dict  # best dev metrics (empty without a dev split)
+    best_step: int
+    steps: int
+    seconds: float
+
+
+# -- the optimizer ---------------------------------------------------------------------------------
+FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")  # where torch ships a fused AdamW kernel
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, no weight decay on biases and LayerNorm weights; the fused kernel where the device has
+    one (a third of a small student's CPU step went into torch's per-tensor AdamW; fused, a tenth of
+    that, to the same weights within float rounding: tests/test_loop.py)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(
+                param
+            )
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    params = decay + no_decay
+    fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
+
+
+def make_scheduler(optimizer, total_steps: int, warmup: float):
+    """Linear warm-up over the first `warmup` fraction of the steps, then linear decay to zero."""
+    warmup_steps = int(total_steps * warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class OptimizerStep:
+    """One optimizer step from a loss: backward (scaled under fp16), clip, step, schedule, zero."""
+
+    def __init__(self, model, optimizer, scheduler, scaler=None, max_grad_norm: float = 0.0):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.scaler, self.max_grad_norm = scaler, max_grad_norm
+
+    def __call__(self, loss: torch.Tensor) -> float:
+        """Apply `loss`; return the learning rate this step used."""
+        scaler = self.scaler
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(self.optimizer)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+
+# -- the training log ------------------------------------------------------------------------------
+class TrainingLog:
+    """`train_log.jsonl` (and tensorboard with `--report-to tensorboard`), written by rank 0.
+
+    `add` collects each step's loss terms; `flush` writes one line with their mean over the window
+    since the last line, averaged over the ranks too (a collective: every rank calls it alike)."""
+
+    def __init__(self, output: Path, config: TrainConfig, resume_step: int | None):
+        self.path = output / "train_log.jsonl"
+        self.main = distributed.is_main()
+        if self.main:
+            if resume_step is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                _truncate_log(self.path, resume_step)
+        self.writer = _tensorboard(output, config) if self.main else None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._started = time.time()
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+
+    def flush(self, step: int, epoch: int, lr: float, metrics: dict) -> None:
+        seconds = time.time() - self._started
+        means = distributed.mean_over_ranks({k: v / max(self._count, 1) for k, v in self._sums.items()})
+        rate = self._count / max(seconds, 1e-9)
+        self.record({"step": step, "epoch": epoch, "lr": lr, **means, "steps_per_s": rate, **metrics})
+        self._sums, self._count, self._started = {}, 0, time.time()
+
+    def record(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch"):
+                    self.writer.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from, so the log reads as one run."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; infinite for a line the kill cut short, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def _tensorboard(output: Path, config: TrainConfig):
+    if config.report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ModelError("--report-to tensorboard needs tensorboard: pip install tensorboard") from None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def prefixed(metrics: dict) -> dict:
+    return {f"dev_{k}": v for k, v in metrics.items()}
+
+
+# -- the best model --------------------------------------------------------------------------------
+class BestKeeper:
+    """Keeps the best dev checkpoint in `output/best/` (rank 0), and at the end moves it into
+    `output/`. A new best is written aside and swapped in whole (`pkdpipe.files.replace_dir`), so a
+    kill at any moment leaves a whole best model, the new one or the previous one."""
+
+    def __init__(self, output: Path, save: SaveFn, main_metric: str | None):
+        self.output, self.save, self.main_metric = output, save, main_metric
+        self.folder = output / "best"
+        self.value: float | None = None
+        self.step = 0
+        self.metrics: dict = {}
+
+    def start(self, resuming: bool, state: dict | None = None) -> None:
+        """On resume: the best so far (from the checkpoint's state, and a kill between the renames
+        undone). On a fresh start: drop an earlier run's best, which this run must not finish with."""
+        if resuming and state:
+            self.value, self.step, self.metrics = state["best"], state["best_step"], state["best_metrics"]
+        if not distributed.is_main():
+            return
+        if resuming:
+            files.restore_dir(self.folder)
+        else:
+            files.remove_dir(self.folder)
+
+    def state(self) -> dict:
+        return {"best": self.value, "best_step": self.step, "best_metrics": self.metrics}
+
+    def offer(self, model, step: int, metrics: dict) -> None:
+        """Keep `model` if its dev metric beats the best so far."""
+        value = metrics[self.main_metric]
+        if self.value is None or value > self.value:
+            self.value, self.step, self.metrics = value, step, metrics
+            self.keep(model)
+
+    def keep(self, model) -> None:
+        with files.replace_dir(self.folder) as staging:
+            self.save(model, staging)
+
+    def finish(self, model, evaluated: bool) -> None:
+        """Move the best model's files into the output (the last weights when nothing was
+        evaluated) and clear what the saves left on the way."""
+        if not evaluated or not self.folder.is_dir():
+            self.keep(model)  # no dev split: the last weights are the result
+        for path in self.folder.iterdir():
+            path.replace(self.output / path.name)
+        self.folder.rmdir()
+        files.remove_dir(self.folder)  # scratch left by a kill during a save
+
+
+# -- start or resume -------------------------------------------------------------------------------
+def start_or_resume(config: TrainConfig, ckpt_dir: Path, model, optimizer, scheduler, scaler) -> dict | None:
+    """The trainer state of `output/checkpoint/` loaded into the model and optimizer, or None for a
+    fresh start. Every rank must agree, or they would start from different steps and weights."""
+    resuming = config.resume and checkpoint.exists(ckpt_dir)
+    if not distributed.all_ok(resuming == distributed.broadcast_object(resuming)):
+        raise ConfigError(
+            f"some ranks see the checkpoint in {ckpt_dir} and some do not: on several nodes, "
+            "--output must be on a filesystem that every node shares"
+        )
+    if not resuming:
+        return None
+    state = checkpoint.load(ckpt_dir, model, optimizer, scheduler, scaler)
+    progress.info(f"resuming from {ckpt_dir} at step {state['step']}", config.quiet)
+    return state
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def fit(
+    model,
+    source: BatchSource,
+    step_fn: StepFn,
+    eval_fn: EvalFn | None,
+    config: TrainConfig,
+    output: Path,
+    main_metric: str | None,
+    save_final: SaveFn,
+    terms: tuple[str, ...] = ("loss",),
+) -> TrainResult:
+    """Train `model`; keep the best dev checkpoint; resume from `output/checkpoint`.
+
+    `terms` are the loss terms `step_fn` returns, shown on the progress bar (all of them are logged)."""
+    started = time.time()
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    core = model
+    if distributed.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = make_optimizer(core, config)
+    total = source.steps_per_epoch() * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    scheduler = make_scheduler(optimizer, total, config.warmup)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
+    ckpt_dir = output / "checkpoint"
+    resumed = start_or_resume(config, ckpt_dir, core, optimizer, scheduler, scaler)
+    state = resumed or {"epoch": 0, "skip": 0, "step": 0}
+    best = BestKeeper(output, save_final, main_metric)
+    best.start(resumed is not None, resumed)
+    log = TrainingLog(output, config, state["step"] if resumed else None)
+    apply = OptimizerStep(core, optimizer, scheduler, scaler, config.max_grad_norm)
+
+    def evaluate(step: int) -> dict:
+        if eval_fn is None or not distributed.is_main():
+            return {}
+        metrics = eval_fn(core)
+        best.offer(core, step, metrics)
+        return metrics
+
+    def save_checkpoint() -> None:
+        if distributed.is_main():
+            checkpoint.save(ckpt_dir, core, optimizer, scheduler, {**state, **best.state()}, scaler)
+        distributed.barrier()
+
+    shown = " ".join(f"{t} {{task.fields[{t}]:.3f}}" for t in terms)
+    done = False
+    extra = f"{shown} lr {{task.fields[lr]:.1e}}"
+    with progress.bar("train", total, unit="step", quiet=config.quiet, extra=extra) as bar:
+        bar.advance(state["step"])
+        for epoch in range(state["epoch"], config.epochs):
+            for batch in source.epoch(epoch, state["skip"]):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device, config.precision):
+                    values = step_fn(model, batch)
+                loss = values["loss"]
+                if not torch.isfinite(loss):
+                    raise ModelError(
+                        f"the loss became {loss.item()} at step {state['step']}: lower --lr or use fp32"
+                    )
+                lr = apply(loss)
+                state["step"] += 1
+                state["skip"] += 1
+                values = {k: float(v.detach()) for k, v in values.items()}  # one device sync per step
+                log.add(values)
+                bar.advance(1, lr=lr, **{t: values[t] for t in terms})
+                step = state["step"]
+                evaluate_now = bool(config.eval_every and step % config.eval_every == 0)
+                metrics = evaluate(step) if evaluate_now else {}  # {} on ranks other than 0
+                # decided alike on every rank: the log's flush is a collective every rank must join
+                if step % LOG_EVERY == 0 or evaluate_now or step == total:
+                    log.flush(step, epoch, lr, prefixed(metrics))
+                if step >= total:
+                    done = True
+                    break
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save_checkpoint()
+            if not done:
+                state.update(epoch=epoch + 1, skip=0)
+            metrics = evaluate(state["step"]) if not config.eval_every else {}
+            if metrics:
+                log.record({"step": state["step"], "epoch": epoch, **prefixed(metrics)})
+            if done:
+                break
+            save_checkpoint()
+    if distributed.is_main():
+        best.finish(core, evaluated=eval_fn is not None)
+        checkpoint.remove(ckpt_dir)
+    log.close()
+    distributed.barrier()
+    return TrainResult(output, best.metrics, best.step, state["step"], time.time() - started)
