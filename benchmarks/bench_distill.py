@@ -235,13 +235,15 @@ def build_cache(task: str, data_dir: Path | None, teacher: Path, cache_dir: Path
 def scale_by_copy(source: Path, cache_root: Path, factor: int) -> Path:
     """A cache `factor` times as large as `source`: its train rows repeated under new ids, in new shards."""
     from pkdpipe.cache import manifest as mf
+    from pkdpipe.cache import schema
     from pkdpipe.cache.fingerprint import sha256_file, sha256_json
     from pkdpipe.cache.reader import TeacherCache
     from pkdpipe.cache.writer import ShardWriter
     from pkdpipe.text import length_sorted_order
 
     with TeacherCache(source) as cache:
-        manifest = json.loads(json.dumps(cache.manifest))
+        layout = schema.Layout.of(cache.manifest)
+        manifest = json.loads(json.dumps(cache.manifest.raw))
         layers = cache.layers
         data = cache.read("train", layers)
     n = len(data["example_id"])
@@ -250,7 +252,9 @@ def scale_by_copy(source: Path, cache_root: Path, factor: int) -> Path:
     ids = np.concatenate([data["example_id"] + k * stride for k in range(factor)])
     lengths = np.array([len(x) for x in data["input_ids"]])[base]
     order = length_sorted_order(lengths, ids)
-    key = sha256_json({"scaled_from": manifest["key"], "factor": factor})[:16]
+    # another train split: its own dataset fingerprint, so the key (the hash of the inputs) is its own
+    manifest["dataset"]["sha256"]["train"] = sha256_json({"scaled_from": manifest["key"], "factor": factor})
+    key = mf.KeyInputs.of(mf.parse(manifest, "scaled")).key()
     folder = cache_root / manifest["task"] / key
     folder.mkdir(parents=True, exist_ok=True)
     shard_size = manifest["config"]["shard_size"]
@@ -260,17 +264,7 @@ def scale_by_copy(source: Path, cache_root: Path, factor: int) -> Path:
     for index in range(count):
         rows = order[index * shard_size : (index + 1) * shard_size]
         path = folder / mf.shard_name("train", index, count)
-        writer = ShardWriter(
-            path,
-            ids[rows],
-            lengths[rows],
-            num_labels=manifest["num_labels"],
-            hidden_size=manifest["teacher"]["hidden_size"],
-            layers=tuple(layers),
-            hidden_dtype=manifest["hidden_dtype"],
-            regression=manifest["num_labels"] == 1,
-            with_token_types=types is not None,
-        )
+        writer = ShardWriter(path, ids[rows], lengths[rows], layout)
         for start in range(0, len(rows), 256):
             src = base[rows[start : start + 256]]
             writer.write(

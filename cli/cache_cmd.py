@@ -107,32 +107,30 @@ def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir
 
     with open_cache(path, cache_dir) as cache:
         m = cache.manifest
-    table = Table(title=f"cache {m['key']}", show_header=False)
+    table = Table(title=f"cache {m.key}", show_header=False)
     table.add_row("path", str(cache.path))
-    table.add_row("task", m["task"])
-    teacher = m["teacher"]
+    table.add_row("task", m.task)
+    t = m.teacher
     table.add_row(
-        "teacher",
-        f"{teacher['name_or_path']} ({teacher['architecture']}, "
-        f"{teacher['num_layers']} layers, hidden {teacher['hidden_size']})",
+        "teacher", f"{t.name_or_path} ({t.architecture}, {t.num_layers} layers, hidden {t.hidden_size})"
     )
-    table.add_row("teacher weights", teacher["weights_sha256"][:16])
-    table.add_row("pre-trained from", str(teacher.get("pretrained_from")))
-    table.add_row("tokenizer", m["tokenizer_sha256"][:16])
-    table.add_row("labels", f"{m['num_labels']}: {', '.join(m['label_names'] or ['(regression)'])[:80]}")
-    table.add_row("max length", f"{m['max_seq_len']} ({m['truncation']})")
-    table.add_row("layers", f"{m['layers']} as {m['hidden_dtype']}, logits {m['logits_dtype']}")
-    for split, s in m["splits"].items():
-        size = sum(x["bytes"] for x in s["shards"])
+    table.add_row("teacher weights", t.weights_sha256[:16])
+    table.add_row("pre-trained from", str(t.pretrained_from))
+    table.add_row("tokenizer", m.tokenizer_sha256[:16])
+    table.add_row("labels", f"{m.num_labels}: {', '.join(m.label_names or ['(regression)'])[:80]}")
+    table.add_row("max length", f"{m.max_seq_len} ({m.truncation})")
+    table.add_row("layers", f"{m.layers} as {m.hidden_dtype}, logits {m.logits_dtype}")
+    for split, s in m.splits.items():
+        size = sum(x.bytes or 0 for x in s.shards)
         table.add_row(
-            f"split {split}", f"{s['examples']:,} examples, {len(s['shards'])} shard(s), {human_bytes(size)}"
+            f"split {split}", f"{s.examples:,} examples, {len(s.shards)} shard(s), {human_bytes(size)}"
         )
-    for split, metrics in m.get("teacher_metrics", {}).items():
+    for split, metrics in m.teacher_metrics.items():
         table.add_row(f"teacher on {split}", fmt_metrics(metrics))
-    table.add_row("dataset", m["dataset"]["source"])
-    table.add_row("created", f"{m['created']} by pkdpipe {m['tool_version']}")
-    table.add_row("command", m.get("command", ""))
-    table.add_row("timings", json.dumps(m.get("timings", {})))
+    table.add_row("dataset", m.dataset.source)
+    table.add_row("created", f"{m.created} by pkdpipe {m.tool_version}")
+    table.add_row("command", m.command)
+    table.add_row("timings", json.dumps(m.timings))
     console.print(table)
 
 
@@ -151,8 +149,9 @@ def verify(
     differs by more than 1e-2 or a [CLS] vector's cosine to the cached one is below 0.999
     (0.1 and 0.99 for a cache made under bf16/fp16 autocast)."""
     from pkdpipe.cache.local import resolve_cache
-    from pkdpipe.cache.verify import recompute_check, verify_cache
+    from pkdpipe.cache.verify import verify_cache
     from pkdpipe.errors import ConfigError
+    from pkdpipe.teacher import recompute_check
 
     if recompute and not teacher:
         raise ConfigError("--recompute needs --teacher PATH (the teacher the cache claims)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,15 +20,11 @@ import torch
 
 from pkdpipe import __version__, distributed, files, progress
 from pkdpipe.cache import manifest as mf
-from pkdpipe.cache.fingerprint import (
-    FORMAT_VERSION,
-    cache_key,
-    hash_tokenizer,
-    hash_weights,
-    sha256_file,
-    sha256_json,
-)
+from pkdpipe.cache import schema
+from pkdpipe.cache.fingerprint import FORMAT_VERSION, hash_tokenizer, hash_weights, sha256_file, sha256_json
 from pkdpipe.cache.local import key_lock
+from pkdpipe.cache.manifest import KeyInputs
+from pkdpipe.cache.reader import TeacherCache, read_shard
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import load_split
@@ -44,7 +40,15 @@ from pkdpipe.models import (
     pretrained_origin,
 )
 from pkdpipe.tasks import Task, get_task
-from pkdpipe.text import TRUNCATION, Encoded, collate, encode, length_sorted_order, pad_id_of
+from pkdpipe.text import (
+    TRUNCATION,
+    Encoded,
+    collate,
+    encode,
+    length_sorted_order,
+    pad_id_of,
+    uses_token_type_ids,
+)
 
 
 @dataclass
@@ -77,6 +81,68 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
         if split not in task.splits:
             raise ConfigError(f"task {task.name} has no split {split!r}; it has {', '.join(task.splits)}")
     teacher_name = resolve_teacher(config, task)
+    model, tokenizer, layers = _load_teacher(teacher_name, task, config)
+    examples = {split: load_split(task, split, config.data_dir) for split in config.splits}
+    inputs = KeyInputs(
+        task=task.fingerprint_dict(),
+        teacher_weights=hash_weights(model),
+        tokenizer=hash_tokenizer(tokenizer),
+        datasets={split: sha256_json(ex.fingerprint_dict()) for split, ex in examples.items()},
+        max_seq_len=config.max_seq_len,
+        truncation=TRUNCATION,
+        layers=list(layers),
+        hidden_dtype=config.dtype,
+        logits_dtype="float32",
+        precision=config.precision,  # bf16/fp16 autocast changes the stored values
+    )
+    key = inputs.key()
+    folder = config.cache_dir / task.name / key
+    fingerprint_seconds = time.time() - started
+
+    found = None if config.force else _find(folder, task, key, config)
+    if found is not None:
+        return found
+    device = pick_device(config.device)
+    model.to(device).eval()
+    layout = schema.Layout(
+        num_labels=task.num_labels,
+        hidden_size=hidden_size(model.config),
+        layers=tuple(layers),
+        hidden_dtype=config.dtype,
+        regression=task.is_regression,
+        with_token_types=uses_token_type_ids(tokenizer),
+    )
+    with _build_lock(folder, config.quiet) as already_built:
+        if already_built and not config.force:
+            return CacheResult(folder, key, hit=True, manifest=mf.read(folder))
+        if config.force and distributed.is_main():
+            _clear(folder)
+        distributed.barrier()
+        timings = {"fingerprint_s": round(fingerprint_seconds, 2)}
+        splits_info = {}
+        for split, ex in examples.items():
+            encoded = encode(ex, tokenizer, config.max_seq_len)
+            t0 = time.time()
+            splits_info[split] = _cache_split(
+                split, encoded, model, tokenizer, layout, folder, config, device
+            )
+            timings[f"{split}_s"] = round(time.time() - t0, 2)
+        distributed.barrier()
+        if distributed.is_main():
+            manifest = _manifest(config, task, teacher_name, model, key, inputs, layout, splits_info, folder)
+            manifest["timings"] = {**timings, "total_s": round(time.time() - started, 2)}
+            mf.write(folder, manifest)
+        distributed.barrier()
+    result = CacheResult(folder, key, hit=False, manifest=mf.read(folder))
+    if config.push and distributed.is_main():
+        from pkdpipe.cache.store import push
+
+        push(folder, config.store, quiet=config.quiet)
+    return result
+
+
+def _load_teacher(teacher_name: str, task: Task, config: CacheConfig):
+    """The teacher, its tokenizer and the hidden layers to store, checked against the task."""
     # the model first, so that a wrong --teacher reads "model not found", not "tokenizer not found"
     model = load_classifier(teacher_name, config.trust_remote_code)
     tokenizer = load_tokenizer(teacher_name, config.trust_remote_code)
@@ -91,67 +157,23 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
         raise ConfigError(
             f"--layers must be within 0..{depth} for this {depth}-layer teacher; got {list(layers)}"
         )
+    return model, tokenizer, layers
 
-    examples = {split: load_split(task, split, config.data_dir) for split in config.splits}
-    fingerprints = {
-        "task": task.fingerprint_dict(),
-        "teacher_weights": hash_weights(model),
-        "tokenizer": hash_tokenizer(tokenizer),
-        "datasets": {split: sha256_json(ex.fingerprint_dict()) for split, ex in examples.items()},
-        "max_seq_len": config.max_seq_len,
-        "truncation": TRUNCATION,
-        "layers": list(layers),
-        "hidden_dtype": config.dtype,
-        "logits_dtype": "float32",
-        "precision": config.precision,  # bf16/fp16 autocast changes the stored values
-    }
-    key = cache_key(fingerprints)
-    folder = config.cache_dir / task.name / key
-    fingerprint_seconds = time.time() - started
 
-    if not config.force and (folder / mf.MANIFEST).is_file():
+def _find(folder: Path, task: Task, key: str, config: CacheConfig) -> CacheResult | None:
+    """The complete cache with this key, here or (with --store) pulled from the store."""
+    if (folder / mf.MANIFEST).is_file():
         return CacheResult(folder, key, hit=True, manifest=mf.read(folder))
-    if config.store and not config.force:
+    if config.store:
         from pkdpipe.cache.store import pull_if_present  # fsspec only when a store is used
 
         pulled = pull_if_present(config.store, task.name, key, config.cache_dir, quiet=config.quiet)
         if pulled is not None:
             return CacheResult(pulled, key, hit=True, manifest=mf.read(pulled), pulled=True)
-
-    device = pick_device(config.device)
-    model.to(device).eval()
-    with _build_lock(folder, config.quiet) as already_built:
-        if already_built and not config.force:
-            return CacheResult(folder, key, hit=True, manifest=mf.read(folder))
-        if config.force and distributed.is_main():
-            _clear(folder)
-        distributed.barrier()
-        timings = {"fingerprint_s": round(fingerprint_seconds, 2)}
-        splits_info = {}
-        for split, ex in examples.items():
-            encoded = encode(ex, tokenizer, config.max_seq_len)
-            t0 = time.time()
-            splits_info[split] = _cache_split(
-                split, encoded, model, tokenizer, layers, folder, config, task, device
-            )
-            timings[f"{split}_s"] = round(time.time() - t0, 2)
-        distributed.barrier()
-        if distributed.is_main():
-            manifest = _manifest(
-                config, task, teacher_name, model, key, fingerprints, layers, splits_info, folder
-            )
-            manifest["timings"] = {**timings, "total_s": round(time.time() - started, 2)}
-            mf.write(folder, manifest)
-        distributed.barrier()
-    result = CacheResult(folder, key, hit=False, manifest=mf.read(folder))
-    if config.push and distributed.is_main():
-        from pkdpipe.cache.store import push
-
-        push(folder, config.store, quiet=config.quiet)
-    return result
+    return None
 
 
-def _cache_split(split, encoded: Encoded, model, tokenizer, layers, folder, config, task, device) -> dict:
+def _cache_split(split, encoded: Encoded, model, tokenizer, layout, folder, config, device) -> dict:
     """Write this rank's shards of one split (skipping finished ones); return the shard plan."""
     lengths = encoded.lengths()
     order = length_sorted_order(lengths, encoded.ids)
@@ -168,9 +190,7 @@ def _cache_split(split, encoded: Encoded, model, tokenizer, layers, folder, conf
     total = sum(len(rows) for _, rows in todo)
     with progress.bar(f"teacher {split}", total, quiet=config.quiet) as bar:
         for path, rows in todo:
-            _write_shard(
-                path, rows, lengths[rows], encoded, model, tokenizer, layers, config, task, device, bar
-            )
+            _write_shard(path, rows, lengths[rows], encoded, model, tokenizer, layout, config, device, bar)
     return {"examples": len(order), "shards": plan}
 
 
@@ -179,31 +199,18 @@ def _finished(path: Path, ids: np.ndarray) -> bool:
 
     A shard from an interrupted run with another --shard-size can have the same name but other
     rows (the shard size is not part of the key: it does not change the values); it is rewritten."""
-    import h5py
-
     if not path.is_file():
         return False
     try:
-        with h5py.File(path, "r") as f:
-            return np.array_equal(f["example_id"][:], ids)
-    except (OSError, KeyError):
+        return np.array_equal(read_shard(path, schema.EXAMPLE_ID)[schema.EXAMPLE_ID], ids)
+    except CacheError:
         return False
 
 
 def _write_shard(
-    path, rows, lengths, encoded: Encoded, model, tokenizer, layers, config, task, device, bar
+    path, rows, lengths, encoded: Encoded, model, tokenizer, layout, config, device, bar
 ) -> None:
-    writer = ShardWriter(
-        path,
-        encoded.ids[rows],
-        lengths,
-        num_labels=task.num_labels,
-        hidden_size=hidden_size(model.config),
-        layers=layers,
-        hidden_dtype=config.dtype,
-        regression=task.is_regression,
-        with_token_types=encoded.token_type_ids is not None,
-    )
+    writer = ShardWriter(path, encoded.ids[rows], lengths, layout)
     pad_id = pad_id_of(tokenizer)
     try:
         for start in range(0, len(rows), config.batch_size):
@@ -218,8 +225,8 @@ def _write_shard(
             with torch.inference_mode(), autocast(device, config.precision):
                 out = model(**batch, output_hidden_states=True)
             logits = out.logits.float().cpu().numpy()
-            hidden = {i: out.hidden_states[i][:, 0].float().cpu().numpy() for i in layers}
-            writer.write(ids, types, _labels(encoded, batch_rows, task), logits, hidden)
+            hidden = {i: out.hidden_states[i][:, 0].float().cpu().numpy() for i in layout.layers}
+            writer.write(ids, types, _labels(encoded, batch_rows, layout.regression), logits, hidden)
             bar.advance(len(batch_rows))
         writer.commit()
     except BaseException:
@@ -227,13 +234,14 @@ def _write_shard(
         raise
 
 
-def _labels(encoded: Encoded, rows, task: Task) -> np.ndarray:
+def _labels(encoded: Encoded, rows, regression: bool) -> np.ndarray:
     if encoded.labels is None:
-        return np.full(len(rows), np.nan if task.is_regression else -1)
+        return np.full(len(rows), np.nan if regression else -1)
     return encoded.labels[rows]
 
 
-def _manifest(config, task, teacher_name, model, key, fingerprints, layers, splits_info, folder) -> dict:
+def _manifest(config, task, teacher_name, model, key, inputs: KeyInputs, layout, splits_info, folder) -> dict:
+    """manifest.json's content: each key input in its documented field (see KeyInputs.of)."""
     for info in splits_info.values():
         for shard in info["shards"]:
             path = folder / shard["file"]
@@ -244,7 +252,7 @@ def _manifest(config, task, teacher_name, model, key, fingerprints, layers, spli
         "format_version": FORMAT_VERSION,
         "key": key,
         "task": task.name,
-        "task_spec": fingerprints["task"],
+        "task_spec": inputs.task,
         "label_names": list(task.labels) if task.labels is not None else None,
         "num_labels": task.num_labels,
         "teacher": {
@@ -252,22 +260,22 @@ def _manifest(config, task, teacher_name, model, key, fingerprints, layers, spli
             "model_type": model.config.model_type,
             "architecture": type(model).__name__,
             "num_layers": num_layers(model.config),
-            "hidden_size": hidden_size(model.config),
+            "hidden_size": layout.hidden_size,
             "pretrained_from": pretrained_origin(teacher_name) if Path(teacher_name).is_dir() else None,
-            "weights_sha256": fingerprints["teacher_weights"],
+            "weights_sha256": inputs.teacher_weights,
         },
-        "tokenizer_sha256": fingerprints["tokenizer"],
+        "tokenizer_sha256": inputs.tokenizer,
         "dataset": {
             "source": str(config.data_dir or (task.task_dir if task.hub_name is None else "huggingface-hub")),
-            "sha256": fingerprints["datasets"],
+            "sha256": inputs.datasets,
         },
-        "max_seq_len": config.max_seq_len,
-        "truncation": TRUNCATION,
-        "uses_token_type_ids": "token_type_ids" in _first_shard_keys(folder, splits_info),
-        "layers": list(layers),
-        "hidden_dtype": config.dtype,
-        "logits_dtype": "float32",
-        "precision": config.precision,
+        "max_seq_len": inputs.max_seq_len,
+        "truncation": inputs.truncation,
+        "uses_token_type_ids": layout.with_token_types,
+        "layers": inputs.layers,
+        "hidden_dtype": inputs.hidden_dtype,
+        "logits_dtype": inputs.logits_dtype,
+        "precision": inputs.precision,
         "splits": splits_info,
         "teacher_metrics": _teacher_metrics(folder, task, splits_info),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -277,37 +285,18 @@ def _manifest(config, task, teacher_name, model, key, fingerprints, layers, spli
     }
 
 
-def _first_shard_keys(folder: Path, splits_info: dict) -> set[str]:
-    import h5py
-
-    first = next(iter(splits_info.values()))["shards"][0]["file"]
-    with h5py.File(folder / first, "r") as f:
-        return set(f.keys())
-
-
 def _teacher_metrics(folder: Path, task: Task, splits_info: dict) -> dict:
     """The teacher's metrics on each labelled split other than train, read back from the shards."""
-    import h5py
-
     metrics = {}
     for split, info in splits_info.items():
         if split == "train":
             continue
-        logits, labels = [], []
-        for shard in info["shards"]:
-            with h5py.File(folder / shard["file"], "r") as f:
-                logits.append(f["logits"][:])
-                labels.append(f["labels"][:])
-        labels_all = np.concatenate(labels)
-        if (
-            task.is_regression
-            and np.isnan(labels_all).all()
-            or not task.is_regression
-            and (labels_all < 0).all()
-        ):
+        parts = [read_shard(folder / s["file"], schema.LOGITS, schema.LABELS) for s in info["shards"]]
+        labels = np.concatenate([p[schema.LABELS] for p in parts])
+        if np.isnan(labels).all() if task.is_regression else (labels < 0).all():
             continue
-        preds = predictions_from_logits(task, np.concatenate(logits))
-        metrics[split] = compute_metrics(task, preds, labels_all)
+        preds = predictions_from_logits(task, np.concatenate([p[schema.LOGITS] for p in parts]))
+        metrics[split] = compute_metrics(task, preds, labels)
     return metrics
 
 
@@ -333,9 +322,9 @@ def _clear(folder: Path) -> None:
 def describe(result: CacheResult) -> dict:
     """Figures for the summary table: examples, shards, bytes, per-example bytes, time, dev metric."""
     manifest = result.manifest
-    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
-    examples = sum(info["examples"] for info in manifest["splits"].values())
-    size = sum(s["bytes"] for s in shards)
+    shards = manifest.shards()
+    examples = sum(info.examples for info in manifest.splits.values())
+    size = sum(s.bytes or 0 for s in shards)
     return {
         "path": str(result.path),
         "key": result.key,
@@ -343,9 +332,89 @@ def describe(result: CacheResult) -> dict:
         "shards": len(shards),
         "bytes": size,
         "bytes_per_example": size / max(examples, 1),
-        "seconds": manifest.get("timings", {}).get("total_s"),
-        "teacher_metrics": manifest.get("teacher_metrics", {}),
+        "seconds": manifest.timings.get("total_s"),
+        "teacher_metrics": manifest.teacher_metrics,
     }
 
 
-__all__ = ["CacheResult", "cache_teacher", "describe"]
+# -- recompute: does the cache hold what its teacher computes? ---------------------------------------
+# Tolerances of `recompute_check`. Logits are stored as float32, so a teacher rerun in fp32 agrees to
+# rounding (TF32 matmuls on a GPU, or another device, stay well inside 1e-2); [CLS] vectors stored as
+# float16 keep ~3 significant digits, which moves a vector's cosine by far less than 1e-3. A cache made
+# under bf16/fp16 autocast is compared with the looser pair. Another teacher (even one fine-tuned from
+# the same pre-trained model) misses these by orders of magnitude.
+RECOMPUTE_TOLERANCE = {"fp32": (1e-2, 0.999), "autocast": (1e-1, 0.99)}  # (max |logit diff|, min cosine)
+
+
+@dataclass
+class RecomputeReport:
+    examples: int  # how many examples were recomputed
+    max_logit_diff: float  # largest |teacher logit - cached logit|
+    max_hidden_diff: float  # largest |teacher [CLS] - cached [CLS]| over stored layers
+    min_cosine: float  # lowest cosine between a recomputed and a cached [CLS] vector
+    worst_layer: int | None  # the stored layer with that lowest cosine
+    logit_tolerance: float
+    cosine_tolerance: float
+    notes: list[str] = field(default_factory=list)  # e.g. the teacher's weights differ from the manifest's
+
+    @property
+    def ok(self) -> bool:
+        return self.max_logit_diff <= self.logit_tolerance and self.min_cosine >= self.cosine_tolerance
+
+
+def recompute_check(
+    folder: str | Path, teacher: str, n: int, seed: int = 0, device: str = "auto", batch_size: int = 32
+) -> RecomputeReport:
+    """Rerun `teacher` on `n` examples drawn at random (seeded) from all of the cache's splits, with
+    the token ids stored in the cache, and compare its logits and stored layers' [CLS] vectors with
+    the cached ones. `ok` is False past `RECOMPUTE_TOLERANCE`; this catches a cache made by another
+    teacher than the one it claims."""
+    if n < 1:
+        raise CacheError(f"--recompute needs a positive number of examples; got {n}")
+    cache = TeacherCache(folder)
+    m = cache.manifest
+    model = load_classifier(teacher)
+    if model.config.num_labels != cache.num_labels or hidden_size(model.config) != cache.hidden_size:
+        raise CacheError(
+            f"teacher {teacher} ({model.config.num_labels} labels, hidden {hidden_size(model.config)}) "
+            f"cannot have made this cache ({cache.num_labels} labels, hidden {cache.hidden_size})"
+        )
+    notes = []
+    if hash_weights(model) != m.teacher.weights_sha256:
+        notes.append(f"the weights of {teacher} are not the ones the manifest records")
+    tokenizer = load_tokenizer(teacher)
+    if hash_tokenizer(tokenizer) != m.tokenizer_sha256:
+        notes.append(
+            f"the tokenizer of {teacher} is not the one the manifest records (the cached ids are not its ids)"
+        )
+    pad_id = pad_id_of(tokenizer)
+    logit_tol, cos_tol = RECOMPUTE_TOLERANCE["fp32" if m.precision == "fp32" else "autocast"]
+
+    sizes = {split: info.examples for split, info in m.splits.items()}
+    starts = np.cumsum([0, *sizes.values()])
+    picks = np.sort(np.random.default_rng(seed).choice(starts[-1], size=min(n, starts[-1]), replace=False))
+    device_ = pick_device(device)
+    model.to(device_).eval()
+    max_logit, max_hidden, min_cos, worst_layer = 0.0, 0.0, 1.0, None
+    with cache:
+        for split, first, stop in zip(sizes, starts[:-1], starts[1:]):
+            positions = picks[(picks >= first) & (picks < stop)] - first
+            for start in range(0, len(positions), batch_size):
+                data = cache.rows(split, positions[start : start + batch_size], cache.layers)
+                batch = collate(data["input_ids"], data["token_type_ids"], pad_id)
+                with torch.inference_mode():
+                    out = model(**{k: v.to(device_) for k, v in batch.items()}, output_hidden_states=True)
+                logits = out.logits.float().cpu().numpy()
+                max_logit = max(max_logit, float(np.abs(logits - data["logits"]).max()))
+                for j, layer in enumerate(cache.layers):
+                    fresh = out.hidden_states[layer][:, 0].float().cpu().numpy()
+                    cached = data["hidden"][:, j].astype(np.float32)
+                    norms = np.linalg.norm(fresh, axis=1) * np.linalg.norm(cached, axis=1)
+                    cosine = float(((fresh * cached).sum(1) / np.maximum(norms, 1e-12)).min())
+                    max_hidden = max(max_hidden, float(np.abs(fresh - cached).max()))
+                    if cosine < min_cos:
+                        min_cos, worst_layer = cosine, layer
+    return RecomputeReport(len(picks), max_logit, max_hidden, min_cos, worst_layer, logit_tol, cos_tol, notes)
+
+
+__all__ = ["CacheResult", "RecomputeReport", "cache_teacher", "describe", "recompute_check"]

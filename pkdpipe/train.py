@@ -65,7 +65,7 @@ def task_of(cache: TeacherCache) -> Task:
     try:
         return get_task(cache.task)
     except Exception:
-        spec = cache.manifest["task_spec"]
+        spec = cache.manifest.task_spec
         fields = {k: spec[k] for k in ("text_fields", "label_field", "metrics", "main_metric") if k in spec}
         labels = tuple(spec["labels"]) if spec.get("labels") is not None else None
         return Task(
@@ -87,8 +87,8 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
     task = task_of(cache)
     teacher_map = strategy.layer_map(cache.teacher_layers, config.layers, config.teacher_layers)
     student_layers = list(range(1, config.layers)) if teacher_map else []
-    teacher = cache.manifest["teacher"]
-    init = config.student_init or teacher.get("pretrained_from") or teacher["name_or_path"]
+    teacher = cache.manifest.teacher
+    init = config.student_init or teacher.pretrained_from or teacher.name_or_path
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
     student, tokenizer = _student(init, config, cache, teacher_map)
     if "dev" not in cache.splits:
@@ -112,7 +112,7 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
     meta = {
         "stage": "distill",
         "config": to_dict(config),
-        "cache": {"key": cache.key, "path": str(cache.path), "teacher": teacher},
+        "cache": {"key": cache.key, "path": str(cache.path), "teacher": cache.manifest["teacher"]},
         "student_init": str(init),
         "layer_map": {"student": student_layers, "teacher": teacher_map},
     }
@@ -137,9 +137,9 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
             output,
             result,
             count_parameters(student),
-            teacher_dev=cache.manifest.get("teacher_metrics", {}).get("dev", {}),
+            teacher_dev=cache.manifest.teacher_metrics.get("dev", {}),
         )
-        _model_card(output, task, meta, result, cache.manifest.get("teacher_metrics", {}))
+        _model_card(output, task, meta, result, cache.manifest.teacher_metrics)
     cache.close()
     return result
 
@@ -158,7 +158,7 @@ def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map:
             "the patient loss compares [CLS] vectors, so use --strategy kd or a student of the same width"
         )
     tokenizer = load_tokenizer(init, config.trust_remote_code)
-    if hash_tokenizer(tokenizer) != cache.manifest["tokenizer_sha256"]:
+    if hash_tokenizer(tokenizer) != cache.manifest.tokenizer_sha256:
         raise CacheError(
             f"the student's tokenizer ({init}) is not the one the cache was made with: "
             "the cached token ids would be wrong for it; use a student init with the teacher's tokenizer"

@@ -42,6 +42,7 @@ def batch():
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 5.0])
+@torch.no_grad()
 def test_the_skip_step_uses_the_runs_temperature_and_normalisation(student, batch, normalize, temperature):
     """The step is pkd_loss on the student's [CLS] vectors of layers 1, 2 with the config's alpha,
     beta, T and normalize: a step that ignored --no-normalize or fixed T would differ here."""

@@ -11,9 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
-FORMAT_VERSION = 1  # bump when the shard layout changes: old readers then refuse new caches
+FORMAT_VERSION = 1  # bump when a dataset's or a manifest field's meaning changes: old readers then refuse
 KEY_LENGTH = 16  # hex digits of the sha256 used as a folder name (64 bits: no accidental clashes)
 
 
@@ -33,9 +31,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def hash_weights(model: torch.nn.Module) -> str:
+def hash_weights(model) -> str:
     """sha256 over every parameter and buffer as loaded (names, dtypes, shapes, bytes), so the
     same weights give the same hash whether they came from safetensors, a .bin or the hub."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()

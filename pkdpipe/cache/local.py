@@ -130,11 +130,11 @@ def list_local(cache_dir: str | Path | None = None) -> list[LocalCache]:
             rows.append(row)
             continue
         row.complete = True
-        row.teacher = m["teacher"].get("name_or_path")
-        row.examples = {split: info["examples"] for split, info in m["splits"].items()}
-        row.layers = list(m.get("layers", []))
-        row.dtype = m.get("hidden_dtype")
-        row.created = m.get("created")
+        row.teacher = m.teacher.name_or_path
+        row.examples = {split: info.examples for split, info in m.splits.items()}
+        row.layers = list(m.layers)
+        row.dtype = m.hidden_dtype
+        row.created = m.created
         rows.append(row)
     return rows
 

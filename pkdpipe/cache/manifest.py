@@ -1,18 +1,29 @@
-"""manifest.json: the table of contents of a cache, written last (its presence means complete).
+"""manifest.json, typed: the table of contents of a cache, written last (its presence means complete).
 
-Reading a manifest checks everything a malicious or damaged one could get wrong before any shard
-is opened: the format and its version, and that every file it names is a plain name inside the
-cache folder (no absolute paths, no `..`, no sub-folders).
+`Manifest` and the dataclasses below are the one schema of the manifest: `parse` checks a JSON
+object against them field by field (types, required fields, safe file names, consistent row
+counts, the key against its inputs) before any shard is opened, at every entry point: reading a
+local cache, verifying one, pulling one. The JSON itself stays available as written (a `Manifest`
+reads like the dict, `manifest["teacher"]["name_or_path"]`), for tools and for display.
+
+`KeyInputs` is everything that changes a cache's contents: `cache-teacher` builds it once, the key
+is its hash, and the manifest stores each input in its documented field, so anyone can recompute
+the key from a manifest (docs/cache-format.md, "The key").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pkdpipe import files
-from pkdpipe.cache.fingerprint import FORMAT_VERSION
+from pkdpipe.cache.fingerprint import FORMAT_VERSION, cache_key
 from pkdpipe.errors import CacheError
 
 MANIFEST = "manifest.json"
@@ -31,38 +42,209 @@ def safe_file(folder: Path, name: str) -> Path:
     return folder / name
 
 
-def validate(manifest: dict, where: Path) -> dict:
-    """Check a manifest's format, version and file names; return it unchanged."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+# -- the schema --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    file: str  # a plain file name in the cache folder
+    rows: int
+    sha256: str
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Split:
+    examples: int
+    shards: tuple[Shard, ...]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    name_or_path: str
+    model_type: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    weights_sha256: str
+    pretrained_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    source: str
+    sha256: dict[str, str]  # per split
+
+
+@dataclass(frozen=True)
+class KeyInputs:
+    """Everything that changes a cache's contents; the key is the hash of these and the format version."""
+
+    task: dict  # the task's fingerprint: fields, labels, metrics, dev carve-out
+    teacher_weights: str
+    tokenizer: str
+    datasets: dict[str, str]  # split -> sha256 of its content
+    max_seq_len: int
+    truncation: str
+    layers: list[int]
+    hidden_dtype: str
+    logits_dtype: str
+    precision: str
+
+    def key(self) -> str:
+        return cache_key(dataclasses.asdict(self))
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> KeyInputs:
+        """The inputs as the manifest stores them, each in its documented field."""
+        m = manifest
+        return cls(
+            task=m.task_spec,
+            teacher_weights=m.teacher.weights_sha256,
+            tokenizer=m.tokenizer_sha256,
+            datasets=m.dataset.sha256,
+            max_seq_len=m.max_seq_len,
+            truncation=m.truncation,
+            layers=list(m.layers),
+            hidden_dtype=m.hidden_dtype,
+            logits_dtype=m.logits_dtype,
+            precision=m.precision,
+        )
+
+
+@dataclass(frozen=True)
+class Manifest(Mapping):
+    format: str
+    format_version: int
+    key: str
+    task: str
+    task_spec: dict
+    label_names: list[str] | None
+    num_labels: int
+    teacher: Teacher
+    tokenizer_sha256: str
+    dataset: Dataset
+    max_seq_len: int
+    truncation: str
+    uses_token_type_ids: bool
+    layers: list[int]
+    hidden_dtype: str
+    logits_dtype: str
+    precision: str
+    splits: dict[str, Split]
+    teacher_metrics: dict
+    created: str
+    tool_version: str
+    command: str
+    config: dict
+    timings: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as written
+
+    # the JSON, read like a dict
+    def __getitem__(self, name: str):
+        return self.raw[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def shards(self, split: str | None = None) -> list[Shard]:
+        """The shards of one split, or of all splits in manifest order."""
+        chosen = [self.splits[split]] if split is not None else self.splits.values()
+        return [shard for info in chosen for shard in info.shards]
+
+
+def parse(data: object, where: Path | str) -> Manifest:
+    """A `Manifest` from JSON data, or one CacheError line saying what is wrong with it. The key is
+    checked against its inputs separately (`check_key`), after a store has said where it is."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise CacheError(f"{where} is not a pkdpipe cache manifest")
-    version = manifest.get("format_version")
+    version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheError(
             f"{where} has cache format version {version!r}; this pkdpipe reads version {FORMAT_VERSION}"
         )
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict) or not splits:
+    if not isinstance(data.get("splits"), dict) or not data["splits"]:
         raise CacheError(f"{where} lists no splits")
-    for split, info in splits.items():
-        for shard in info.get("shards", []):
-            safe_file(where.parent, shard.get("file"))
-            if not isinstance(shard.get("rows"), int) or not isinstance(shard.get("sha256"), str):
-                raise CacheError(f"{where}: shard entry of split {split!r} lacks rows or sha256")
+    manifest = dataclasses.replace(_build(Manifest, data, where, "manifest"), raw=data)
+    folder = Path(where).parent
+    for shard in manifest.shards():
+        safe_file(folder, shard.file)
+    names = [s.file for s in manifest.shards()]
+    if len(set(names)) != len(names):
+        raise CacheError(f"{where} lists a shard twice: refusing to read it")
     return manifest
 
 
-def read(folder: str | Path) -> dict:
+def check_key(manifest: Manifest, where: Path | str) -> Manifest:
+    """Refuse a manifest whose key is not the hash of the inputs it records (a cache relabelled by
+    hand, or by a hostile store, to pass for another)."""
+    if KeyInputs.of(manifest).key() != manifest.key:
+        raise CacheError(f"{where}: its key {manifest.key} is not the hash of the inputs it records")
+    return manifest
+
+
+def _build(cls, data: object, where, path: str):
+    """An instance of dataclass `cls` from JSON `data`, every field checked against its type."""
+    if not isinstance(data, dict):
+        raise CacheError(f"{where} is malformed: {path} is not an object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "raw":
+            continue
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise CacheError(f"{where} is malformed: {path} has no {f.name!r}")
+            continue
+        values[f.name] = _value(hints[f.name], data[f.name], where, f"{path}.{f.name}")
+    return cls(**values)
+
+
+def _value(hint, value, where, path: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _value(hint, value, where, path)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, path)
+    if origin in (tuple, list):  # tuple[X, ...] or list[X], from a JSON list
+        items = [_value(args[0], v, where, f"{path}[{i}]") for i, v in enumerate(_list(value, where, path))]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise CacheError(f"{where} is malformed: {path} is not an object")
+        if not args:
+            return value
+        return {k: _value(args[1], v, where, f"{path}.{k}") for k, v in value.items()}
+    expected = {int: (int,), bool: (bool,), str: (str,)}[hint]
+    if not isinstance(value, expected) or (hint is int and isinstance(value, bool)):
+        raise CacheError(f"{where} is malformed: {path} is not a{'n' if hint is int else ''} {hint.__name__}")
+    return value
+
+
+def _list(value, where, path: str) -> list:
+    if not isinstance(value, list):
+        raise CacheError(f"{where} is malformed: {path} is not a list")
+    return value
+
+
+def read(folder: str | Path) -> Manifest:
     folder = Path(folder)
     path = folder / MANIFEST
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CacheError(f"{path} is not a regular file: refusing to read it")
     if not path.is_file():
         if folder.is_dir():
             raise CacheError(f"{folder} has no {MANIFEST}: the cache is incomplete (run cache-teacher again)")
         raise CacheError(f"no cache at {folder}")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CacheError(f"cannot read {path}: {err}") from None
-    return validate(manifest, path)
+    return check_key(parse(data, path), path)
 
 
 def write(folder: Path, manifest: dict) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from pkdpipe import distributed
 from pkdpipe.batching import plan_epoch, rank_rows
 from pkdpipe.cache import manifest as mf
+from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
 from pkdpipe.cache.local import latest_cache, list_caches, resolve_cache  # noqa: F401  (re-exported)
 from pkdpipe.errors import CacheError
@@ -38,49 +39,48 @@ class TeacherCache:
         self.manifest = mf.read(self.path)
         self._files: dict[str, h5py.File] = {}
         self._verified: set[str] = set()  # shards whose checksum matched, here or on another rank
-        self._id_indexes: dict[str, dict[int, tuple[str, int]]] = {}  # split -> id -> (shard, row)
         self._token_arrays: dict[str, tuple] = {}  # shard -> (offsets, input_ids, token_type_ids)
 
     # -- what the manifest says ------------------------------------------------------------
     @property
     def key(self) -> str:
-        return self.manifest["key"]
+        return self.manifest.key
 
     @property
     def task(self) -> str:
-        return self.manifest["task"]
+        return self.manifest.task
 
     @property
     def splits(self) -> list[str]:
-        return list(self.manifest["splits"])
+        return list(self.manifest.splits)
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
+        return list(self.manifest.layers)
 
     @property
     def label_names(self) -> list[str] | None:
-        return self.manifest["label_names"]
+        return self.manifest.label_names
 
     @property
     def num_labels(self) -> int:
-        return self.manifest["num_labels"]
+        return self.manifest.num_labels
 
     @property
     def hidden_size(self) -> int:
-        return self.manifest["teacher"]["hidden_size"]
+        return self.manifest.teacher.hidden_size
 
     @property
     def teacher_layers(self) -> int:
-        return self.manifest["teacher"]["num_layers"]
+        return self.manifest.teacher.num_layers
 
     def num_examples(self, split: str) -> int:
-        return self._split(split)["examples"]
+        return self._split(split).examples
 
-    def _split(self, split: str) -> dict:
-        if split not in self.manifest["splits"]:
+    def _split(self, split: str) -> mf.Split:
+        if split not in self.manifest.splits:
             raise CacheError(f"cache {self.key} has no {split!r} split; it has {', '.join(self.splits)}")
-        return self.manifest["splits"][split]
+        return self.manifest.splits[split]
 
     def check_layers(self, layers: Sequence[int]) -> None:
         missing = sorted(set(layers) - set(self.layers))
@@ -102,13 +102,13 @@ class TeacherCache:
         return self._files[name]
 
     def _checksum(self, name: str) -> Path:
-        entry = next(
-            s for info in self.manifest["splits"].values() for s in info["shards"] if s["file"] == name
-        )
+        (entry,) = [s for s in self.manifest.shards() if s.file == name]
         path = mf.safe_file(self.path, name)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise CacheError(f"{path} is not a regular file in the cache folder: refusing to read it")
         if not path.is_file():
             raise CacheError(f"cache {self.key} is missing shard {name}")
-        if sha256_file(path) != entry["sha256"]:
+        if sha256_file(path) != entry.sha256:
             raise CacheError(
                 f"checksum mismatch in {path}: the shard is corrupted (cache verify / pull again)"
             )
@@ -124,7 +124,7 @@ class TeacherCache:
         if distributed.world_size() == 1:
             return
         rank, ranks_here = distributed.node_rank_and_size()
-        names = [s["file"] for split in splits for s in self._split(split)["shards"]]
+        names = [s.file for split in splits for s in self._split(split).shards]
         failure = None
         for name in names[rank::ranks_here]:
             try:
@@ -154,14 +154,14 @@ class TeacherCache:
         offsets, tokens, types = self._tokens(name)
         spans = [slice(offsets[r], offsets[r + 1]) for r in rows]
         out = {
-            "example_id": _pick(f["example_id"], rows),
-            "labels": _pick(f["labels"], rows),
-            "logits": _pick(f["logits"], rows),
+            "example_id": _pick(f[schema.EXAMPLE_ID], rows),
+            "labels": _pick(f[schema.LABELS], rows),
+            "logits": _pick(f[schema.LOGITS], rows),
             "input_ids": [tokens[span] for span in spans],
             "token_type_ids": None if types is None else [types[span] for span in spans],
         }
         if layers:
-            out["hidden"] = np.stack([_pick(f["hidden"][str(layer)], rows) for layer in layers], axis=1)
+            out["hidden"] = np.stack([_pick(f[schema.hidden(layer)], rows) for layer in layers], axis=1)
         return out
 
     def _tokens(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -169,66 +169,34 @@ class TeacherCache:
         bytes a token, small beside the [CLS] vectors, and read row by row in a random order."""
         if name not in self._token_arrays:
             f = self.shard(name)
-            types = f["token_type_ids"][:] if "token_type_ids" in f else None
-            self._token_arrays[name] = (f["offsets"][:], f["input_ids"][:], types)
+            types = f[schema.TOKEN_TYPE_IDS][:] if schema.TOKEN_TYPE_IDS in f else None
+            self._token_arrays[name] = (f[schema.OFFSETS][:], f[schema.INPUT_IDS][:], types)
         return self._token_arrays[name]
 
-    def _gather(self, split: str, rows: np.ndarray, layers: Sequence[int]) -> dict:
+    def rows(self, split: str, rows: np.ndarray, layers: Sequence[int] = ()) -> dict:
         """Rows at sorted, unique positions of a split's storage order, from whichever shards hold
-        them: one read per shard and dataset."""
-        shards = self._split(split)["shards"]
-        starts = np.cumsum([0] + [s["rows"] for s in shards])
+        them: one read per shard and dataset (and only the hidden layers asked for)."""
+        shards = self._split(split).shards
+        starts = np.cumsum([0] + [s.rows for s in shards])
         parts = []
         for shard, first, stop in zip(shards, starts[:-1], starts[1:]):
             lo, hi = np.searchsorted(rows, [first, stop])
             if hi > lo:
-                parts.append(self._read_rows(shard["file"], rows[lo:hi] - first, layers))
+                parts.append(self._read_rows(shard.file, rows[lo:hi] - first, layers))
         return _concat(parts)
 
     def read(self, split: str, layers: Sequence[int] = ()) -> dict:
         """A whole split in storage order (length-sorted): for evaluation, verification, tools."""
         self.check_layers(layers)
         parts = [
-            self._read_rows(s["file"], np.arange(s["rows"]), layers)
-            for s in self._split(split)["shards"]
-            if s["rows"]
+            self._read_rows(s.file, np.arange(s.rows), layers) for s in self._split(split).shards if s.rows
         ]
         return _concat(parts)
-
-    def read_ids(self, split: str, ids: Sequence[int], layers: Sequence[int] = ()) -> dict:
-        """The rows of these example ids, in the order given (KeyError-free: unknown ids raise
-        CacheError). Reads only the shards and rows that hold them."""
-        self.check_layers(layers)
-        where = self._id_index(split)
-        try:
-            located = [where[int(i)] for i in ids]
-        except KeyError as err:
-            raise CacheError(f"cache {self.key} has no example id {err.args[0]} in split {split!r}") from None
-        by_shard: dict[str, list[int]] = {}
-        for name, row in located:
-            by_shard.setdefault(name, []).append(row)
-        parts = {
-            name: (np.unique(rows), self._read_rows(name, np.unique(rows), layers))
-            for name, rows in by_shard.items()
-        }
-        return _concat(
-            [_take(parts[name][1], np.searchsorted(parts[name][0], [row])) for name, row in located]
-        )
-
-    def _id_index(self, split: str) -> dict[int, tuple[str, int]]:
-        """example id -> (shard file, row), built once per split from the small example_id datasets."""
-        if split not in self._id_indexes:
-            index = {}
-            for s in self._split(split)["shards"]:
-                for row, example_id in enumerate(self.shard(s["file"])["example_id"][:]):
-                    index[int(example_id)] = (s["file"], row)
-            self._id_indexes[split] = index
-        return self._id_indexes[split]
 
     # -- streaming for training ------------------------------------------------------------
     def lengths(self, split: str) -> np.ndarray:
         """Token count of every row of a split, in storage order."""
-        return np.concatenate([np.diff(self._tokens(s["file"])[0]) for s in self._split(split)["shards"]])
+        return np.concatenate([np.diff(self._tokens(s.file)[0]) for s in self._split(split).shards])
 
     def epoch_plan(
         self,
@@ -267,9 +235,18 @@ class TeacherCache:
         for start in range(0, len(plan), READ_BATCHES):
             mine = [rank_rows(rows, rank, world) for rows in plan[start : start + READ_BATCHES]]
             wanted = np.unique(np.concatenate(mine))
-            data = self._gather(split, wanted, layers)
+            data = self.rows(split, wanted, layers)
             for rows in mine:
                 yield _take(data, np.searchsorted(wanted, rows))
+
+
+def read_shard(path: Path, *datasets: str) -> dict[str, np.ndarray]:
+    """Whole datasets of one shard file, outside any cache (a shard being built, or checked)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {name: f[name][:] for name in datasets}
+    except (OSError, KeyError) as err:
+        raise CacheError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
 
 
 def _pick(dataset, rows: np.ndarray) -> np.ndarray:

@@ -109,14 +109,12 @@ def _sha256_remote(fs, path: str) -> str:
     return digest.hexdigest()
 
 
-def _shards(manifest: dict) -> list[dict]:
-    return [s for info in manifest["splits"].values() for s in info["shards"]]
-
-
-def _check_identity(manifest: dict, where: str, key: str | None = None, task: str | None = None) -> None:
+def _check_identity(
+    manifest: mf.Manifest, where: str, key: str | None = None, task: str | None = None
+) -> None:
     """The manifest's task and key become local folder names: they must be plain names (and match
     where the store says they are)."""
-    m_task, m_key = manifest.get("task"), manifest.get("key")
+    m_task, m_key = manifest.task, manifest.key
     if not isinstance(m_task, str) or not _SAFE_NAME.match(m_task) or ".." in m_task:
         raise StoreError(f"{where} names an unsafe task {m_task!r}: refusing to pull it")
     if not isinstance(m_key, str) or not re.fullmatch(rf"[0-9a-f]{{{KEY_LENGTH}}}", m_key):
@@ -127,9 +125,6 @@ def _check_identity(manifest: dict, where: str, key: str | None = None, task: st
         raise StoreError(
             f"{where} says task {m_task}, but the store holds it under {task}: refusing to pull it"
         )
-    names = [s["file"] for s in _shards(manifest)]
-    if len(set(names)) != len(names):
-        raise StoreError(f"{where} lists a shard twice: refusing to pull it")
 
 
 # -- push ------------------------------------------------------------------------------------------
@@ -145,15 +140,15 @@ def push(folder: str | Path, url: str, quiet: bool = False) -> str:
     """
     folder = Path(folder)
     manifest = mf.read(folder)
-    shards = _shards(manifest)
+    shards = manifest.shards()
     for shard in shards:
-        path = mf.safe_file(folder, shard["file"])
+        path = mf.safe_file(folder, shard.file)
         if not path.is_file():
             raise CacheError(f"cache {folder} is missing shard {shard['file']}: not pushing it")
-        if sha256_file(path) != shard["sha256"]:
+        if sha256_file(path) != shard.sha256:
             raise CacheError(f"checksum mismatch in {path}: the local cache is corrupted, not pushing it")
     fs, base = _filesystem(url)
-    task, key = manifest["task"], manifest["key"]
+    task, key = manifest.task, manifest.key
     remote, dest = _join(base, task, key), _join(url, task, key)
     with _store_errors("reach store", url):
         if fs.exists(_join(remote, mf.MANIFEST)):
@@ -163,15 +158,11 @@ def push(folder: str | Path, url: str, quiet: bool = False) -> str:
         fs.makedirs(remote, exist_ok=True)
         todo = []
         for shard in shards:
-            target = _join(remote, shard["file"])
-            size = (folder / shard["file"]).stat().st_size
-            if (
-                fs.exists(target)
-                and fs.size(target) == size
-                and _sha256_remote(fs, target) == shard["sha256"]
-            ):
+            target = _join(remote, shard.file)
+            size = (folder / shard.file).stat().st_size
+            if fs.exists(target) and fs.size(target) == size and _sha256_remote(fs, target) == shard.sha256:
                 continue  # finished by an earlier, interrupted push
-            todo.append((shard["file"], size))
+            todo.append((shard.file, size))
         with progress.bar(
             f"push {key} (MiB)", sum(size for _, size in todo) / MIB, unit="MiB", quiet=quiet
         ) as bar:
@@ -258,7 +249,7 @@ def pull_if_present(
     return _pull(url, root_of(cache_dir), quiet, task, key)
 
 
-def _read_remote_manifest(url: str) -> tuple[object, str, dict, bytes]:
+def _read_remote_manifest(url: str) -> tuple[object, str, mf.Manifest, bytes]:
     fs, remote = _filesystem(url)
     where = _join(url, mf.MANIFEST)
     with _store_errors("read", url):
@@ -274,7 +265,7 @@ def _read_remote_manifest(url: str) -> tuple[object, str, dict, bytes]:
     except ValueError as err:
         raise StoreError(f"{where} is not valid JSON: {err}") from None
     try:
-        mf.validate(manifest, Path(remote) / mf.MANIFEST)
+        manifest = mf.parse(manifest, Path(remote) / mf.MANIFEST)
         _check_identity(manifest, where)
     except CacheError as err:
         raise StoreError(f"refusing to pull {url}: {err}") from None
@@ -286,8 +277,12 @@ def _read_remote_manifest(url: str) -> tuple[object, str, dict, bytes]:
 def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key: str | None) -> Path:
     fs, remote, manifest, raw = _read_remote_manifest(url)  # everything is checked before any download
     _check_identity(manifest, _join(url, mf.MANIFEST), expect_key, expect_task)
-    names = {s["file"] for s in _shards(manifest)}
-    task, key = manifest["task"], manifest["key"]
+    try:
+        mf.check_key(manifest, _join(url, mf.MANIFEST))
+    except CacheError as err:
+        raise StoreError(f"refusing to pull {url}: {err}") from None
+    names = {s.file for s in manifest.shards()}
+    task, key = manifest.task, manifest.key
     folder = root / task / key
     if (folder / mf.MANIFEST).is_file():
         progress.info(f"{key} is already in {root}: nothing to pull", quiet)
@@ -305,17 +300,15 @@ def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key
             if path.name not in names:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         todo = []
-        for shard in _shards(manifest):
-            local = staging / shard["file"]
-            if local.is_file() and sha256_file(local) == shard["sha256"]:
+        for shard in manifest.shards():
+            local = staging / shard.file
+            if local.is_file() and sha256_file(local) == shard.sha256:
                 continue  # verified by an earlier, interrupted pull
             todo.append(shard)
-        total = sum(s["bytes"] for s in todo if isinstance(s.get("bytes"), int)) / MIB or None
+        total = sum(s.bytes or 0 for s in todo) / MIB or None
         with progress.bar(f"pull {key} (MiB)", total, unit="MiB", quiet=quiet) as bar:
             for shard in todo:
-                _download(
-                    fs, _join(remote, shard["file"]), staging / shard["file"], shard["sha256"], url, bar
-                )
+                _download(fs, _join(remote, shard.file), staging / shard.file, shard.sha256, url, bar)
         files.write_text(staging / mf.MANIFEST, raw.decode(), CacheError)
         _publish(staging, folder)
     progress.info(f"pulled {key}: {len(todo)} shard(s) downloaded into {folder}", quiet)

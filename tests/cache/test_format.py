@@ -23,7 +23,7 @@ from pkdpipe.config import CacheConfig
 from pkdpipe.errors import CacheError
 from pkdpipe.teacher import cache_teacher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "cache-format.md"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 

@@ -163,28 +163,6 @@ def test_no_cache_under_the_root(tmp_path):
         open_cache(None, tmp_path / "empty")
 
 
-def test_read_ids_returns_rows_in_the_order_asked(tiny_cache):
-    from pkdpipe.cache.reader import open_cache
-    from pkdpipe.errors import CacheError
-
-    with open_cache(tiny_cache) as cache:
-        everything = cache.read("train", layers=[0, 2])
-        wanted = [
-            int(everything["example_id"][5]),
-            int(everything["example_id"][0]),
-            int(everything["example_id"][-1]),
-        ]
-        rows = cache.read_ids("train", wanted, layers=[2])
-        assert rows["example_id"].tolist() == wanted
-        for got, example_id in enumerate(wanted):
-            at = int(np.flatnonzero(everything["example_id"] == example_id)[0])
-            np.testing.assert_array_equal(rows["logits"][got], everything["logits"][at])
-            np.testing.assert_array_equal(rows["hidden"][got, 0], everything["hidden"][at, 1])
-            np.testing.assert_array_equal(rows["input_ids"][got], everything["input_ids"][at])
-        with pytest.raises(CacheError, match="no example id 999999"):
-            cache.read_ids("train", [999999])
-
-
 # -- checksums shared by torchrun ranks ----------------------------------------------------------
 def _as_rank(monkeypatch, rank, world, others_ok=True):
     from pkdpipe import distributed

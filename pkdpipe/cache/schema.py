@@ -1,0 +1,84 @@
+"""The datasets of a shard, named once: what the writer creates, the reader reads and verify checks.
+
+One HDF5 file per shard, n rows, T tokens in all (docs/cache-format.md has the same table):
+
+    example_id       (n,)      int64      the example's id (its row in the source file)
+    labels           (n,)      int64      gold label index, -1 = unlabelled (float32, NaN: regression)
+    logits           (n, C)    float32    the teacher's logits
+    hidden/<i>       (n, H)    hidden     [CLS] vector of hidden state i (0 = embeddings output)
+    offsets          (n + 1,)  int64      row r's tokens are input_ids[offsets[r]:offsets[r + 1]]
+    input_ids        (T,)      int32      token ids, unpadded, concatenated (vocabularies outgrow uint16)
+    token_type_ids   (T,)      uint8      segment ids, only for models that use them
+
+Every dataset is contiguous (no chunks, no filters): training reads rows in a random order, and
+h5py reads scattered rows of a contiguous dataset 10-15x faster than of one chunked by rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EXAMPLE_ID = "example_id"
+LABELS = "labels"
+LOGITS = "logits"
+OFFSETS = "offsets"
+INPUT_IDS = "input_ids"
+TOKEN_TYPE_IDS = "token_type_ids"
+HIDDEN = "hidden"  # the group of the [CLS] vectors, one dataset per stored layer
+
+
+def hidden(layer: int) -> str:
+    """The dataset of layer `layer`'s [CLS] vectors."""
+    return f"{HIDDEN}/{layer}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a cache's shards hold, from its manifest: enough to name every dataset's shape and dtype."""
+
+    num_labels: int  # C
+    hidden_size: int  # H
+    layers: tuple[int, ...]
+    hidden_dtype: str
+    regression: bool
+    with_token_types: bool
+
+    @classmethod
+    def of(cls, manifest) -> Layout:
+        """The layout a manifest (`pkdpipe.cache.manifest.Manifest`) describes."""
+        return cls(
+            num_labels=manifest.num_labels,
+            hidden_size=manifest.teacher.hidden_size,
+            layers=tuple(manifest.layers),
+            hidden_dtype=manifest.hidden_dtype,
+            regression=manifest.label_names is None,
+            with_token_types=manifest.uses_token_type_ids,
+        )
+
+    def datasets(self, rows: int, tokens: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{dataset: (shape, dtype)} of a shard of `rows` rows and `tokens` tokens."""
+        shapes = {
+            EXAMPLE_ID: ((rows,), np.int64),
+            LABELS: ((rows,), np.float32 if self.regression else np.int64),
+            LOGITS: ((rows, self.num_labels), np.float32),
+            OFFSETS: ((rows + 1,), np.int64),
+            INPUT_IDS: ((tokens,), np.int32),
+        }
+        if self.with_token_types:
+            shapes[TOKEN_TYPE_IDS] = ((tokens,), np.uint8)
+        for layer in self.layers:
+            shapes[hidden(layer)] = ((rows, self.hidden_size), np.dtype(self.hidden_dtype))
+        return {name: (shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
+
+    def create(self, f, ids: np.ndarray, offsets: np.ndarray) -> None:
+        """Every dataset of a new shard, contiguous and sized; `example_id` and `offsets` filled."""
+        f.create_group(HIDDEN)
+        for name, (shape, dtype) in self.datasets(len(ids), int(offsets[-1])).items():
+            if name == EXAMPLE_ID:
+                f.create_dataset(name, data=ids.astype(dtype))
+            elif name == OFFSETS:
+                f.create_dataset(name, data=offsets.astype(dtype))
+            else:
+                f.create_dataset(name, shape=shape, dtype=dtype)
