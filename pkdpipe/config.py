@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from pkdpipe import strategies
@@ -35,6 +35,16 @@ def _check_positive(**values: float) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be positive; got {value}")
 
 
+def setting(default=MISSING, help: str = ""):  # noqa: A002 (the CLI's word for it)
+    """A config field with its help text: the CLI builds each option from the field's default and
+    this text (`pkdpipe_cli.common.option`), so neither is written twice."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(config_class, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(config_class) if f.name == name)
+
+
 def to_dict(config) -> dict:
     """The config as JSON-able data (paths as strings)."""
     return {
@@ -47,25 +57,33 @@ def to_dict(config) -> dict:
 class CacheConfig:
     """`pkdpipe cache-teacher`: run the teacher once over the splits and cache what distill needs."""
 
-    task: str  # a task name (sst2, mnli, banking77, ...) or a task file (.toml / .json)
-    data_dir: Path | None = None  # local copy of the data; None = the Hugging Face hub
-    teacher: str | None = None  # fine-tuned classifier folder or hub name; None = runs/<task>/teacher
-    splits: tuple[str, ...] = ("train", "dev")  # which splits to cache
-    cache_dir: Path | None = None  # cache root; None = PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe
-    max_seq_len: int = 128  # longer inputs are truncated (longest_first for pairs)
-    batch_size: int = 64  # teacher batch; batches are length-sorted and padded per batch
-    dtype: str = "float16"  # storage dtype of the [CLS] vectors (logits are always float32)
-    layers: tuple[int, ...] | None = None  # hidden layers to store (0 = embeddings); None = all
-    shard_size: int = 8192  # rows per HDF5 shard: the unit of resume and of parallel writing
-    device: str = "auto"  # cpu, cuda, or auto (cuda when available)
-    precision: str = "fp32"  # autocast for the teacher forward: fp32, bf16, fp16
-    force: bool = False  # recompute even when a complete cache with this key exists
-    store: str | None = None  # shared store URL to look the key up in (and push to with push=True)
-    push: bool = False  # after computing, publish the cache to `store`
-    runs_dir: Path = Path("runs")  # where `finetune` puts teachers (for the default teacher)
-    trust_remote_code: bool = False  # let transformers run code shipped with the model
-    quiet: bool = False  # no progress bars
-    command: str | None = None  # the command line, recorded in the manifest
+    task: str = setting(help="Task name (sst2, mnli, banking77, trec, ...) or a task file (.toml / .json).")
+    data_dir: Path | None = setting(
+        None, "Local copy of the data (GLUE TSV or hub layout). Default: the hub."
+    )
+    teacher: str | None = setting(
+        None, "Fine-tuned classifier folder or hub name. Default: runs/TASK/teacher."
+    )
+    splits: tuple[str, ...] = setting(("train", "dev"), "Comma-separated splits to cache.")
+    cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
+    max_seq_len: int = setting(128, "Truncate inputs to this many tokens (longest_first for pairs).")
+    batch_size: int = setting(64, "Teacher batch size (length-sorted, padded per batch).")
+    dtype: str = setting(
+        "float16", "Storage dtype of the [CLS] vectors: float16 or float32 (logits: float32)."
+    )
+    layers: tuple[int, ...] | None = setting(
+        None, "Hidden layers to store: all, or a list like 0,2,4,6 (0 = embeddings)."
+    )
+    shard_size: int = setting(8192, "Rows per shard: the unit of resume and of parallel writing.")
+    device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
+    precision: str = setting("fp32", "Teacher autocast: fp32, bf16 or fp16 (fp16 needs a GPU).")
+    force: bool = setting(False, "Recompute even when a complete cache with this key exists.")
+    store: str | None = setting(None, "Shared store URL to look the key up in first (and to --push to).")
+    push: bool = setting(False, "Publish the cache to --store after computing it.")
+    runs_dir: Path = setting(Path("runs"), "Where finetune puts teachers (for the default teacher).")
+    trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
+    quiet: bool = setting(False, "No progress bars or progress lines.")
+    command: str | None = setting(None, "The command line, recorded in the manifest.")
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir) if self.data_dir else None
@@ -92,27 +110,35 @@ class TrainConfig:
     warm-up, weight decay 0.01; lr from the paper's grid {1e-5, 2e-5, 5e-5}.
     """
 
-    task: str = ""  # task name or task file (taken from the cache when distilling)
-    output: Path | None = None  # output folder; None = a default under runs_dir
-    lr: float = 5e-5  # peak learning rate (AdamW)
-    epochs: int = 4
-    batch_size: int = 32  # the global batch: split across ranks under torchrun
-    warmup: float = 0.1  # fraction of the steps with linear warm-up, then linear decay to 0
-    weight_decay: float = 0.01  # AdamW, not applied to biases and LayerNorm weights
-    max_grad_norm: float = 1.0  # gradient clipping (0 turns it off)
-    seed: int = 42
-    eval_every: int = 0  # evaluate on dev every N steps; 0 = at the end of each epoch
-    checkpoint_every: int = 200  # save a resumable checkpoint every N steps (and each epoch)
-    precision: str = "fp32"  # autocast: fp32, bf16, fp16 (fp16 uses a gradient scaler on CUDA)
-    device: str = "auto"
-    resume: bool = True  # continue from output/checkpoint when it exists
-    runs_dir: Path = Path("runs")
-    report_to: str | None = None  # "tensorboard" to also log there (needs tensorboard installed)
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for smoke tests
-    group_by_length: bool = False  # batches of similar length inside random megabatches (less padding)
-    trust_remote_code: bool = False
-    quiet: bool = False
-    command: str | None = None
+    task: str = setting("", "Task name or task file (distill takes it from the cache).")
+    output: Path | None = setting(None, "Output folder. Default: a folder under runs/TASK/.")
+    lr: float = setting(5e-5, "Peak learning rate (AdamW); the paper's grid is 1e-5, 2e-5, 5e-5.")
+    epochs: int = setting(4, "Epochs over the training set.")
+    batch_size: int = setting(32, "Global batch size (split across ranks under torchrun).")
+    warmup: float = setting(0.1, "Fraction of the steps with linear warm-up, then linear decay to 0.")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
+    max_grad_norm: float = setting(1.0, "Clip gradients to this norm (0 turns clipping off).")
+    seed: int = setting(42, "Seed for initialisation, dropout and data order.")
+    eval_every: int = setting(0, "Evaluate on dev every N steps (0 = at the end of each epoch).")
+    checkpoint_every: int = setting(
+        200, "Save a resumable checkpoint every N steps (and each epoch); rerun to resume."
+    )
+    precision: str = setting(
+        "fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU; it uses a gradient scaler)."
+    )
+    device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
+    resume: bool = setting(True, "Continue from OUTPUT/checkpoint when it exists.")
+    runs_dir: Path = setting(Path("runs"), "Root of the default output folders.")
+    report_to: str | None = setting(None, "tensorboard, to also log there (needs tensorboard installed).")
+    max_steps: int = setting(0, "Stop after N optimizer steps (0 = all epochs); for smoke runs.")
+    group_by_length: bool = setting(
+        False,
+        "Batch rows of similar length inside random megabatches of 50 batches: less padding, faster "
+        "steps. Default: a plain uniform shuffle.",
+    )
+    trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
+    quiet: bool = setting(False, "No progress bars or progress lines.")
+    command: str | None = setting(None, "The command line, recorded next to the output.")
 
     def __post_init__(self):
         self.output = Path(self.output) if self.output else None
@@ -130,10 +156,12 @@ class TrainConfig:
 class FinetuneConfig(TrainConfig):
     """`pkdpipe finetune`: fine-tune a teacher, or a K-layer student baseline (`layers=K`)."""
 
-    model: str = ""  # pre-trained model folder or hub name to start from
-    data_dir: Path | None = None
-    layers: int | None = None  # keep only the first K encoder layers (a fine-tuned-only student)
-    max_seq_len: int = 128
+    model: str = setting("", "Pre-trained model folder or hub name to start from.")
+    data_dir: Path | None = setting(
+        None, "Local copy of the data (GLUE TSV or hub layout). Default: the hub."
+    )
+    layers: int | None = setting(None, "Keep only the first K layers (a fine-tuned-only student baseline).")
+    max_seq_len: int = setting(128, "Truncate inputs to this many tokens.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,18 +182,20 @@ class DistillConfig(TrainConfig):
     and how the paper's hyperparameters map onto them.
     """
 
-    cache: str | None = None  # cache folder or key; None = the newest complete cache under cache_dir
-    cache_dir: Path | None = None
-    strategy: str = "last"  # in pkdpipe.strategies: last, skip (PKD), kd (vanilla KD), ft (gold labels)
-    layers: int = 6  # student depth K
-    teacher_layers: tuple[int, ...] | None = None  # explicit map for student layers 1..K-1
-    student_init: str | None = None  # None = the model the teacher was fine-tuned from
-    alpha: float = 0.5  # weight of the soft-label term
-    beta: float = (
-        0.5  # weight of the patient term; pkdpipe scale = authors' beta / hidden size (pkdpipe.losses)
+    cache: str | None = setting(None, "Cache folder or key. Default: the newest complete cache under the root.")
+    cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
+    strategy: str = setting("last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only).")
+    layers: int = setting(6, "Student depth K.")
+    teacher_layers: tuple[int, ...] | None = setting(
+        None, "Explicit map for student layers 1..K-1, e.g. 2,4,6,8,10."
     )
-    temperature: float = 10.0
-    normalize: bool = True  # L2-normalise the [CLS] vectors before the patient loss
+    student_init: str | None = setting(
+        None, "Pre-trained model to take the first K layers from. Default: the teacher's pre-trained model."
+    )
+    alpha: float = setting(0.5, "Weight of the soft-label (KD) term against CE, in [0, 1].")
+    beta: float = setting(0.5, "Weight of the patient term (pkdpipe scale: the authors' beta / hidden size).")
+    temperature: float = setting(10.0, "KD temperature T.")
+    normalize: bool = setting(True, "L2-normalise the [CLS] vectors in the patient loss.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -186,16 +216,20 @@ class DistillConfig(TrainConfig):
 class EvaluateConfig:
     """`pkdpipe evaluate`: metrics, size and speed of one or more models on one split."""
 
-    models: list[str] = field(default_factory=list)
-    task: str = ""
-    data_dir: Path | None = None
-    split: str = "dev"
-    batch_size: int = 64
-    max_seq_len: int = 128
-    device: str = "auto"
-    precision: str = "fp32"
-    trust_remote_code: bool = False
-    quiet: bool = False
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "Model folders; the first is the baseline."}
+    )
+    task: str = setting("", "Task name or task file.")
+    data_dir: Path | None = setting(
+        None, "Local copy of the data (GLUE TSV or hub layout). Default: the hub."
+    )
+    split: str = setting("dev", "Split to evaluate on.")
+    batch_size: int = setting(64, "Inference batch size (length-sorted, padded per batch).")
+    max_seq_len: int = setting(128, "Truncate inputs to this many tokens.")
+    device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
+    precision: str = setting("fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU).")
+    trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
+    quiet: bool = setting(False, "No progress bars or progress lines.")
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir) if self.data_dir else None

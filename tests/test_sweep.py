@@ -101,3 +101,25 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert result.exit_code == 1
     assert "has no train_log.jsonl" in result.output
     assert not (tmp_path / "r.png").exists()
+
+
+def test_sweep_takes_the_full_training_options_and_whole_numbers_only(tiny_cache, tmp_path, one_thread):
+    runner = CliRunner()
+    out = tmp_path / "sweep"
+    args = ["sweep", "--cache", str(tiny_cache), "--strategy", "skip", "--layers", "2", "--max-steps", "2",
+            "--batch-size", "8", "--output", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    refused = runner.invoke(app, [*args[:6], "3.7", *args[7:]])
+    assert refused.exit_code == 1 and "--layers takes comma-separated integers" in refused.output
+    assert not out.exists()
+
+    result = runner.invoke(app, [*args, "--warmup", "0.3", "--weight-decay", "0", "--no-normalize",
+                                 "--student-init", str(tiny_cache), "--precision", "bf16"])  # fmt: skip
+    assert result.exit_code == 1  # --student-init reached distill, which cannot load a cache as a model
+    assert f"cannot load model from {tiny_cache}" in result.output
+    result = runner.invoke(app, [*args, "--warmup", "0.3", "--weight-decay", "0", "--no-normalize",
+                                 "--precision", "bf16", "--group-by-length"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    saved = json.loads((run / "pkdpipe_config.json").read_text())["config"]
+    assert (saved["warmup"], saved["weight_decay"], saved["normalize"]) == (0.3, 0.0, False)
+    assert (saved["precision"], saved["group_by_length"]) == ("bf16", True)

@@ -175,3 +175,29 @@ def test_finetune_layers_cuts_the_model(tiny, tmp_path):
     record = json.loads((output / "pkdpipe_finetune.json").read_text())
     assert record["layers"] == 2 and record["base_model"] == str(tiny["pretrained"])
     assert record["command"].startswith("pkdpipe")  # under CliRunner the rest is pytest's own argv
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Help that helps: no option without a help text, booleans are flags, and --version answers."""
+    import click
+
+    def commands(group, prefix=()):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, (*prefix, name))
+            else:
+                yield " ".join((*prefix, name)), command
+
+    root = typer.main.get_command(app)
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in commands(root)
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+    assert missing == []
+    flags = [p for p in root.commands["demo"].params if p.name == "quick"]
+    assert flags and flags[0].is_flag
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("pkdpipe ")
+    assert "pkdpipe[demo]" in runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "200"}).output

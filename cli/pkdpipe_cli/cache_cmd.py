@@ -6,19 +6,19 @@ import json
 from pathlib import Path
 
 import typer
+from rich.table import Table
+
+from pkdpipe.config import CacheConfig
 from pkdpipe_cli.common import (
-    DataDirOpt,
-    TaskOpt,
     command_line,
+    config_from,
     console,
     fmt_metrics,
     human_bytes,
     int_list,
+    option,
     str_list,
 )
-from rich.table import Table
-
-from pkdpipe.config import CacheConfig
 
 cache_app = typer.Typer(help="Inspect, verify and share teacher caches.", no_args_is_help=True)
 
@@ -29,54 +29,33 @@ def register(app: typer.Typer) -> None:
 
 
 def cache_teacher(
-    task: str = TaskOpt,
-    data_dir: Path = DataDirOpt,
-    teacher: str = typer.Option(
-        None, help="Fine-tuned classifier folder or hub name. Default: runs/TASK/teacher."
-    ),
-    splits: str = typer.Option("train,dev", help="Comma-separated splits to cache."),
-    cache_dir: Path = typer.Option(None, help="Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe."),
-    max_seq_len: int = typer.Option(128, help="Truncate inputs to this many tokens."),
-    batch_size: int = typer.Option(64, help="Teacher batch size (length-sorted, padded per batch)."),
-    dtype: str = typer.Option("float16", help="Storage dtype of the [CLS] vectors: float16 or float32."),
-    layers: str = typer.Option("all", help="Layers to store: all, or a list like 0,2,4,6 (0 = embeddings)."),
-    shard_size: int = typer.Option(8192, help="Rows per shard: the unit of resume and of parallel writing."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    precision: str = typer.Option("fp32", help="Teacher autocast: fp32, bf16 or fp16."),
-    store: str = typer.Option(
-        None, envvar="PKDPIPE_STORE", help="Shared store URL to look the key up in first."
-    ),
-    push: bool = typer.Option(False, "--push", help="Publish the cache to --store after computing it."),
-    force: bool = typer.Option(False, "--force", help="Recompute even if the cache exists."),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow code shipped with the model."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    task: str = option(CacheConfig, "task", "--task"),
+    data_dir: Path = option(CacheConfig, "data_dir"),
+    teacher: str = option(CacheConfig, "teacher"),
+    splits: str = option(CacheConfig, "splits"),
+    cache_dir: Path = option(CacheConfig, "cache_dir"),
+    max_seq_len: int = option(CacheConfig, "max_seq_len"),
+    batch_size: int = option(CacheConfig, "batch_size"),
+    dtype: str = option(CacheConfig, "dtype"),
+    layers: str = option(CacheConfig, "layers"),
+    shard_size: int = option(CacheConfig, "shard_size"),
+    device: str = option(CacheConfig, "device"),
+    precision: str = option(CacheConfig, "precision"),
+    store: str = option(CacheConfig, "store", envvar="PKDPIPE_STORE"),
+    push: bool = option(CacheConfig, "push"),
+    force: bool = option(CacheConfig, "force"),
+    trust_remote_code: bool = option(CacheConfig, "trust_remote_code"),
+    quiet: bool = option(CacheConfig, "quiet"),
 ):
     """Run the teacher once over a task's splits and cache its logits and every layer's [CLS] vector."""
     from pkdpipe.teacher import cache_teacher as run
     from pkdpipe.teacher import describe
 
-    config = CacheConfig(
-        task=task,
-        data_dir=data_dir,
-        teacher=teacher,
-        splits=str_list(splits),
-        cache_dir=cache_dir,
-        max_seq_len=max_seq_len,
-        batch_size=batch_size,
-        dtype=dtype,
-        layers=None if layers == "all" else int_list(layers, "--layers"),
-        shard_size=shard_size,
-        device=device,
-        precision=precision,
-        force=force,
-        store=store,
-        push=push,
-        trust_remote_code=trust_remote_code,
-        quiet=quiet,
-        command=command_line(),
-    )
+    parsed = {
+        "splits": str_list(splits),
+        "layers": None if layers in (None, "all") else int_list(layers, "--layers"),
+    }
+    config = config_from(CacheConfig, {**locals(), **parsed}, command=command_line())
     result = run(config)
     from pkdpipe import distributed
 

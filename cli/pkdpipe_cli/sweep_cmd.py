@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
-from pkdpipe_cli.common import console
 from rich.table import Table
 
-from pkdpipe.config import DistillConfig
+from pkdpipe.config import DistillConfig, TrainConfig, help_of
 from pkdpipe.errors import ConfigError
+from pkdpipe_cli.common import command_line, config_from, console, int_list, option, str_list
 
 
 def register(app: typer.Typer) -> None:
@@ -24,46 +25,53 @@ def _floats(text: str, flag: str) -> list[float]:
         raise ConfigError(f"{flag} takes comma-separated numbers like 0.2,0.5; got {text!r}") from None
 
 
+def grid_option(name: str):
+    """A swept setting: comma-separated values, by default DistillConfig's one value."""
+    field = next(f for f in dataclasses.fields(DistillConfig) if f.name == name)
+    return typer.Option(str(field.default), help=f"Comma-separated values. {help_of(DistillConfig, name)}")
+
+
 def sweep(
-    cache: str = typer.Option(None, help="Cache folder or key. Default: the newest complete cache."),
-    cache_dir: Path = typer.Option(None),
-    strategy: str = typer.Option("skip", help="Comma-separated strategies: last, skip, kd, ft."),
-    layers: str = typer.Option("3", help="Comma-separated student depths."),
-    alpha: str = typer.Option("0.5", help="Comma-separated alphas, e.g. 0.2,0.5,0.7."),
-    beta: str = typer.Option(
-        "0.5", help="Comma-separated betas (pkdpipe scale: authors' beta / hidden size)."
-    ),
-    temperature: str = typer.Option("10", help="Comma-separated temperatures, e.g. 5,10,20."),
-    lr: str = typer.Option("5e-5", help="Comma-separated learning rates."),
-    seed: str = typer.Option("42", help="Comma-separated seeds."),
-    epochs: int = typer.Option(4),
-    batch_size: int = typer.Option(32),
-    max_steps: int = typer.Option(0, help="Stop each run after N steps (0 = all epochs)."),
+    cache: str = option(DistillConfig, "cache"),
+    cache_dir: Path = option(DistillConfig, "cache_dir"),
+    strategy: str = grid_option("strategy"),
+    layers: str = grid_option("layers"),
+    alpha: str = grid_option("alpha"),
+    beta: str = grid_option("beta"),
+    temperature: str = grid_option("temperature"),
+    lr: str = grid_option("lr"),
+    seed: str = grid_option("seed"),
+    student_init: str = option(DistillConfig, "student_init"),
+    normalize: bool = option(DistillConfig, "normalize"),
+    epochs: int = option(TrainConfig, "epochs"),
+    batch_size: int = option(TrainConfig, "batch_size"),
+    warmup: float = option(TrainConfig, "warmup"),
+    weight_decay: float = option(TrainConfig, "weight_decay"),
+    eval_every: int = option(TrainConfig, "eval_every"),
+    checkpoint_every: int = option(TrainConfig, "checkpoint_every"),
+    precision: str = option(TrainConfig, "precision"),
+    device: str = option(TrainConfig, "device"),
+    max_steps: int = option(TrainConfig, "max_steps"),
+    group_by_length: bool = option(TrainConfig, "group_by_length"),
+    trust_remote_code: bool = option(TrainConfig, "trust_remote_code"),
     output: Path = typer.Option(None, help="Sweep folder. Default: runs/TASK/sweep."),
-    device: str = typer.Option("auto"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    quiet: bool = option(TrainConfig, "quiet"),
 ):
     """Train a grid of students from one cache; finished runs are kept and skipped on restart."""
+    from pkdpipe.sweep import GRID_FIELDS
     from pkdpipe.sweep import sweep as run
 
     values = {
-        "strategy": [s.strip() for s in strategy.split(",") if s.strip()],
-        "layers": [int(x) for x in _floats(layers, "--layers")],
+        "strategy": list(str_list(strategy)),
+        "layers": list(int_list(layers, "--layers")),
         "alpha": _floats(alpha, "--alpha"),
         "beta": _floats(beta, "--beta"),
         "temperature": _floats(temperature, "--temperature"),
         "lr": _floats(lr, "--lr"),
-        "seed": [int(x) for x in _floats(seed, "--seed")],
+        "seed": list(int_list(seed, "--seed")),
     }
-    base = DistillConfig(
-        cache=cache,
-        cache_dir=cache_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        max_steps=max_steps,
-        device=device,
-        quiet=quiet,
-    )
+    settings = {k: v for k, v in locals().items() if k not in GRID_FIELDS and k != "output"}
+    base = config_from(DistillConfig, settings, command=command_line())
     runs = run(base, values, output)
     table = Table(title="sweep (best first)")
     metric_names = list(runs[0].metrics) if runs else []

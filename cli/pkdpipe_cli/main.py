@@ -32,7 +32,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "pkdpipe[demo]" must not read as markup
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pkdpipe import __version__
+
+        typer.echo(f"pkdpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+):
+    """Patient Knowledge Distillation for BERT-style models: cache the teacher once, distill many students."""
+
 
 from pkdpipe_cli import cache_cmd, demo_cmd, eval_cmd, sweep_cmd, train_cmd  # noqa: E402  (they register on `app`)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from pkdpipe_cli.common import DataDirOpt, console
 from rich.table import Table
 
 from pkdpipe.config import EvaluateConfig
+from pkdpipe_cli.common import config_from, console, option
 
 
 def register(app: typer.Typer) -> None:
@@ -18,29 +18,20 @@ def register(app: typer.Typer) -> None:
 
 def evaluate(
     models: list[str] = typer.Argument(..., help="Model folders; the first is the baseline for speed-up."),
-    task: str = typer.Option(..., "--task", help="Task name or task file."),
-    data_dir: Path = DataDirOpt,
-    split: str = typer.Option("dev", help="Split to evaluate on."),
-    batch_size: int = typer.Option(64),
-    max_seq_len: int = typer.Option(128),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("fp32"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    task: str = option(EvaluateConfig, "task", "--task", required=True),
+    data_dir: Path = option(EvaluateConfig, "data_dir"),
+    split: str = option(EvaluateConfig, "split"),
+    batch_size: int = option(EvaluateConfig, "batch_size"),
+    max_seq_len: int = option(EvaluateConfig, "max_seq_len"),
+    device: str = option(EvaluateConfig, "device"),
+    precision: str = option(EvaluateConfig, "precision"),
+    trust_remote_code: bool = option(EvaluateConfig, "trust_remote_code"),
+    quiet: bool = option(EvaluateConfig, "quiet"),
 ):
     """Metrics, parameters, examples/s and speed-up of each model on one split."""
     from pkdpipe.evaluate import evaluate as run
 
-    config = EvaluateConfig(
-        models=models,
-        task=task,
-        data_dir=data_dir,
-        split=split,
-        batch_size=batch_size,
-        max_seq_len=max_seq_len,
-        device=device,
-        precision=precision,
-        quiet=quiet,
-    )
+    config = config_from(EvaluateConfig, locals())
     print_reports(run(config), f"{task} {split}")
 
 
@@ -62,14 +53,14 @@ def print_reports(reports, title: str) -> None:
 
 def predict(
     model: str = typer.Argument(..., help="Model folder."),
-    task: str = typer.Option(..., "--task"),
-    data_dir: Path = DataDirOpt,
-    split: str = typer.Option("test"),
+    task: str = option(EvaluateConfig, "task", "--task", required=True),
+    data_dir: Path = option(EvaluateConfig, "data_dir"),
+    split: str = typer.Option("test", help="Split to predict."),
     output: Path = typer.Option(..., "--output", help="TSV file to write (index, prediction)."),
-    batch_size: int = typer.Option(64),
-    max_seq_len: int = typer.Option(128),
-    device: str = typer.Option("auto"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    batch_size: int = option(EvaluateConfig, "batch_size"),
+    max_seq_len: int = option(EvaluateConfig, "max_seq_len"),
+    device: str = option(EvaluateConfig, "device"),
+    quiet: bool = option(EvaluateConfig, "quiet"),
 ):
     """Write GLUE-style predictions: one row per example, its index and predicted label."""
     from pkdpipe.evaluate import predict as run

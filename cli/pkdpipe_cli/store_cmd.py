@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from pkdpipe_cli.common import console, human_bytes
 from rich.table import Table
+
+from pkdpipe_cli.common import console, human_bytes
 
 CacheDirOpt = typer.Option(
     None, "--cache-dir", help="Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe."

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from pkdpipe_cli.common import console
 
 
@@ -21,9 +22,8 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Fine-tune a 6-layer teacher, cache it, distill a 3-layer PKD student, compare on test."""
-    from pkdpipe_cli.eval_cmd import print_reports
-
     from pkdpipe.demo import DemoConfig, run_demo
+    from pkdpipe_cli.eval_cmd import print_reports
 
     config = DemoConfig(run_dir=run_dir, data_dir=data_dir, model=model, device=device, quiet=quiet)
     if quick:
