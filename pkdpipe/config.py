@@ -182,7 +182,9 @@ class DistillConfig(TrainConfig):
     and how the paper's hyperparameters map onto them.
     """
 
-    cache: str | None = setting(None, "Cache folder or key. Default: the newest complete cache under the root.")
+    cache: str | None = setting(
+        None, "Cache folder or key. Default: the newest complete cache under the root."
+    )
     cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
     strategy: str = setting("last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only).")
     layers: int = setting(6, "Student depth K.")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pkdpipe.errors import ConfigError, DataError
+from pkdpipe.tables import Table, read_delimited, read_table, value_text
 
 if TYPE_CHECKING:
     from pkdpipe.tasks import Task
@@ -79,31 +80,6 @@ class Examples:
         }
 
 
-@dataclass
-class _Table:
-    """The rows of one source file or hub split, columnar, before any checks."""
-
-    source: str  # the file path (or hub dataset and split), for messages
-    columns: dict[str, list[Any]]  # column name -> one value per row
-    lines: list[int] | None  # 1-based line where each row starts, for text files; None otherwise
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values()), []))
-
-    def where(self, row: int) -> str:
-        """The place of a row, for messages: 'file line 12' or 'file row 10'."""
-        if self.lines is not None:
-            return f"{self.source} line {self.lines[row]}"
-        return f"{self.source} row {row}"
-
-    def column(self, name: str) -> list[Any]:
-        """The values of column `name`; DataError listing the columns present when there is none."""
-        if name not in self.columns:
-            present = ", ".join(repr(c) for c in self.columns) or "none"
-            raise DataError(f"{self.source}: no column '{name}' (columns present: {present})")
-        return self.columns[name]
-
-
 def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Examples:
     """Read `split` of `task` from `data_dir`, or from the hub / the task file's folder when None."""
     if split not in task.splits:
@@ -113,12 +89,6 @@ def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Ex
     full_train = _read_split(task, "train", data_dir)
     dev_ids = _carve_out_dev_ids(task, full_train)
     return _subset(full_train, split, dev_ids, inside=split == "dev")
-
-
-def read_label_values(path: Path, label_field: str) -> list[str]:
-    """The raw values of one column of a task-file data file, as strings ('' when missing)."""
-    table = _read_table(path)
-    return [_value_text(value) for value in table.column(label_field)]
 
 
 # --- which reader ------------------------------------------------------------------------------------
@@ -147,7 +117,7 @@ def _read_split(task: Task, split: str, data_dir: str | Path | None) -> Examples
     if task.source == "trec":
         return _from_trec_file(task, split, path)
     _check_labels_file(task, base)
-    table = _read_table(path)
+    table = read_table(path)
     return _build_examples(task, split, table, task.text_fields, task.label_field, hub_style=False)
 
 
@@ -174,7 +144,7 @@ def _from_hub(task: Task, split: str) -> Examples:
             "pass --data-dir DIR with a local copy of the data"
         ) from e
     wanted = [c for c in (*task.text_fields, task.label_field) if c in dataset.column_names]
-    table = _Table(source, dataset.select_columns(wanted).to_dict(), lines=None)
+    table = Table(source, dataset.select_columns(wanted).to_dict(), lines=None)
     return _build_examples(task, split, table, task.text_fields, task.label_field, hub_style=True)
 
 
@@ -182,11 +152,11 @@ def _from_glue_folder(task: Task, split: str, base: Path) -> Examples:
     """A GLUE split from a local folder in the hub layout or the classic TSV layout."""
     path = _find_glue_file(task, split, base)
     if path.suffix.lower() != ".tsv" or _has_hub_header(path, task):
-        table = _read_table(path)
+        table = read_table(path)
         return _build_examples(task, split, table, task.text_fields, task.label_field, hub_style=True)
     layout = task.classic
     headerless = layout.headerless_columns if not split.startswith("test") else ()
-    table = _read_delimited(path, "\t", csv.QUOTE_NONE, column_names=headerless or None)
+    table = read_delimited(path, "\t", csv.QUOTE_NONE, column_names=headerless or None)
     return _build_examples(task, split, table, layout.text_columns, layout.label_column, hub_style=False)
 
 
@@ -229,7 +199,7 @@ def _from_trec_file(task: Task, split: str, path: Path) -> Examples:
             labels.append(label.split(":")[0] if task.label_field == "coarse_label" else label)
             texts.append(text)
             lines.append(number)
-    table = _Table(str(path), {"text": texts, task.label_field: labels}, lines)
+    table = Table(str(path), {"text": texts, task.label_field: labels}, lines)
     return _build_examples(task, split, table, ("text",), task.label_field, hub_style=False)
 
 
@@ -248,113 +218,13 @@ def _check_labels_file(task: Task, base: Path) -> None:
         )
 
 
-# --- file readers --------------------------------------------------------------------------------------
-
-
-def _read_table(path: Path) -> _Table:
-    """Any supported data file (.csv, .tsv with CSV quoting, .jsonl, .json, .parquet) as a table."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    if suffix in (".jsonl", ".json"):
-        return _read_json(path)
-    if suffix in (".csv", ".tsv"):
-        return _read_delimited(path, "," if suffix == ".csv" else "\t", csv.QUOTE_MINIMAL)
-    raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .tsv, .jsonl, .json or .parquet)")
-
-
-def _read_delimited(
-    path: Path, delimiter: str, quoting: int, column_names: tuple[str, ...] | None = None
-) -> _Table:
-    """A CSV/TSV file with a header row (or the given column names); every row must fill every column."""
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
-            header = list(column_names) if column_names else next(reader, [])
-            previous_end = reader.line_num
-            for row in reader:
-                start, previous_end = previous_end + 1, reader.line_num
-                if not row:
-                    continue  # blank line
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path} line {start}: {len(row)} fields where the header has {len(header)} "
-                        f"({', '.join(header)})"
-                    )
-                rows.append(row)
-                lines.append(start)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
-    except csv.Error as e:
-        raise DataError(f"{path} line {reader.line_num}: {e}") from e
-    if not rows:
-        raise DataError(f"{path} has no data rows")
-    columns = {name: list(values) for name, values in zip(header, zip(*rows, strict=True), strict=True)}
-    return _Table(str(path), columns, lines)
-
-
-def _read_json(path: Path) -> _Table:
-    """A JSON array of objects, or JSON lines (one object a line; what `Dataset.to_json` writes)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from e
-        return _records_table(path, records, lines=None)
-    records, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number}: not valid JSON ({e.msg})") from e
-        lines.append(number)
-    return _records_table(path, records, lines)
-
-
-def _records_table(path: Path, records: Any, lines: list[int] | None) -> _Table:
-    """A table from a list of JSON objects; a key missing from an object reads as None."""
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{path} has no data rows (expected JSON objects)")
-    for row, record in enumerate(records):
-        if not isinstance(record, dict):
-            where = f"line {lines[row]}" if lines is not None else f"row {row}"
-            raise DataError(f"{path} {where}: expected a JSON object, got {type(record).__name__}")
-    names = dict.fromkeys(key for record in records for key in record)
-    columns = {name: [record.get(name) for record in records] for name in names}
-    return _Table(str(path), columns, lines)
-
-
-def _read_parquet(path: Path) -> _Table:
-    """A parquet file, every column."""
-    import pyarrow.parquet as pq  # installed with datasets
-
-    try:
-        columns = pq.read_table(path).to_pydict()
-    except Exception as e:  # pyarrow raises several types for a damaged or foreign file
-        raise DataError(f"{path} cannot be read as parquet: {e}") from e
-    table = _Table(str(path), columns, lines=None)
-    if len(table) == 0:
-        raise DataError(f"{path} has no data rows")
-    return table
-
-
 # --- checks and conversion --------------------------------------------------------------------------
 
 
 def _build_examples(
     task: Task,
     split: str,
-    table: _Table,
+    table: Table,
     text_columns: tuple[str, ...],
     label_column: str,
     hub_style: bool,
@@ -379,7 +249,7 @@ def _build_examples(
     )
 
 
-def _checked_texts(table: _Table, split: str, column: str) -> list[str]:
+def _checked_texts(table: Table, split: str, column: str) -> list[str]:
     """The column's values as strings; DataError at the first one that is empty after strip."""
     texts = []
     for row, value in enumerate(table.column(column)):
@@ -391,7 +261,7 @@ def _checked_texts(table: _Table, split: str, column: str) -> list[str]:
 
 
 def _converted_labels(
-    task: Task, split: str, table: _Table, column: str, hub_style: bool
+    task: Task, split: str, table: Table, column: str, hub_style: bool
 ) -> list[int] | list[float] | None:
     """Label indices (or floats); None when no row has a label; DataError when only some have one."""
     values = table.column(column)
@@ -420,9 +290,9 @@ def _label_index_map(task: Task) -> dict[str, int]:
     return to_index
 
 
-def _class_label(task: Task, table: _Table, row: int, value: Any, to_index: dict[str, int]) -> int | None:
+def _class_label(task: Task, table: Table, row: int, value: Any, to_index: dict[str, int]) -> int | None:
     """One label's index, or None when the row has no label."""
-    text = _value_text(value)
+    text = value_text(value)
     if text == "":
         return None
     index = to_index.get(text)
@@ -434,9 +304,9 @@ def _class_label(task: Task, table: _Table, row: int, value: Any, to_index: dict
     return None if index == -1 else index
 
 
-def _regression_label(table: _Table, row: int, value: Any, hub_style: bool) -> float | None:
+def _regression_label(table: Table, row: int, value: Any, hub_style: bool) -> float | None:
     """One regression target, or None when the row has none."""
-    text = _value_text(value)
+    text = value_text(value)
     if text == "":
         return None
     try:
@@ -446,15 +316,6 @@ def _regression_label(table: _Table, row: int, value: Any, hub_style: bool) -> f
     if math.isnan(number) or (hub_style and number == -1.0):
         return None
     return number
-
-
-def _value_text(value: Any) -> str:
-    """A raw cell as stripped text: None -> '', 1.0 -> '1' (parquet/JSON may store labels as floats)."""
-    if value is None:
-        return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def _is_integer(text: str) -> bool:

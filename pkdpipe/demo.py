@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pkdpipe import progress
+from pkdpipe import files, progress
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig, to_dict
 from pkdpipe.errors import ConfigError, DataError
 from pkdpipe.evaluate import ModelReport, evaluate
@@ -84,16 +84,16 @@ class DemoResult:
     reused: list[str]  # stages skipped because their output existed
 
 
-def _same_settings(folder: Path, record: str, settings: dict) -> bool:
-    path = folder / record
+DEMO_RECORD = "pkdpipe_demo.json"  # the settings a stage's output was made with, beside the trainer's files
+
+
+def _same_settings(folder: Path, settings: dict) -> bool:
+    path = folder / DEMO_RECORD
     return path.is_file() and json.loads(path.read_text()).get("demo_settings") == settings
 
 
-def _mark(folder: Path, record: str, settings: dict) -> None:
-    path = folder / record
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data["demo_settings"] = settings
-    path.write_text(json.dumps(data, indent=2) + "\n")
+def _mark(folder: Path, settings: dict) -> None:
+    files.write_text(folder / DEMO_RECORD, json.dumps({"demo_settings": settings}, indent=2) + "\n")
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
@@ -119,7 +119,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         **common,
     }
     teacher_settings.pop("quiet")
-    if _same_settings(teacher_dir, "metrics.json", teacher_settings):
+    if _same_settings(teacher_dir, teacher_settings):
         reused.append("teacher")
         progress.info(f"[1/4] teacher: reusing {teacher_dir}", config.quiet)
     else:
@@ -135,7 +135,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                 **common,
             )
         )
-        _mark(teacher_dir, "metrics.json", teacher_settings)
+        _mark(teacher_dir, teacher_settings)
 
     progress.info("[2/4] caching the teacher's logits and [CLS] vectors", config.quiet)
     cache = cache_teacher(
@@ -165,7 +165,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         **common,
     }
     student_settings.pop("quiet")
-    if _same_settings(student_dir, "metrics.json", student_settings):
+    if _same_settings(student_dir, student_settings):
         reused.append("student")
         progress.info(f"[3/4] student: reusing {student_dir}", config.quiet)
     else:
@@ -187,7 +187,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                 **common,
             )
         )
-        _mark(student_dir, "metrics.json", student_settings)
+        _mark(student_dir, student_settings)
 
     progress.info("[4/4] evaluating teacher and student on the test split", config.quiet)
     reports = evaluate(

@@ -9,12 +9,22 @@ never NaN, so that picking the best checkpoint by comparing scores always works.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pkdpipe.tasks import Task
+
+class Task(Protocol):
+    """What scoring needs of a task (pkdpipe.tasks.Task has it): metrics needs no import of tasks."""
+
+    name: str
+    metrics: tuple[str, ...]
+
+    @property
+    def is_regression(self) -> bool: ...
+
+    @property
+    def num_labels(self) -> int: ...
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -47,9 +47,6 @@ class _NullBar:
     def advance(self, n: float = 1, **fields) -> None:
         pass
 
-    def update(self, **fields) -> None:
-        pass
-
 
 class _Bar:
     def __init__(self, progress: Progress, task_id):
@@ -57,9 +54,6 @@ class _Bar:
 
     def advance(self, n: float = 1, **fields) -> None:
         self._progress.update(self._task, advance=n, **fields)
-
-    def update(self, **fields) -> None:
-        self._progress.update(self._task, **fields)
 
 
 @contextmanager

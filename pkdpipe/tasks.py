@@ -46,6 +46,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
 
 from pkdpipe.errors import ConfigError, DataError
 from pkdpipe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from pkdpipe.tables import read_label_values
 
 GLUE_HUB_NAME = "nyu-mll/glue"
 DEFAULT_DEV_FRACTION = 0.1
@@ -545,8 +546,6 @@ def _check_labels(labels: tuple[str, ...], metrics: tuple[str, ...], path: Path)
 
 def _infer_labels(path: Path, files: dict[str, str], label_field: str) -> tuple[str, ...]:
     """The train file's distinct labels, sorted (numerically when they are all numbers)."""
-    from pkdpipe.data import read_label_values  # data.py reads files; it needs no Task at import time
-
     if "train" not in files:
         raise ConfigError(
             f"task file {path}: no 'labels' and no train file to infer them from; add labels = [...]"
