@@ -273,84 +273,119 @@ def fit(
     """Train `model`; keep the best dev checkpoint; resume from `output/checkpoint`.
 
     `terms` are the loss terms `step_fn` returns, shown on the progress bar (all of them are logged)."""
-    started = time.time()
-    device = pick_device(config.device)
-    torch.manual_seed(config.seed)
-    model.to(device).train()
-    core = model
-    if distributed.world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = make_optimizer(core, config)
-    total = source.steps_per_epoch() * config.epochs
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    scheduler = make_scheduler(optimizer, total, config.warmup)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
-    ckpt_dir = output / "checkpoint"
-    resumed = start_or_resume(config, ckpt_dir, core, optimizer, scheduler, scaler)
-    state = resumed or {"epoch": 0, "skip": 0, "step": 0}
-    best = BestKeeper(output, save_final, main_metric)
-    best.start(resumed is not None, resumed)
-    log = TrainingLog(output, config, state["step"] if resumed else None)
-    apply = OptimizerStep(core, optimizer, scheduler, scaler, config.max_grad_norm)
-
-    def evaluate(step: int) -> dict:
-        if eval_fn is None or not distributed.is_main():
-            return {}
-        metrics = eval_fn(core)
-        best.offer(core, step, metrics)
-        return metrics
-
-    def save_checkpoint() -> None:
-        if distributed.is_main():
-            checkpoint.save(ckpt_dir, core, optimizer, scheduler, {**state, **best.state()}, scaler)
-        distributed.barrier()
-
+    run = _Run(model, source, step_fn, eval_fn, config, output, main_metric, save_final)
     shown = " ".join(f"{t} {{task.fields[{t}]:.3f}}" for t in terms)
-    done = False
     extra = f"{shown} lr {{task.fields[lr]:.1e}}"
-    with progress.bar("train", total, unit="step", quiet=config.quiet, extra=extra) as bar:
-        bar.advance(state["step"])
-        for epoch in range(state["epoch"], config.epochs):
-            for batch in source.epoch(epoch, state["skip"]):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device, config.precision):
-                    values = step_fn(model, batch)
-                loss = values["loss"]
-                if not torch.isfinite(loss):
-                    raise ModelError(
-                        f"the loss became {loss.item()} at step {state['step']}: lower --lr or use fp32"
-                    )
-                lr = apply(loss)
-                state["step"] += 1
-                state["skip"] += 1
-                values = {k: float(v.detach()) for k, v in values.items()}  # one device sync per step
-                log.add(values)
+    with progress.bar("train", run.total, unit="step", quiet=config.quiet, extra=extra) as bar:
+        bar.advance(run.state["step"])
+        for epoch in range(run.state["epoch"], config.epochs):
+            done = False
+            for batch in source.epoch(epoch, run.state["skip"]):
+                values, lr = run.train_step(batch)
                 bar.advance(1, lr=lr, **{t: values[t] for t in terms})
-                step = state["step"]
-                evaluate_now = bool(config.eval_every and step % config.eval_every == 0)
-                metrics = evaluate(step) if evaluate_now else {}  # {} on ranks other than 0
-                # decided alike on every rank: the log's flush is a collective every rank must join
-                if step % LOG_EVERY == 0 or evaluate_now or step == total:
-                    log.flush(step, epoch, lr, prefixed(metrics))
-                if step >= total:
-                    done = True
+                done = run.after_step(epoch, lr)
+                if done:
                     break
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save_checkpoint()
-            if not done:
-                state.update(epoch=epoch + 1, skip=0)
-            metrics = evaluate(state["step"]) if not config.eval_every else {}
-            if metrics:
-                log.record({"step": state["step"], "epoch": epoch, **prefixed(metrics)})
+            run.end_epoch(epoch, done)
             if done:
                 break
-            save_checkpoint()
-    if distributed.is_main():
-        best.finish(core, evaluated=eval_fn is not None)
-        checkpoint.remove(ckpt_dir)
-    log.close()
-    distributed.barrier()
-    return TrainResult(output, best.metrics, best.step, state["step"], time.time() - started)
+    return run.finish()
+
+
+class _Run:
+    """One training run's parts and counters; `fit` drives it step by step."""
+
+    def __init__(self, model, source, step_fn, eval_fn, config: TrainConfig, output, main_metric, save_final):
+        self.started = time.time()
+        self.config, self.output, self.step_fn, self.eval_fn = config, output, step_fn, eval_fn
+        self.device = pick_device(config.device)
+        torch.manual_seed(config.seed)
+        self.core = model.to(self.device).train()
+        self.model = model
+        if distributed.world_size() > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.optimizer = make_optimizer(self.core, config)
+        self.total = source.steps_per_epoch() * config.epochs
+        if config.max_steps:
+            self.total = min(self.total, config.max_steps)
+        self.scheduler = make_scheduler(self.optimizer, self.total, config.warmup)
+        fp16 = config.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.checkpoint_dir = output / "checkpoint"
+        resumed = start_or_resume(
+            config, self.checkpoint_dir, self.core, self.optimizer, self.scheduler, self.scaler
+        )
+        self.state = resumed or {"epoch": 0, "skip": 0, "step": 0}
+        self.best = BestKeeper(output, save_final, main_metric)
+        self.best.start(resumed is not None, resumed)
+        self.log = TrainingLog(output, config, self.state["step"] if resumed else None)
+        self.apply = OptimizerStep(
+            self.core, self.optimizer, self.scheduler, self.scaler, config.max_grad_norm
+        )
+
+    def train_step(self, batch: dict) -> tuple[dict[str, float], float]:
+        """Forward, loss, optimizer step: the step's loss terms as floats, and the lr it used."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with autocast(self.device, self.config.precision):
+            values = self.step_fn(self.model, batch)
+        loss = values["loss"]
+        if not torch.isfinite(loss):
+            raise ModelError(
+                f"the loss became {loss.item()} at step {self.state['step']}: lower --lr or use fp32"
+            )
+        lr = self.apply(loss)
+        self.state["step"] += 1
+        self.state["skip"] += 1
+        values = {k: float(v.detach()) for k, v in values.items()}  # one device sync per step
+        self.log.add(values)
+        return values, lr
+
+    def after_step(self, epoch: int, lr: float) -> bool:
+        """Evaluate, log and checkpoint when due; return whether training is done."""
+        step, config = self.state["step"], self.config
+        evaluate_now = bool(config.eval_every and step % config.eval_every == 0)
+        metrics = self.evaluate() if evaluate_now else {}  # {} on ranks other than 0
+        # decided alike on every rank: the log's flush is a collective every rank must join
+        if step % LOG_EVERY == 0 or evaluate_now or step == self.total:
+            self.log.flush(step, epoch, lr, prefixed(metrics))
+        if step >= self.total:
+            return True
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            self.save_checkpoint()
+        return False
+
+    def end_epoch(self, epoch: int, done: bool) -> None:
+        """The epoch's evaluation (unless --eval-every evaluates by steps) and checkpoint."""
+        if not done:
+            self.state.update(epoch=epoch + 1, skip=0)
+        metrics = self.evaluate() if not self.config.eval_every else {}
+        if metrics:
+            self.log.record({"step": self.state["step"], "epoch": epoch, **prefixed(metrics)})
+        if not done:
+            self.save_checkpoint()
+
+    def evaluate(self) -> dict:
+        if self.eval_fn is None or not distributed.is_main():
+            return {}
+        metrics = self.eval_fn(self.core)
+        self.best.offer(self.core, self.state["step"], metrics)
+        return metrics
+
+    def save_checkpoint(self) -> None:
+        if distributed.is_main():
+            state = {**self.state, **self.best.state()}
+            checkpoint.save(
+                self.checkpoint_dir, self.core, self.optimizer, self.scheduler, state, self.scaler
+            )
+        distributed.barrier()
+
+    def finish(self) -> TrainResult:
+        if distributed.is_main():
+            self.best.finish(self.core, evaluated=self.eval_fn is not None)
+            checkpoint.remove(self.checkpoint_dir)
+        self.log.close()
+        distributed.barrier()
+        best, steps = self.best, self.state["step"]
+        return TrainResult(self.output, best.metrics, best.step, steps, time.time() - self.started)
