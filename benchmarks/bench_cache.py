@@ -5,10 +5,10 @@ Side by side in one run, over the same length-sorted, dynamically padded batches
 1. the real `pkdpipe.teacher.cache_teacher` (fresh cache folder each time) against the same teacher's
    bare forward with nothing kept or written (forward under inference_mode with
    output_hidden_states=True, the same batches). Goal >= 0.9: writing hides behind compute.
-   The two are interleaved batch by batch inside each cache_teacher run: `pkdpipe.teacher.load_classifier`
-   is wrapped for the run (the library code is unchanged) so that forward hooks on the teacher it
-   loads time each of its forwards and, right after (even batches) or right before (odd batches),
-   run and time a separately loaded copy of the same teacher on the same input tensors. The cache
+   The two are interleaved batch by batch inside each cache_teacher run: its public `teacher_hook`
+   attaches forward hooks to the teacher it loads, which time each of its forwards and, right
+   after (even batches) or right before (odd batches), run and time a separately loaded copy of
+   the same teacher on the same input tensors. The cache
    side is the split's teacher pass as cache_teacher records it (`manifest["timings"]["train_s"]`:
    collate, forward, copying the [CLS] vectors out, HDF5 writes, commit and fsync) less the injected
    bare forwards; ratio = bare seconds / that. The bare side leaves out collate (under 1 ms a batch),
@@ -33,7 +33,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -126,23 +125,18 @@ def bare_pass(model, encoded, batches, pad_id) -> float:
     return t.seconds
 
 
-@contextmanager
 def interleaved_bare(bare_model):
-    """While active, each forward of a teacher that cache_teacher loads is timed, and `bare_model`
-    runs on the same inputs right after it (even batches) or right before it (odd batches), timed too.
-    Yields {"cache": [seconds], "bare": [seconds]}, one entry per batch."""
-    import pkdpipe.teacher as teacher_module
-
+    """A `teacher_hook` for cache_teacher: each forward of the teacher it loads is timed, and
+    `bare_model` runs on the same inputs right after it (even batches) or right before it (odd
+    batches), timed too. Returns (hook, {"cache": [seconds], "bare": [seconds]}), one entry per batch."""
     times: dict[str, list[float]] = {"cache": [], "bare": []}
-    real = teacher_module.load_classifier
 
     def bare(kwargs) -> None:
         with Stopwatch() as t:
             bare_model(**kwargs)  # cache_teacher runs its forward under inference_mode: so does this
         times["bare"].append(t.seconds)
 
-    def load_with_hooks(*args, **kwargs):
-        model = real(*args, **kwargs)
+    def hook(model) -> None:
         started = []
 
         def before(module, args, kwargs):
@@ -157,13 +151,8 @@ def interleaved_bare(bare_model):
 
         model.register_forward_pre_hook(before, with_kwargs=True)
         model.register_forward_hook(after, with_kwargs=True)
-        return model
 
-    teacher_module.load_classifier = load_with_hooks
-    try:
-        yield times
-    finally:
-        teacher_module.load_classifier = real
+    return hook, times
 
 
 def payload_bytes(folder: Path, manifest: dict) -> int:
@@ -236,8 +225,9 @@ def main(argv=None) -> None:
                 quiet=True,
                 command="bench_cache",
             )
-            with interleaved_bare(model) as times, Stopwatch() as t:
-                result = cache_teacher(config)
+            hook, times = interleaved_bare(model)
+            with Stopwatch() as t:
+                result = cache_teacher(config, teacher_hook=hook)
             assert not result.hit and len(times["cache"]) == len(batches)
             injected = sum(times["bare"])
             cache_s.append(result.manifest["timings"]["train_s"] - injected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,8 +72,13 @@ def resolve_teacher(config: CacheConfig, task: Task) -> str:
     )
 
 
-def cache_teacher(config: CacheConfig) -> CacheResult:
-    """Build (or find) the cache for `config`; return where it is and whether it was a hit."""
+def cache_teacher(
+    config: CacheConfig, teacher_hook: Callable[[torch.nn.Module], None] | None = None
+) -> CacheResult:
+    """Build (or find) the cache for `config`; return where it is and whether it was a hit.
+
+    `teacher_hook` is called with the teacher once it is loaded (a benchmark attaches forward
+    hooks through it to time the teacher's forwards)."""
     distributed.init(config.device)
     autocast(pick_device(config.device), config.precision)  # fp16 on CPU fails here, before any work
     started = time.time()
@@ -82,6 +88,8 @@ def cache_teacher(config: CacheConfig) -> CacheResult:
             raise ConfigError(f"task {task.name} has no split {split!r}; it has {', '.join(task.splits)}")
     teacher_name = resolve_teacher(config, task)
     model, tokenizer, layers = _load_teacher(teacher_name, task, config)
+    if teacher_hook is not None:
+        teacher_hook(model)
     examples = {split: load_split(task, split, config.data_dir) for split in config.splits}
     inputs = KeyInputs(
         task=task.fingerprint_dict(),
