@@ -60,10 +60,26 @@ def _write(tmp: Path, model, optimizer, scheduler, trainer_state: dict, scaler) 
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
+FINISHED = "finished.json"  # written once training is over and the result is whole in best/
+
+
 def exists(folder: Path) -> bool:
-    """Whether there is a checkpoint to resume from; a kill between the two renames in `save`
-    leaves only the previous checkpoint, which is then put back."""
-    return files.restore_dir(folder) and (folder / "state.json").is_file()
+    """Whether there is a checkpoint to resume from (or a finished run to complete); a kill between
+    the two renames in `save` leaves only the previous checkpoint, which is then put back."""
+    return files.restore_dir(folder) and ((folder / "state.json").is_file() or (folder / FINISHED).is_file())
+
+
+def mark_finished(folder: Path, trainer_state: dict) -> None:
+    """Record that training is over: a rerun after a kill during the last moves completes them
+    instead of training again (or finishing with whatever weights a checkpoint held)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_text(folder / FINISHED, json.dumps(trainer_state, indent=1), PkdError)
+
+
+def finished_state(folder: Path) -> dict | None:
+    """The trainer state `mark_finished` recorded, or None while training is not over."""
+    path = folder / FINISHED
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def remove(folder: Path) -> None:

@@ -110,7 +110,9 @@ class TrainConfig:
     warm-up, weight decay 0.01; lr from the paper's grid {1e-5, 2e-5, 5e-5}.
     """
 
-    task: str = setting("", "Task name or task file (distill takes it from the cache).")
+    task: str = setting(
+        "", "Task name or task file (distill: the task whose newest cache to take when --cache is not given)."
+    )
     output: Path | None = setting(None, "Output folder. Default: a folder under runs/TASK/.")
     lr: float = setting(5e-5, "Peak learning rate (AdamW); the paper's grid is 1e-5, 2e-5, 5e-5.")
     epochs: int = setting(4, "Epochs over the training set.")
@@ -127,7 +129,9 @@ class TrainConfig:
         "fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU; it uses a gradient scaler)."
     )
     device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
-    resume: bool = setting(True, "Continue from OUTPUT/checkpoint when it exists.")
+    resume: bool = setting(
+        True, "Continue from OUTPUT/checkpoint when it exists (--no-resume starts over, dropping it)."
+    )
     runs_dir: Path = setting(Path("runs"), "Root of the default output folders.")
     report_to: str | None = setting(None, "tensorboard, to also log there (needs tensorboard installed).")
     max_steps: int = setting(0, "Stop after N optimizer steps (0 = all epochs); for smoke runs.")
@@ -183,7 +187,7 @@ class DistillConfig(TrainConfig):
     """
 
     cache: str | None = setting(
-        None, "Cache folder or key. Default: the newest complete cache under the root."
+        None, "Cache folder or key. Default: the newest complete cache of --task (or of the only task there)."
     )
     cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
     strategy: str = setting("last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only).")

@@ -282,10 +282,11 @@ def _converted_labels(
 
 
 def _label_index_map(task: Task) -> dict[str, int]:
-    """Raw label text -> index: every label name, plus "0".."n-1" when no name looks like an integer."""
+    """Raw label text -> index: every label name, plus the numbers base..base+n-1 when the task's data
+    numbers its labels (GLUE's 0/1 columns; a task file's label_base) and no name is a number."""
     to_index = {name: index for index, name in enumerate(task.labels)}
-    if not any(_is_integer(name) for name in task.labels):
-        to_index.update({str(index): index for index in range(len(task.labels))})
+    if task.label_base is not None and not any(_is_integer(name) for name in task.labels):
+        to_index.update({str(index + task.label_base): index for index in range(len(task.labels))})
     to_index.setdefault("-1", -1)  # the hub's "no label"
     return to_index
 
@@ -300,7 +301,15 @@ def _class_label(task: Task, table: Table, row: int, value: Any, to_index: dict[
         shown = ", ".join(task.labels[:8]) + (
             f", ... ({len(task.labels)} labels)" if len(task.labels) > 8 else ""
         )
-        raise DataError(f"{table.where(row)}: label {text!r} is not a label of task '{task.name}' ({shown})")
+        hint = ""
+        if _is_integer(text) and task.label_base is None:
+            hint = (
+                "; numbers in a file are read as label names: if the file numbers the labels, "
+                "add label_base = 0 or 1 to the task file"
+            )
+        raise DataError(
+            f"{table.where(row)}: label {text!r} is not a label of task '{task.name}' ({shown}){hint}"
+        )
     return None if index == -1 else index
 
 

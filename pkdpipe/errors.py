@@ -27,3 +27,7 @@ class CacheError(PkdError):
 
 class StoreError(PkdError):
     """A shared cache store that cannot be reached, read or written."""
+
+
+class DiskFullError(PkdError):
+    """A write that ran out of disk space (or hit a file-size limit): say what to free, keep what is done."""

@@ -20,7 +20,14 @@ from pkdpipe.config import EvaluateConfig
 from pkdpipe.data import load_split
 from pkdpipe.errors import DataError
 from pkdpipe.metrics import compute_metrics, predictions_from_logits
-from pkdpipe.models import autocast, count_parameters, load_classifier, load_tokenizer, pick_device
+from pkdpipe.models import (
+    autocast,
+    check_max_seq_len,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    pick_device,
+)
 from pkdpipe.tasks import Task, get_task
 from pkdpipe.text import Encoded, collate, encode, length_sorted_order, pad_id_of
 
@@ -81,9 +88,10 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
     reports: list[ModelReport] = []
     try:
         for name in config.models:
+            model = load_classifier(name, config.trust_remote_code).to(device).eval()
+            check_max_seq_len(model.config, config.max_seq_len, name)
             tokenizer = load_tokenizer(name, config.trust_remote_code)
             encoded = encode(examples, tokenizer, config.max_seq_len)
-            model = load_classifier(name, config.trust_remote_code).to(device).eval()
             start = time.perf_counter()
             logits = predict_logits(
                 model,
@@ -117,6 +125,7 @@ def predict(model_dir: str, task_name: str, split: str, output: str | Path, data
     examples = load_split(task, split, data_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir).to(pick_device(kwargs.get("device", "auto")))
+    check_max_seq_len(model.config, kwargs.get("max_seq_len", 128), model_dir)
     encoded = encode(examples, tokenizer, kwargs.get("max_seq_len", 128))
     logits = predict_logits(
         model,

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pkdpipe.errors import PkdError
+from pkdpipe import faults
+from pkdpipe.errors import DiskFullError, PkdError
 
 TMP = ".tmp"  # a file being written: <name>.tmp
 PARTIAL = ".partial"  # a folder being written: <name>.partial/
@@ -51,15 +52,33 @@ def is_scratch(name: str) -> bool:
     return name.endswith((TMP, PARTIAL, OLD))
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_TEXT = ("No space left", "File too large", "Disk quota", "StorageFull", "FileTooLarge")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk, a quota or a file-size limit, whichever library reports it: an OSError, or the
+    RuntimeError of HDF5 ("errno = 28") or the SafetensorError of safetensors ("code: 28")."""
+    if isinstance(err, OSError) and err.errno in _FULL:
+        return True
+    text = str(err)
+    return any(t in text for t in _FULL_TEXT) or any(
+        f"errno = {code}" in text or f"code: {code}" in text for code in _FULL
+    )
+
+
 def write_error(
-    path: Path, err: OSError, error: type[PkdError] = PkdError, advice: str = "free some space and rerun"
+    path: Path,
+    err: BaseException,
+    error: type[PkdError] = PkdError,
+    advice: str = "free some space and rerun",
 ) -> PkdError:
     """One line for a failed write; a full disk (or a file-size limit) says what to do."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space" in str(err):
-        return error(f"ran out of disk space writing {path}; {advice}")
+    if is_disk_full(err):
+        return DiskFullError(f"no space left on device while writing {path}: {advice}")
     if isinstance(err, PermissionError):
         return error(f"cannot write {path}: permission denied")
-    return error(f"cannot write {path}: {err.strerror or err}")
+    return error(f"cannot write {path}: {getattr(err, 'strerror', None) or err}")
 
 
 def fsync_and_rename(tmp: Path, path: Path) -> None:
@@ -81,6 +100,11 @@ def replace_file(path: Path, error: type[PkdError] = PkdError) -> Iterator[Path]
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise write_error(path, err, error) from None
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise write_error(path, err, error) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -92,8 +116,11 @@ def write_text(path: Path, text: str, error: type[PkdError] = PkdError) -> None:
         tmp.write_text(text)
 
 
+RESUMES = "free some space and rerun: training resumes from its last checkpoint"
+
+
 @contextmanager
-def replace_dir(folder: Path, error: type[PkdError] = PkdError) -> Iterator[Path]:
+def replace_dir(folder: Path, error: type[PkdError] = PkdError, advice: str = RESUMES) -> Iterator[Path]:
     """`with replace_dir(f) as new: fill new` - then `f` is swapped for `new`.
 
     The new version is written into `<f>.partial/`; a kill while writing leaves `f` as it was.
@@ -107,11 +134,17 @@ def replace_dir(folder: Path, error: type[PkdError] = PkdError) -> Iterator[Path
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
             folder.rename(old)
+        faults.point(f"between-renames:{folder.name}")
         new.rename(folder)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(new, ignore_errors=True)
-        raise write_error(folder, err, error) from None
+        raise write_error(folder, err, error, advice) from None
+    except Exception as err:  # a library's own error for a full disk (safetensors, HDF5)
+        shutil.rmtree(new, ignore_errors=True)
+        if is_disk_full(err):
+            raise write_error(folder, err, error, advice) from None
+        raise
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise

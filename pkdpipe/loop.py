@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from pkdpipe import checkpoint, distributed, files, progress
-from pkdpipe.config import TrainConfig
+from pkdpipe import checkpoint, distributed, faults, files, progress
+from pkdpipe.config import TrainConfig, to_dict
 from pkdpipe.errors import ConfigError, ModelError
 from pkdpipe.models import autocast, pick_device
 
@@ -52,6 +52,7 @@ class TrainResult:
     best_step: int
     steps: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # e.g. no better than the majority class
 
 
 # -- the optimizer ---------------------------------------------------------------------------------
@@ -230,21 +231,29 @@ class BestKeeper:
         with files.replace_dir(self.folder) as staging:
             self.save(model, staging)
 
-    def finish(self, model, evaluated: bool) -> None:
-        """Move the best model's files into the output (the last weights when nothing was
-        evaluated) and clear what the saves left on the way."""
+    def complete(self, model, evaluated: bool) -> None:
+        """Make `best/` the run's result: the last weights when nothing was evaluated."""
         if not evaluated or not self.folder.is_dir():
             self.keep(model)  # no dev split: the last weights are the result
-        for path in self.folder.iterdir():
-            path.replace(self.output / path.name)
-        self.folder.rmdir()
-        files.remove_dir(self.folder)  # scratch left by a kill during a save
+
+    def move_into_output(self) -> None:
+        """Move the result's files into the output (again after a kill, what is left of them) and
+        clear what the saves left on the way."""
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                path.replace(self.output / path.name)
+            self.folder.rmdir()
+        files.remove_dir(self.folder)
 
 
 # -- start or resume -------------------------------------------------------------------------------
-def start_or_resume(config: TrainConfig, ckpt_dir: Path, model, optimizer, scheduler, scaler) -> dict | None:
+def start_or_resume(
+    config: TrainConfig, ckpt_dir: Path, model, optimizer, scheduler, scaler, settings: dict
+) -> dict | None:
     """The trainer state of `output/checkpoint/` loaded into the model and optimizer, or None for a
-    fresh start. Every rank must agree, or they would start from different steps and weights."""
+    fresh start. Every rank must agree, or they would start from different steps and weights; and
+    the checkpoint must come from a run with the same `settings`, or the resumed run would follow
+    the old ones while its files record the new."""
     resuming = config.resume and checkpoint.exists(ckpt_dir)
     if not distributed.all_ok(resuming == distributed.broadcast_object(resuming)):
         raise ConfigError(
@@ -253,9 +262,35 @@ def start_or_resume(config: TrainConfig, ckpt_dir: Path, model, optimizer, sched
         )
     if not resuming:
         return None
-    state = checkpoint.load(ckpt_dir, model, optimizer, scheduler, scaler)
-    progress.info(f"resuming from {ckpt_dir} at step {state['step']}", config.quiet)
+    finished = checkpoint.finished_state(ckpt_dir)
+    state = finished or checkpoint.load(ckpt_dir, model, optimizer, scheduler, scaler)
+    changed = _changed_settings(state.get("settings", settings), settings)
+    if changed:
+        raise ConfigError(
+            f"{ckpt_dir} is the checkpoint of a run with other settings ({changed}): rerun with "
+            "those settings to resume it, or pass --no-resume to start over"
+        )
+    if finished:
+        progress.info(f"{ckpt_dir}: training had finished; completing the output", config.quiet)
+    else:
+        progress.info(f"resuming from {ckpt_dir} at step {state['step']}", config.quiet)
     return state
+
+
+def _changed_settings(saved: dict, now: dict) -> str:
+    """'lr 5e-05 -> 0.0001, epochs 4 -> 2' for every setting that differs; '' when none does."""
+    names = sorted(set(saved) | set(now))
+    return ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in names if saved.get(k) != now.get(k))
+
+
+def resume_settings(config: TrainConfig, **extra) -> dict:
+    """The settings a checkpoint must share with the run that resumes it: every field that changes
+    what is trained (not where it is written, how loudly, or on which device), plus `extra` (the
+    cache's key, say). JSON values, so they compare equal after a round trip through the checkpoint."""
+    ignored = {"output", "runs_dir", "device", "quiet", "command", "report_to", "checkpoint_every",
+               "resume", "trust_remote_code", "cache", "cache_dir", "data_dir"}  # fmt: skip
+    settings = {k: v for k, v in to_dict(config).items() if k not in ignored}
+    return json.loads(json.dumps({**settings, **extra}))
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -269,16 +304,20 @@ def fit(
     main_metric: str | None,
     save_final: SaveFn,
     terms: tuple[str, ...] = ("loss",),
+    settings: dict | None = None,
 ) -> TrainResult:
     """Train `model`; keep the best dev checkpoint; resume from `output/checkpoint`.
 
-    `terms` are the loss terms `step_fn` returns, shown on the progress bar (all of them are logged)."""
-    run = _Run(model, source, step_fn, eval_fn, config, output, main_metric, save_final)
+    `terms` are the loss terms `step_fn` returns, shown on the progress bar (all of them are logged).
+    `settings` (default: `resume_settings(config)`) must match the checkpoint's to resume from it."""
+    settings = resume_settings(config) if settings is None else settings
+    run = _Run(model, source, step_fn, eval_fn, config, output, main_metric, save_final, settings)
     shown = " ".join(f"{t} {{task.fields[{t}]:.3f}}" for t in terms)
     extra = f"{shown} lr {{task.fields[lr]:.1e}}"
     with progress.bar("train", run.total, unit="step", quiet=config.quiet, extra=extra) as bar:
         bar.advance(run.state["step"])
-        for epoch in range(run.state["epoch"], config.epochs):
+        epochs = () if run.finished else range(run.state["epoch"], config.epochs)  # finished: only finish
+        for epoch in epochs:
             done = False
             for batch in source.epoch(epoch, run.state["skip"]):
                 values, lr = run.train_step(batch)
@@ -295,7 +334,9 @@ def fit(
 class _Run:
     """One training run's parts and counters; `fit` drives it step by step."""
 
-    def __init__(self, model, source, step_fn, eval_fn, config: TrainConfig, output, main_metric, save_final):
+    def __init__(
+        self, model, source, step_fn, eval_fn, config: TrainConfig, output, main_metric, save_final, settings
+    ):
         self.started = time.time()
         self.config, self.output, self.step_fn, self.eval_fn = config, output, step_fn, eval_fn
         self.device = pick_device(config.device)
@@ -315,9 +356,11 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.checkpoint_dir = output / "checkpoint"
         resumed = start_or_resume(
-            config, self.checkpoint_dir, self.core, self.optimizer, self.scheduler, self.scaler
+            config, self.checkpoint_dir, self.core, self.optimizer, self.scheduler, self.scaler, settings
         )
         self.state = resumed or {"epoch": 0, "skip": 0, "step": 0}
+        self.state["settings"] = settings
+        self.finished = bool(resumed and resumed.get("finished"))
         self.best = BestKeeper(output, save_final, main_metric)
         self.best.start(resumed is not None, resumed)
         self.log = TrainingLog(output, config, self.state["step"] if resumed else None)
@@ -382,8 +425,16 @@ class _Run:
         distributed.barrier()
 
     def finish(self) -> TrainResult:
+        """Make best/ the result, record that training is over, move the result into the output,
+        drop the checkpoint: a kill between any two of these is completed by a rerun."""
         if distributed.is_main():
-            self.best.finish(self.core, evaluated=self.eval_fn is not None)
+            if not self.finished:
+                self.best.complete(self.core, evaluated=self.eval_fn is not None)
+                state = {**self.state, **self.best.state(), "finished": True}
+                checkpoint.mark_finished(self.checkpoint_dir, state)
+            faults.point("finishing")
+            self.best.move_into_output()
+            faults.point("finished-before-checkpoint-removal")
             checkpoint.remove(self.checkpoint_dir)
         self.log.close()
         distributed.barrier()

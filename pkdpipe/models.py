@@ -52,6 +52,31 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise _load_failed("tokenizer", str(name), err) from None
 
 
+# Models that number positions from padding_idx + 1 (RoBERTa's scheme): their last usable position
+# is max_position_embeddings - (pad_token_id + 1).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def max_input_length(config) -> int | None:
+    """The most tokens (special tokens included) a model's position embeddings can take."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if config.model_type in _OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def check_max_seq_len(config, max_seq_len: int, name: str) -> None:
+    """Refuse --max-seq-len past the model's positions, before a long text fails mid-run."""
+    limit = max_input_length(config)
+    if limit is not None and max_seq_len > limit:
+        raise ModelError(
+            f"--max-seq-len {max_seq_len} is more than {name} can take ({limit} positions): "
+            f"use {limit} or less"
+        )
+
+
 def load_config(name: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)

@@ -17,6 +17,7 @@ from pkdpipe.cache.local import resolve_cache
 from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import DistillConfig
 from pkdpipe.errors import ConfigError
+from pkdpipe.tasks import get_task
 from pkdpipe.train import SourceHook, distill, task_of
 
 GRID_FIELDS = ("strategy", "layers", "alpha", "beta", "temperature", "lr", "seed")
@@ -57,7 +58,7 @@ def sweep(
 ) -> list[SweepRun]:
     """Train every combination of `values` on top of `base`; return the runs, best first.
     `source_hook` is passed to every `distill` (see `pkdpipe.train.SourceHook`)."""
-    cache_path = resolve_cache(base.cache, base.cache_dir)
+    cache_path = resolve_cache(base.cache, base.cache_dir, get_task(base.task).name if base.task else None)
     with TeacherCache(cache_path) as cache:
         task = task_of(cache)
     sweep_dir = Path(sweep_dir) if sweep_dir else base.runs_dir / task.name / "sweep"

@@ -19,6 +19,7 @@ Any other dataset is described by a task file (TOML or JSON):
     text_fields = ["text"]           # one field, or two for sentence pairs
     label_field = "label"            # optional, default "label"
     labels = ["neg", "pos"]          # optional: default is the train split's distinct labels, sorted
+    label_base = 1                   # optional: the files number the labels (1 = labels[0]), not name them
     metric = "accuracy"              # or a list, the first picks checkpoints; default accuracy or pearson
     regression = false               # optional; a regression task has no `labels`
     dev_fraction = 0.1               # optional: used only when [files] has no dev (then dev comes from train)
@@ -27,6 +28,10 @@ Any other dataset is described by a task file (TOML or JSON):
     train = "train.csv"
     dev = "dev.csv"
     test = "test.csv"
+
+Labels in the files are names: "neg", or "3" when `labels` lists "3". A file that numbers its labels
+(AG News: 1..4 for World, Sports, Business, Sci/Tech) says so with `label_base` (0 or 1); without it
+a number that is not a label name is an error, never a silent shift.
 
 Paths in [files] are relative to the task file's folder, or to `--data-dir` when one is given (so one
 task file describes every copy of a dataset); they may not be absolute or contain `..`.
@@ -67,6 +72,7 @@ _TASK_FILE_KEYS = (
     "files",
     "dev_fraction",
     "dev_seed",
+    "label_base",
 )
 
 
@@ -103,6 +109,7 @@ class Task:
     labels_file: str | None = None  # JSON list of label names that must equal `labels` when in the data dir
     dev_fraction: float | None = None  # share of each train label carved out as dev; None = dev is a file
     dev_seed: int = DEFAULT_DEV_SEED  # seed of the dev carve-out
+    label_base: int | None = 0  # an integer i in the data means labels[i - base]; None: integers are names
 
     def __post_init__(self) -> None:
         if len(self.text_fields) not in (1, 2):
@@ -425,6 +432,7 @@ def load_task_file(path: str | Path) -> Task:
         labels = _infer_labels(path, files, label_field)
     if labels is not None:
         _check_labels(labels, metrics, path)
+    label_base = _label_base(raw, path, labels)
 
     splits = tuple(files)
     if dev_fraction is not None:  # the carved-out dev goes right after train
@@ -442,7 +450,25 @@ def load_task_file(path: str | Path) -> Task:
         task_dir=str(path.resolve().parent),
         dev_fraction=dev_fraction,
         dev_seed=dev_seed,
+        label_base=label_base,
     )
+
+
+def _label_base(raw: dict, path: Path, labels: tuple[str, ...] | None) -> int | None:
+    """0 or 1 when the files number their labels; None (integers are label names) by default."""
+    if "label_base" not in raw:
+        return None
+    base = raw["label_base"]
+    if base not in (0, 1) or isinstance(base, bool):
+        raise ConfigError(f"task file {path}: label_base must be 0 or 1, got {base!r}")
+    if labels is None:
+        raise ConfigError(f"task file {path}: a regression task has no label_base; remove it")
+    if any(label.lstrip("-").isdigit() for label in labels):
+        raise ConfigError(
+            f"task file {path}: label_base numbers labels that have names; these labels are numbers "
+            f"already ({', '.join(labels[:4])}, ...): remove label_base"
+        )
+    return base
 
 
 def _read_task_file(path: Path) -> dict:

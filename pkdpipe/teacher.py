@@ -8,6 +8,7 @@ shard is the unit of resume (and of parallel work under torchrun: rank r writes 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkdpipe import __version__, distributed, files, progress
+from pkdpipe import __version__, distributed, faults, files, progress
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import FORMAT_VERSION, hash_tokenizer, hash_weights, sha256_file, sha256_json
@@ -29,10 +30,11 @@ from pkdpipe.cache.reader import TeacherCache, read_shard
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import load_split
-from pkdpipe.errors import CacheError, ConfigError, ModelError
+from pkdpipe.errors import CacheError, ConfigError, DiskFullError, ModelError
 from pkdpipe.metrics import compute_metrics, predictions_from_logits
 from pkdpipe.models import (
     autocast,
+    check_max_seq_len,
     hidden_size,
     load_classifier,
     load_tokenizer,
@@ -136,7 +138,9 @@ def cache_teacher(
             )
             timings[f"{split}_s"] = round(time.time() - t0, 2)
         distributed.barrier()
+        faults.point("before-manifest")
         if distributed.is_main():
+            _drop_unplanned_shards(folder, splits_info)
             manifest = _manifest(config, task, teacher_name, model, key, inputs, layout, splits_info, folder)
             manifest["timings"] = {**timings, "total_s": round(time.time() - started, 2)}
             mf.write(folder, manifest)
@@ -159,6 +163,7 @@ def _load_teacher(teacher_name: str, task: Task, config: CacheConfig):
             f"teacher {teacher_name} has {model.config.num_labels} labels but task {task.name} has "
             f"{task.num_labels}: fine-tune a teacher for this task first"
         )
+    check_max_seq_len(model.config, config.max_seq_len, teacher_name)
     depth = num_layers(model.config)
     layers = config.layers if config.layers is not None else tuple(range(depth + 1))
     if not layers or min(layers) < 0 or max(layers) > depth:
@@ -197,8 +202,20 @@ def _cache_split(split, encoded: Encoded, model, tokenizer, layout, folder, conf
             todo.append((path, rows))
     total = sum(len(rows) for _, rows in todo)
     with progress.bar(f"teacher {split}", total, quiet=config.quiet) as bar:
-        for path, rows in todo:
-            _write_shard(path, rows, lengths[rows], encoded, model, tokenizer, layout, config, device, bar)
+        for i, (path, rows) in enumerate(todo):
+            try:
+                _write_shard(
+                    path, rows, lengths[rows], encoded, model, tokenizer, layout, config, device, bar
+                )
+            except DiskFullError:
+                need = math.ceil(
+                    sum(layout.nbytes(len(r), int(lengths[r].sum())) for _, r in todo[i:]) / 2**20
+                )
+                raise DiskFullError(
+                    f"no space left on device while writing {path}: free {need:,} MB (or use --cache-dir "
+                    "elsewhere) and rerun; finished shards are kept"
+                ) from None
+            faults.point("shard-written")
     return {"examples": len(order), "shards": plan}
 
 
@@ -291,6 +308,14 @@ def _manifest(config, task, teacher_name, model, key, inputs: KeyInputs, layout,
         "command": config.command or " ".join(sys.argv),
         "config": to_dict(config),
     }
+
+
+def _drop_unplanned_shards(folder: Path, splits_info: dict) -> None:
+    """Shards an interrupted run with another --shard-size left under other names: not this cache's."""
+    planned = {shard["file"] for info in splits_info.values() for shard in info["shards"]}
+    for path in folder.glob("*.h5"):
+        if path.name not in planned:
+            path.unlink()
 
 
 def _teacher_metrics(folder: Path, task: Task, splits_info: dict) -> dict:

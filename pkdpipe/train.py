@@ -24,10 +24,12 @@ from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
 from pkdpipe.data import load_split
 from pkdpipe.errors import CacheError, ModelError
 from pkdpipe.evaluate import predict_logits, score
-from pkdpipe.loop import BatchSource, EvalFn, TrainResult, fit
+from pkdpipe.loop import BatchSource, EvalFn, TrainResult, fit, resume_settings
+from pkdpipe.metrics import compute_metrics
 from pkdpipe.models import (
     FINETUNE_RECORD,
     autocast,
+    check_max_seq_len,
     count_parameters,
     hidden_size,
     label_config,
@@ -81,9 +83,14 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
     distributed.init(config.device)
     _check_precision(config)
     strategy = strategies.get(config.strategy)
-    cache = open_cache(config.cache, config.cache_dir)
-    progress.info(f"cache: {cache.path}", config.quiet)
-    cache.verify_across_ranks([split for split in ("train", "dev") if split in cache.splits])
+    cache = open_cache(config.cache, config.cache_dir, get_task(config.task).name if config.task else None)
+    m = cache.manifest
+    made = f"task {m.task}, key {m.key}, teacher {m.teacher.name_or_path}, made {m.created}"
+    progress.info(f"cache: {cache.path} ({made})", config.quiet)
+    splits = [split for split in ("train", "dev") if split in cache.splits]
+    cache.verify_across_ranks(splits)
+    for split in splits:
+        cache.check_rows(split)
     task = task_of(cache)
     teacher_map = strategy.layer_map(cache.teacher_layers, config.layers, config.teacher_layers)
     student_layers = list(range(1, config.layers)) if teacher_map else []
@@ -130,13 +137,17 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
         task.main_metric if eval_fn else None,
         save_final,
         terms=strategy.terms,
+        settings=resume_settings(config, cache_key=cache.key, student_init=str(init)),
     )
+    baseline = majority_baseline(task, dev.labels if dev is not None else None)
+    check_learned(task, result, baseline)
     if distributed.is_main():
         (output / "pkdpipe_config.json").write_text(json.dumps(meta, indent=2) + "\n")
         _write_metrics(
             output,
             result,
             count_parameters(student),
+            baseline,
             teacher_dev=cache.manifest.teacher_metrics.get("dev", {}),
         )
         _model_card(output, task, meta, result, cache.manifest.teacher_metrics)
@@ -208,7 +219,27 @@ def _save_model(model, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def _write_metrics(output: Path, result: TrainResult, parameters: int, **extra) -> None:
+def majority_baseline(task: Task, labels: np.ndarray | None) -> dict[str, float]:
+    """The dev metrics of always answering the most frequent label ({} for regression or no labels)."""
+    if task.is_regression or labels is None or not len(labels):
+        return {}
+    majority = int(np.bincount(labels.astype(np.int64), minlength=task.num_labels).argmax())
+    return compute_metrics(task, np.full(len(labels), majority), labels)
+
+
+def check_learned(task: Task, result: TrainResult, baseline: dict[str, float]) -> None:
+    """Warn, in the result (and so in metrics.json, the card and the CLI summary), when the best dev
+    metric is no better than always answering the majority class: such a model learned nothing."""
+    main = task.main_metric
+    if baseline and result.metrics and result.metrics[main] <= baseline[main] + 1e-9:
+        result.warnings.append(
+            f"the best dev {main} ({result.metrics[main]:.4f}) is no better than always answering the "
+            f"majority class ({baseline[main]:.4f}): the model learned nothing; try a higher --lr or "
+            "more --epochs"
+        )
+
+
+def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline: dict, **extra) -> None:
     """metrics.json: the best dev metrics and where they were reached, for every training run."""
     metrics = {
         "dev": result.metrics,
@@ -216,6 +247,8 @@ def _write_metrics(output: Path, result: TrainResult, parameters: int, **extra) 
         "steps": result.steps,
         "train_seconds": round(result.seconds, 1),
         "parameters": parameters,
+        "dev_majority_baseline": baseline,
+        "warnings": result.warnings,
         **extra,
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -229,6 +262,7 @@ def _model_card(output: Path, task: Task, meta: dict, result: TrainResult, teach
     pairs = zip(meta["layer_map"]["student"], meta["layer_map"]["teacher"])
     layer_map = ", ".join(f"{s}<-{t}" for s, t in pairs) or "none"
     schedule = f"{c['lr']} / {c['epochs']} / {c['batch_size']} / {c['warmup']} / {c['weight_decay']}"
+    warnings = "".join(f"\n**Warning**: {w}\n" for w in result.warnings)
     card = f"""---
 library_name: transformers
 pipeline_tag: text-classification
@@ -251,7 +285,7 @@ from a cached teacher; the teacher's weights were not loaded during training.
 | seed | {c["seed"]} |
 | dev (best, step {result.best_step}) | {dev} |
 | teacher dev | {teacher_dev} |
-
+{warnings}
 ```python
 from transformers import pipeline
 classifier = pipeline("text-classification", model="{output}")
@@ -268,8 +302,10 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     task = get_task(config.task)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     overrides = label_config(task.labels)
+    model_config = load_config(config.model, config.trust_remote_code)
+    check_max_seq_len(model_config, config.max_seq_len, config.model)
     if config.layers is not None:
-        depth = num_layers(load_config(config.model, config.trust_remote_code))
+        depth = num_layers(model_config)
         if config.layers > depth:
             raise ModelError(f"{config.model} has {depth} layers; cannot keep {config.layers}")
         overrides["num_hidden_layers"] = config.layers
@@ -303,6 +339,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         save_final,
         terms=strategies.FINETUNE_TERMS,
     )
+    baseline = majority_baseline(task, dev.labels if dev is not None else None)
+    check_learned(task, result, baseline)
     if distributed.is_main():
         record = {
             "base_model": str(config.model),
@@ -313,7 +351,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
             "command": config.command or " ".join(sys.argv),
         }
         (output / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _write_metrics(output, result, count_parameters(model))
+        _write_metrics(output, result, count_parameters(model), baseline)
     return result
 
 

@@ -120,7 +120,7 @@ def write_tiny_bert(folder: Path, layers: int = 4, hidden: int = 32, seed: int =
         num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden,
-        max_position_embeddings=64,
+        max_position_embeddings=128,  # --max-seq-len defaults to 128, which a model must take
     )
     BertModel(config).save_pretrained(str(folder))
     return folder

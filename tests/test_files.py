@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pkdpipe import files
-from pkdpipe.errors import CacheError, PkdError
+from pkdpipe.errors import CacheError, DiskFullError, PkdError
 
 
 def test_replace_file_writes_whole_or_leaves_the_old_file(tmp_path):
@@ -24,9 +24,9 @@ def test_replace_file_writes_whole_or_leaves_the_old_file(tmp_path):
 
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
     path = tmp_path / "shard.h5"
-    with pytest.raises(CacheError) as err, files.replace_file(path, CacheError):
+    with pytest.raises(DiskFullError) as err, files.replace_file(path, CacheError):
         raise OSError(errno.ENOSPC, "No space left on device")
-    assert str(err.value) == f"ran out of disk space writing {path}; free some space and rerun"
+    assert str(err.value) == f"no space left on device while writing {path}: free some space and rerun"
     assert not list(tmp_path.iterdir())
 
 

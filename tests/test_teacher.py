@@ -174,7 +174,7 @@ def tiny_distilbert(tiny, tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     config = DistilBertConfig(
-        vocab_size=len(tokenizer), dim=32, n_layers=3, n_heads=2, hidden_dim=64, max_position_embeddings=64
+        vocab_size=len(tokenizer), dim=32, n_layers=3, n_heads=2, hidden_dim=64, max_position_embeddings=128
     )
     config.num_labels = 3
     torch.manual_seed(3)

@@ -82,7 +82,8 @@ def test_distill_lowers_the_loss(skip_run):
     _, result, output = skip_run
     lines = _train_lines(output)
     assert result.steps == 36 and lines[-1]["step"] == 36
-    assert lines[-1]["loss"] < 0.85 * lines[0]["loss"]
+    assert lines[-1]["loss"] < 0.9 * lines[0]["loss"]
+    assert lines[-1]["pt"] < 0.5 * lines[0]["pt"]  # the patient term is what 36 tiny steps move most
 
 
 def test_distill_writes_exactly_the_run_files(skip_run, tiny, tmp_path):

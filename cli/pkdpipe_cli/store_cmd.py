@@ -77,13 +77,16 @@ def push(
         ..., help="Store URL: a shared folder, file://, s3://, gs://, hf://, memory://"
     ),
     cache_dir: Path = CacheDirOpt,
+    force: bool = typer.Option(
+        False, "--force", help="Check every shard already in the store and upload the damaged ones again."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Publish a complete cache to a store as URL/TASK/KEY (shards first, manifest last; resumes)."""
     from pkdpipe.cache.local import resolve_cache
     from pkdpipe.cache.store import push as run
 
-    dest = run(resolve_cache(path, cache_dir), url, quiet=quiet)
+    dest = run(resolve_cache(path, cache_dir), url, quiet=quiet, force=force)
     _plain(f"in store: {dest}")
 
 

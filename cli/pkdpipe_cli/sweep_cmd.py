@@ -34,6 +34,7 @@ def grid_option(name: str):
 def sweep(
     cache: str = option(DistillConfig, "cache"),
     cache_dir: Path = option(DistillConfig, "cache_dir"),
+    task: str = option(DistillConfig, "task", "--task"),
     strategy: str = grid_option("strategy"),
     layers: str = grid_option("layers"),
     alpha: str = grid_option("alpha"),

@@ -24,6 +24,8 @@ def _summary(title: str, result, extra: dict) -> None:
     table.add_row("steps", f"{result.steps:,} in {result.seconds:.1f} s")
     table.add_row("output", str(result.output))
     console.print(table)
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False)
 
 
 def finetune(
@@ -44,6 +46,7 @@ def finetune(
     precision: str = option(TrainConfig, "precision"),
     device: str = option(TrainConfig, "device"),
     max_steps: int = option(TrainConfig, "max_steps"),
+    resume: bool = option(TrainConfig, "resume"),
     group_by_length: bool = option(TrainConfig, "group_by_length"),
     report_to: str = option(TrainConfig, "report_to"),
     trust_remote_code: bool = option(TrainConfig, "trust_remote_code"),
@@ -63,6 +66,7 @@ def distill(
     layers: int = option(DistillConfig, "layers"),
     cache: str = option(DistillConfig, "cache"),
     cache_dir: Path = option(DistillConfig, "cache_dir"),
+    task: str = option(DistillConfig, "task", "--task"),
     teacher_layers: str = option(DistillConfig, "teacher_layers"),
     student_init: str = option(DistillConfig, "student_init"),
     output: Path = option(DistillConfig, "output"),
@@ -81,6 +85,7 @@ def distill(
     precision: str = option(TrainConfig, "precision"),
     device: str = option(TrainConfig, "device"),
     max_steps: int = option(TrainConfig, "max_steps"),
+    resume: bool = option(TrainConfig, "resume"),
     group_by_length: bool = option(TrainConfig, "group_by_length"),
     report_to: str = option(TrainConfig, "report_to"),
     trust_remote_code: bool = option(TrainConfig, "trust_remote_code"),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pkdpipe import files, progress
 from pkdpipe.cache import manifest as mf
+from pkdpipe.cache.fingerprint import KEY_LENGTH
 from pkdpipe.config import default_cache_root
 from pkdpipe.errors import CacheError
 
@@ -39,20 +40,30 @@ def list_caches(cache_dir: str | Path | None = None) -> list[Path]:
     return sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith("."))
 
 
-def latest_cache(cache_dir: str | Path | None = None) -> Path:
-    """The most recently completed cache under the root."""
+def latest_cache(cache_dir: str | Path | None = None, task: str | None = None) -> Path:
+    """The most recently completed cache of `task` under the root. Without a task, the root must
+    hold caches of one task only: the newest cache of another task is never taken silently."""
     complete = [p for p in list_caches(cache_dir) if (p / mf.MANIFEST).is_file()]
+    if task:
+        complete = [p for p in complete if p.parent.name == task]
+    where = f"{root_of(cache_dir)}" + (f" for task {task}" if task else "")
     if not complete:
+        raise CacheError(f"no complete cache under {where}: run cache-teacher first, or pass --cache PATH")
+    tasks = sorted({p.parent.name for p in complete})
+    if len(tasks) > 1:
         raise CacheError(
-            f"no complete cache under {root_of(cache_dir)}: run cache-teacher first, or pass --cache PATH"
+            f"the cache root {root_of(cache_dir)} holds caches of several tasks ({', '.join(tasks)}): "
+            "pass --task NAME or --cache PATH_OR_KEY"
         )
     return max(complete, key=lambda p: (p / mf.MANIFEST).stat().st_mtime)
 
 
-def resolve_cache(path_or_key: str | None, cache_dir: str | Path | None = None) -> Path:
-    """A cache folder from a path, a key (looked up under the root), or None (the newest)."""
+def resolve_cache(
+    path_or_key: str | None, cache_dir: str | Path | None = None, task: str | None = None
+) -> Path:
+    """A cache folder from a path, a key (looked up under the root), or None (the newest of `task`)."""
     if not path_or_key:
-        return latest_cache(cache_dir)
+        return latest_cache(cache_dir, task)
     path = Path(path_or_key).expanduser()
     if path.is_dir():
         return path
@@ -139,9 +150,11 @@ def list_local(cache_dir: str | Path | None = None) -> list[LocalCache]:
     return rows
 
 
-# What pkdpipe itself writes into a cache folder: the manifest, shards, and the scratch names of
-# pkdpipe.files (anything else means "not ours, leave it alone").
-_CACHE_FILE = re.compile(r"^(manifest\.json|[A-Za-z0-9][A-Za-z0-9_.-]*\.h5)$")
+# What pkdpipe itself makes under the root: key folders holding the manifest, shards named as
+# manifest.shard_name names them, and the scratch names of pkdpipe.files. Anything else is not ours.
+_KEY_FOLDER = re.compile(rf"^[0-9a-f]{{{KEY_LENGTH}}}$")
+_SHARD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*-\d{5}-of-\d{5}\.h5$")
+_CACHE_FILE = re.compile(rf"^({re.escape(mf.MANIFEST)}|{_SHARD.pattern[1:-1]})$")
 
 
 def _ours(name: str) -> bool:
@@ -149,7 +162,23 @@ def _ours(name: str) -> bool:
 
 
 def _looks_like_cache(folder: Path) -> bool:
-    return folder.is_dir() and all(p.is_file() and _ours(p.name) for p in folder.iterdir())
+    """A key-named folder holding nothing but what a build or a pull writes."""
+    return (
+        folder.is_dir()
+        and bool(_KEY_FOLDER.match(folder.name))
+        and all(p.is_file() and _ours(p.name) for p in folder.iterdir())
+    )
+
+
+def _listed(folder: Path) -> set[str]:
+    try:
+        return {s.file for s in mf.read(folder).shards()}
+    except CacheError:
+        return set()
+
+
+def _unlisted(path: Path, listed: set[str]) -> bool:
+    return bool(_SHARD.match(path.name)) and bool(listed) and path.name not in listed
 
 
 # -- housekeeping ----------------------------------------------------------------------------------
@@ -167,23 +196,28 @@ def remove(path_or_key: str | Path, cache_dir: str | Path | None = None) -> tupl
                 f"{folder} is in use by another process (building or pulling it): not removing it"
             )
         freed = _size(folder)
-        (folder / mf.MANIFEST).unlink(missing_ok=True)  # first: the cache stops being complete at once
-        shutil.rmtree(folder)
         staging = staging_folder(folder)
-        if staging.is_dir():
-            freed += _size(staging)
-            shutil.rmtree(staging)
+        try:
+            (folder / mf.MANIFEST).unlink(missing_ok=True)  # first: the cache stops being complete at once
+            shutil.rmtree(folder)
+            if staging.is_dir():
+                freed += _size(staging)
+                shutil.rmtree(staging)
+        except OSError as err:
+            raise CacheError(f"cannot remove {folder}: {err.strerror or err}") from None
     return folder, freed
 
 
 def gc(cache_dir: str | Path | None = None) -> list[tuple[Path, int]]:
     """Remove incomplete leftovers under the cache root; return (path, bytes) of what was freed.
 
-    Leftovers: staging folders of interrupted pulls (`.<key>.partial`), cache folders without a
-    manifest (interrupted builds: their finished shards, which a rerun would have resumed from),
-    and stray scratch files inside complete caches. A key whose lock some process holds (a build or
-    pull in progress) is skipped. Lock files themselves stay: removing one while another process
-    waits on it would let two processes in at once.
+    Only what pkdpipe can prove is its own leftover: staging folders of interrupted pulls
+    (`.<key>.partial`), key folders without a manifest that hold nothing but shards and scratch
+    files (interrupted builds: their finished shards, which a rerun would have resumed from), and,
+    in complete caches, scratch files and shards the manifest does not list (from a build with
+    another --shard-size). Any other folder or file under the root is left alone. A key whose lock
+    some process holds (a build or pull in progress) is skipped. Lock files themselves stay:
+    removing one while another process waits on it would let two processes in at once.
     """
     root = root_of(cache_dir)
     freed: list[tuple[Path, int]] = []
@@ -195,6 +229,8 @@ def gc(cache_dir: str | Path | None = None) -> list[tuple[Path, int]]:
                 continue
             if entry.name.startswith(".") and entry.name.endswith(PARTIAL):
                 folder = task_dir / entry.name[1 : -len(PARTIAL)]
+                if not _KEY_FOLDER.match(folder.name):
+                    continue
                 targets = [entry]
             elif entry.name.startswith("."):
                 continue
@@ -202,7 +238,8 @@ def gc(cache_dir: str | Path | None = None) -> list[tuple[Path, int]]:
                 continue  # not something pkdpipe wrote: leave it alone
             elif (entry / mf.MANIFEST).is_file():
                 folder = entry
-                targets = [p for p in entry.iterdir() if files.is_scratch(p.name)]
+                listed = _listed(entry)
+                targets = [p for p in entry.iterdir() if files.is_scratch(p.name) or _unlisted(p, listed)]
             else:
                 folder = entry
                 targets = [entry]

@@ -136,6 +136,18 @@ class TeacherCache:
             raise CacheError(failure or f"cache {self.key}: another rank found a missing or corrupted shard")
         self._verified.update(names)
 
+    def check_rows(self, split: str) -> None:
+        """The split's shards hold as many rows as the manifest says, each example id once: a cache
+        with a shard listed twice or copied under another name would train on rows twice."""
+        ids = np.concatenate([self.shard(s.file)[schema.EXAMPLE_ID][:] for s in self._split(split).shards])
+        if len(ids) != self.num_examples(split):
+            raise CacheError(
+                f"cache {self.key}: split {split!r} holds {len(ids)} rows, the manifest says "
+                f"{self.num_examples(split)} (cache verify names the shard)"
+            )
+        if len(np.unique(ids)) != len(ids):
+            raise CacheError(f"cache {self.key}: split {split!r} holds an example id twice (cache verify)")
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
@@ -280,6 +292,8 @@ def _concat(parts: list[dict]) -> dict:
     return out
 
 
-def open_cache(path_or_key: str | Path | None = None, cache_dir: str | Path | None = None) -> TeacherCache:
-    """Open a complete cache by folder, key or (None) the newest under the cache root."""
-    return TeacherCache(resolve_cache(str(path_or_key) if path_or_key else None, cache_dir))
+def open_cache(
+    path_or_key: str | Path | None = None, cache_dir: str | Path | None = None, task: str | None = None
+) -> TeacherCache:
+    """Open a complete cache by folder, key or (None) the newest of `task` under the cache root."""
+    return TeacherCache(resolve_cache(str(path_or_key) if path_or_key else None, cache_dir, task))

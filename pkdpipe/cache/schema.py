@@ -72,6 +72,12 @@ class Layout:
             shapes[hidden(layer)] = ((rows, self.hidden_size), np.dtype(self.hidden_dtype))
         return {name: (shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
 
+    def nbytes(self, rows: int, tokens: int) -> int:
+        """The payload of a shard of `rows` rows and `tokens` tokens (HDF5 adds a few KB)."""
+        return sum(
+            int(np.prod(shape)) * dtype.itemsize for shape, dtype in self.datasets(rows, tokens).values()
+        )
+
     def create(self, f, ids: np.ndarray, offsets: np.ndarray) -> None:
         """Every dataset of a new shard, contiguous and sized; `example_id` and `offsets` filled."""
         f.create_group(HIDDEN)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pkdpipe import files, progress
+from pkdpipe import faults, files, progress
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import KEY_LENGTH, sha256_file
 from pkdpipe.cache.local import key_lock, root_of, staging_folder
@@ -128,15 +128,16 @@ def _check_identity(
 
 
 # -- push ------------------------------------------------------------------------------------------
-def push(folder: str | Path, url: str, quiet: bool = False) -> str:
+def push(folder: str | Path, url: str, quiet: bool = False, force: bool = False) -> str:
     """Publish the complete cache `folder` to the store `url`; return the cache's URL there,
     `<url>/<task>/<key>`.
 
     The local shards are checked against the manifest first (a corrupted cache is never
     published). Each shard goes to a temporary name and is then moved into place; shards already
     in the store with the right size and sha256 are kept, so an interrupted push resumes. The
-    manifest goes last. A store that already holds a complete cache with this key is left as it is:
-    the key names the inputs, so either copy serves.
+    manifest goes last. A store that already holds a complete cache with this key is left as it is
+    (the key names the inputs, so either copy serves), unless `force`: then every shard in the store
+    is checked and those that do not match are uploaded again, which repairs a damaged copy.
     """
     folder = Path(folder)
     manifest = mf.read(folder)
@@ -144,15 +145,17 @@ def push(folder: str | Path, url: str, quiet: bool = False) -> str:
     for shard in shards:
         path = mf.safe_file(folder, shard.file)
         if not path.is_file():
-            raise CacheError(f"cache {folder} is missing shard {shard['file']}: not pushing it")
+            raise CacheError(f"cache {folder} is missing shard {shard.file}: not pushing it")
         if sha256_file(path) != shard.sha256:
             raise CacheError(f"checksum mismatch in {path}: the local cache is corrupted, not pushing it")
     fs, base = _filesystem(url)
     task, key = manifest.task, manifest.key
     remote, dest = _join(base, task, key), _join(url, task, key)
     with _store_errors("reach store", url):
-        if fs.exists(_join(remote, mf.MANIFEST)):
-            progress.info(f"{dest} is already in the store: nothing to push", quiet)
+        if not force and fs.exists(_join(remote, mf.MANIFEST)):
+            progress.info(
+                f"{dest} is already in the store: nothing to push (--force checks and repairs it)", quiet
+            )
             return dest
     with _store_errors("write to store", url):
         fs.makedirs(remote, exist_ok=True)
@@ -169,6 +172,7 @@ def push(folder: str | Path, url: str, quiet: bool = False) -> str:
             for name, size in todo:
                 _upload(fs, folder / name, _join(remote, name), size)
                 bar.advance(size / MIB)
+                faults.point("push-shard-uploaded")
         _upload(fs, folder / mf.MANIFEST, _join(remote, mf.MANIFEST), (folder / mf.MANIFEST).stat().st_size)
     progress.info(f"pushed {key}: {len(todo)} of {len(shards)} shard(s) uploaded to {dest}", quiet)
     return dest
@@ -282,6 +286,7 @@ def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key
     except CacheError as err:
         raise StoreError(f"refusing to pull {url}: {err}") from None
     names = {s.file for s in manifest.shards()}
+    _refuse_links(fs, remote, [mf.MANIFEST, *sorted(names)], url)
     task, key = manifest.task, manifest.key
     folder = root / task / key
     if (folder / mf.MANIFEST).is_file():
@@ -309,10 +314,33 @@ def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key
         with progress.bar(f"pull {key} (MiB)", total, unit="MiB", quiet=quiet) as bar:
             for shard in todo:
                 _download(fs, _join(remote, shard.file), staging / shard.file, shard.sha256, url, bar)
+                faults.point("pull-shard-downloaded")
         files.write_text(staging / mf.MANIFEST, raw.decode(), CacheError)
+        _check_structure(staging, url)
+        faults.point("pull-before-publish")
         _publish(staging, folder)
     progress.info(f"pulled {key}: {len(todo)} shard(s) downloaded into {folder}", quiet)
     return folder
+
+
+def _check_structure(staging: Path, url: str) -> None:
+    """What `cache verify` checks beyond the checksums the download already matched (datasets,
+    shapes, row counts, unique example ids, no NaN), before the cache becomes visible."""
+    from pkdpipe.cache.verify import verify_cache
+
+    problems = verify_cache(staging, checksums=False).problems
+    if problems:
+        raise StoreError(f"refusing to install the cache from {url}: {problems[0]}")
+
+
+def _refuse_links(fs, remote: str, names: list[str], url: str) -> None:
+    """A store's files are regular files inside its key folder: a symlink (in a folder store)
+    could install bytes from anywhere on the store's machine into the user's cache."""
+    for name in names:
+        with _store_errors("read", url):
+            info = fs.info(_join(remote, name))
+        if info.get("islink") or info.get("type") != "file":
+            raise StoreError(f"refusing to pull {url}: {name} is not a regular file in the store")
 
 
 def _download(fs, remote_path: str, local: Path, sha256: str, url: str, bar) -> None:
@@ -334,7 +362,7 @@ def _download(fs, remote_path: str, local: Path, sha256: str, url: str, bar) -> 
         if digest.hexdigest() != sha256:
             raise StoreError(
                 f"checksum mismatch in {local.name} from {url}: the store's copy is corrupted; "
-                "nothing was installed (push the cache again)"
+                "nothing was installed (repair it with `pkdpipe cache push KEY --force`)"
             )
 
 

@@ -1,8 +1,12 @@
-"""Writing one shard: HDF5 datasets pre-sized for its rows, filled batch by batch, then renamed.
+"""Writing one shard: HDF5 datasets pre-sized for its rows, filled batch by batch, then written out.
 
-A shard is written under a temporary name and renamed only once it is complete and flushed, so a
-file with a final name is always whole; an interrupted run leaves at most a `.tmp` file, which
-the next run overwrites.
+A shard is built in memory (HDF5's core driver, no backing file) and written to disk in one go,
+under a temporary name that is renamed once the bytes are flushed: a file with a final name is
+always whole, an interrupted run leaves at most a `.tmp` file (the next run overwrites it), and
+only Python's own file I/O ever touches the disk. That last point is about full disks: HDF5 writing
+to a full disk (or past a file-size limit) leaves its library in a state that crashed the process
+at exit; Python's write fails with one clean OSError instead. The price is one shard in memory
+while it is built (`--shard-size` rows: 160 MB for 8,192 rows of 13 BERT-base layers in float16).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pkdpipe.errors import CacheError
 
 
 class ShardWriter:
-    """Fills `final_path` row block by row block; rows arrive in order."""
+    """Fills a shard row block by row block (rows arrive in order), then writes it as `final_path`."""
 
     def __init__(self, final_path: Path, ids: np.ndarray, lengths: np.ndarray, layout: schema.Layout):
         self.final_path = final_path
@@ -29,16 +33,8 @@ class ShardWriter:
         self._offsets = offsets
         self._row = 0
         self._layers = layout.layers
-        try:
-            self._file = h5py.File(self.tmp_path, "w")
-        except OSError as err:
-            self.tmp_path.unlink(missing_ok=True)
-            raise _write_error(self.final_path, err) from None
-        try:
-            layout.create(self._file, ids, offsets)
-        except OSError as err:  # creating datasets writes too (example_id, offsets): a full disk shows here
-            self.abort()
-            raise _write_error(self.final_path, err) from None
+        self._file = h5py.File(final_path.name, "w", driver="core", backing_store=False)
+        layout.create(self._file, ids, offsets)
 
     def write(
         self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]
@@ -47,37 +43,27 @@ class ShardWriter:
         f, r0 = self._file, self._row
         r1 = r0 + len(input_ids)
         t0, t1 = int(self._offsets[r0]), int(self._offsets[r1])
-        try:
-            f[schema.INPUT_IDS][t0:t1] = np.concatenate(input_ids)
-            if token_type_ids is not None:
-                f[schema.TOKEN_TYPE_IDS][t0:t1] = np.concatenate(token_type_ids)
-            f[schema.LABELS][r0:r1] = labels
-            f[schema.LOGITS][r0:r1] = logits
-            for layer in self._layers:
-                f[schema.hidden(layer)][r0:r1] = hidden[layer]
-        except OSError as err:
-            self.abort()
-            raise _write_error(self.final_path, err) from None
+        f[schema.INPUT_IDS][t0:t1] = np.concatenate(input_ids)
+        if token_type_ids is not None:
+            f[schema.TOKEN_TYPE_IDS][t0:t1] = np.concatenate(token_type_ids)
+        f[schema.LABELS][r0:r1] = labels
+        f[schema.LOGITS][r0:r1] = logits
+        for layer in self._layers:
+            f[schema.hidden(layer)][r0:r1] = hidden[layer]
         self._row = r1
 
     def commit(self) -> None:
-        """Close, flush to disk and give the shard its final name."""
+        """Write the finished shard to disk (flushed) under its final name."""
         if self._row != len(self._offsets) - 1:
             self.abort()
             raise CacheError(f"{self.final_path.name}: wrote {self._row} of {len(self._offsets) - 1} rows")
-        try:
-            self._file.flush()
-            self._file.close()
-            files.fsync_and_rename(self.tmp_path, self.final_path)
-        except OSError as err:
-            self.abort()
-            raise _write_error(self.final_path, err) from None
+        self._file.flush()
+        image = self._file.id.get_file_image()
+        self._file.close()
+        with files.replace_file(self.final_path, CacheError) as tmp:
+            tmp.write_bytes(image)
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):  # already closed, or never fully opened
+        with contextlib.suppress(Exception):  # already closed
             self._file.close()
         self.tmp_path.unlink(missing_ok=True)
-
-
-def _write_error(path: Path, err: OSError) -> CacheError:
-    return files.write_error(path, err, CacheError, "free some space or use --cache-dir elsewhere")
