@@ -35,6 +35,25 @@ def _check_positive(**values: float) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be positive; got {value}")
 
 
+def looks_local(name: str) -> bool:
+    """A model name that can only be a folder on this machine: it exists, is absolute or relative
+    (/, ., ~), or has more parts than a hub id (org/name). Such a name is never looked up on the hub."""
+    text = str(name)
+    return Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
+
+
+def check_local(flag: str, name: str | Path | None, what: str = "data dir") -> None:
+    """Refuse a local path that is not there, before anything is loaded or downloaded."""
+    if name is not None and looks_local(str(name)) and not Path(str(name)).expanduser().exists():
+        raise ConfigError(f"{flag}: {what} not found: {name}")
+
+
+def check_task_path(task: str) -> None:
+    """A task given as a file (.toml / .json) must be there."""
+    if str(task).endswith((".toml", ".json")) and not Path(task).expanduser().is_file():
+        raise ConfigError(f"--task: task file not found: {task}")
+
+
 def setting(default=MISSING, help: str = ""):  # noqa: A002 (the CLI's word for it)
     """A config field with its help text: the CLI builds each option from the field's default and
     this text (`pkdpipe_cli.common.option`), so neither is written twice."""
@@ -89,6 +108,9 @@ class CacheConfig:
         self.data_dir = Path(self.data_dir) if self.data_dir else None
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_root()
         self.runs_dir = Path(self.runs_dir)
+        check_task_path(self.task)
+        check_local("--data-dir", self.data_dir)
+        check_local("--teacher", self.teacher, "model folder")
         self.splits = tuple(self.splits)
         if not self.splits:
             raise ConfigError("--splits needs at least one split")
@@ -174,6 +196,9 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("finetune needs --task")
         if not self.model:
             raise ConfigError("finetune needs --model (a pre-trained model folder or hub name)")
+        check_task_path(self.task)
+        check_local("--model", self.model, "model folder")
+        check_local("--data-dir", self.data_dir)
         if self.layers is not None and self.layers < 1:
             raise ConfigError(f"--layers must be at least 1; got {self.layers}")
 
@@ -241,5 +266,9 @@ class EvaluateConfig:
         self.data_dir = Path(self.data_dir) if self.data_dir else None
         if not self.models:
             raise ConfigError("evaluate needs at least one model folder")
+        for model in self.models:
+            check_local("evaluate", model, "model folder")
+        check_task_path(self.task)
+        check_local("--data-dir", self.data_dir)
         _check_positive(batch_size=self.batch_size, max_seq_len=self.max_seq_len)
         _check_choice("--precision", self.precision, PRECISIONS)

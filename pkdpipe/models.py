@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from pkdpipe.config import looks_local
 from pkdpipe.errors import ModelError
 
 FINETUNE_RECORD = "pkdpipe_finetune.json"  # written by `finetune`: the pre-trained model it started from
@@ -35,6 +36,12 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _refuse_missing_folder(name: str) -> None:
+    """A name that can only be a local folder is not sent to the hub (which retries for a minute)."""
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise ModelError(f"model folder not found: {name}")
+
+
 def _load_failed(what: str, name: str, err: Exception) -> ModelError:
     if Path(name).exists():
         return ModelError(f"cannot load {what} from {name}: {str(err).splitlines()[0]}")
@@ -45,6 +52,7 @@ def _load_failed(what: str, name: str, err: Exception) -> ModelError:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
+    _refuse_missing_folder(str(name))
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
@@ -78,6 +86,7 @@ def check_max_seq_len(config, max_seq_len: int, name: str) -> None:
 
 
 def load_config(name: str, trust_remote_code: bool = False):
+    _refuse_missing_folder(str(name))
     try:
         return AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
     except Exception as err:

@@ -1,13 +1,19 @@
-"""Progress bars and the final tables, in one place so every stage looks the same.
+"""Progress on long work, in one place so every stage looks the same.
 
-Bars go to stderr and only on rank 0; `quiet=True` (or PKDPIPE_QUIET=1) turns them off for scripts.
+In a terminal: rich bars on stderr. Anywhere else (a log file, nohup, CI, a job scheduler): one
+plain line every PROGRESS_EVERY seconds (30 unless $PKDPIPE_PROGRESS_EVERY says otherwise) and one
+at the end, with the count, the rate, the time left and the stage's own fields (the loss terms),
+never cut to a width. Only rank 0 reports; `quiet=True` (or PKDPIPE_QUIET=1) turns it all off.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 from rich.console import Console
 from rich.progress import (
@@ -25,6 +31,10 @@ from rich.text import Text
 from pkdpipe import distributed
 
 console = Console(stderr=True)
+
+
+def _every() -> float:
+    return float(os.environ.get("PKDPIPE_PROGRESS_EVERY", "30"))
 
 
 def _enabled(quiet: bool) -> bool:
@@ -56,15 +66,60 @@ class _Bar:
         self._progress.update(self._task, advance=n, **fields)
 
 
+class _LineBar:
+    """Progress as plain lines, for output that is not a terminal."""
+
+    def __init__(self, description: str, total: int | None, unit: str, extra: str):
+        self.description, self.total, self.unit, self.extra = description, total, unit, extra
+        self.fields = {name: float("nan") for name in re.findall(r"task\.fields\[(\w+)\]", extra)}
+        self.done = self.shown = 0.0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, n: float = 1, **fields) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if time.monotonic() - self.last >= _every():
+            self.line()
+
+    def line(self) -> None:
+        self.last, self.shown = time.monotonic(), self.done
+        elapsed = self.last - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{self.description}: {self.done:,.0f}"]
+        if self.total:
+            parts[0] += f"/{self.total:,.0f} ({100 * self.done / self.total:.0f}%)"
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            parts.append(f"eta {_clock(left)}")
+        parts.insert(1, f"{rate:,.2f} {self.unit}/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self.extra:
+            parts.append(self.extra.format(task=SimpleNamespace(fields=self.fields)))
+        sys.stderr.write("  ".join(parts) + "\n")
+        sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: no rate yet
+        return "-:--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @contextmanager
 def bar(description: str, total: int | None, unit: str = "ex", quiet: bool = False, extra: str = ""):
-    """A progress bar with a rate column: `with bar("teacher", n) as b: b.advance(32)`.
+    """Progress of one stage: `with bar("teacher", n) as b: b.advance(32)`.
 
-    `extra` is a rich format string over task fields, e.g. "loss {task.fields[loss]:.3f}", which
-    callers fill with `b.advance(n, loss=...)`.
+    `extra` is a format string over task fields, e.g. "loss {task.fields[loss]:.3f}", which callers
+    fill with `b.advance(n, loss=...)`.
     """
     if not _enabled(quiet):
         yield _NullBar()
+        return
+    if not console.is_terminal:
+        lines = _LineBar(description, total, unit, extra)
+        yield lines
+        if lines.shown != lines.done or not lines.done:
+            lines.line()  # the final count
         return
     columns = [
         TextColumn("[bold]{task.description}"),

@@ -7,6 +7,7 @@ runs still going, and on runs copied from another machine.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pkdpipe.errors import ConfigError, PkdError
@@ -34,16 +35,25 @@ def read_run(folder: Path) -> dict:
     return {"name": folder.name, "path": folder, "records": records, "dev": metrics.get("dev", {})}
 
 
-def make_report(folders: list[Path], output: Path) -> list[dict]:
-    """Write the PNG to `output`; return the runs read (name, dev metrics) for the table."""
+def default_output(folders: list[Path]) -> Path:
+    """report.png next to the runs it draws: in the folder that holds them all."""
+    parents = [Path(f).resolve().parent for f in folders]
+    common = Path(os.path.commonpath(parents)) if parents else Path.cwd()
+    return common / "report.png"
+
+
+def make_report(folders: list[Path], output: Path | None = None) -> tuple[list[dict], Path]:
+    """Write the PNG (default: `default_output`); return the runs read (name, dev metrics) and where
+    the PNG went. Every dev metric is drawn in percent, and the bars of the best dev metric start at 0."""
     runs = [read_run(f) for f in folders]  # a wrong folder is the first thing to hear about
+    output = Path(output) if output else default_output(folders)
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("report needs matplotlib: pip install 'pkdpipe[plots]'") from None
+        raise ConfigError("report needs matplotlib: pip install matplotlib (or pkdpipe[plots])") from None
     dev_keys = sorted({k for r in runs for rec in r["records"] for k in rec if k.startswith("dev_")})
     terms = list(dict.fromkeys(t for r in runs for t in loss_terms(r["records"])))
     panels = terms + dev_keys
@@ -60,10 +70,13 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
                 continue  # a run that does not use that term (fine-tuning has no kd or pt)
             if points:
                 xs, ys = zip(*points)
+                if key.startswith("dev_"):
+                    ys = [100 * y for y in ys]  # fractions in the logs, percent on every axis here
                 ax.plot(
                     xs, ys, marker="o" if key.startswith("dev_") else None, markersize=3, label=run["name"]
                 )
-        ax.set_title(key.replace("dev_", "dev ").replace("pt", "patient (pt)"))
+        title = f"dev {key.removeprefix('dev_')} (%)" if key.startswith("dev_") else key
+        ax.set_title(title.replace("pt", "patient (pt)") if key == "pt" else title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     bar_ax = axes[0][len(panels)]
@@ -74,14 +87,11 @@ def make_report(folders: list[Path], output: Path) -> list[dict]:
         bar_ax.bar_label(bars, fmt="%.1f", fontsize=8)
         bar_ax.set_xticks(range(len(runs)), [r["name"] for r in runs], rotation=30, ha="right", fontsize=7)
         bar_ax.set_title(f"best dev {metric} (%)")
-        finite = [v for v in values if v == v]
-        if finite:
-            bar_ax.set_ylim(max(0, min(finite) - 10), min(100, max(finite) + 5))
+        bar_ax.set_ylim(0, 100 if metric not in ("pearson", "spearman", "matthews") else None)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)
     plt.close(fig)
-    return runs
+    return runs, output

@@ -123,3 +123,21 @@ def test_sweep_takes_the_full_training_options_and_whole_numbers_only(tiny_cache
     saved = json.loads((run / "pkdpipe_config.json").read_text())["config"]
     assert (saved["warmup"], saved["weight_decay"], saved["normalize"]) == (0.3, 0.0, False)
     assert (saved["precision"], saved["group_by_length"]) == ("bf16", True)
+
+
+def test_report_goes_next_to_the_runs_and_draws_dev_metrics_in_percent(tmp_path, monkeypatch):
+    from pkdpipe.report import make_report
+
+    runs = tmp_path / "runs" / "banking77"
+    for name, acc in (("skip-3", 0.81), ("kd-3", 0.77)):
+        (runs / name).mkdir(parents=True)
+        log = [{"step": 10, "loss": 2.0, "ce": 1.5}, {"step": 20, "dev_accuracy": acc}]
+        (runs / name / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        (runs / name / "metrics.json").write_text(json.dumps({"dev": {"accuracy": acc}}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(runs / "skip-3"), str(runs / "kd-3")])
+    assert result.exit_code == 0, result.output
+    assert (runs / "report.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "report.png").exists()
+    assert "best dev metrics (%)" in result.output and "81.00" in result.output
+    read, output = make_report([runs / "kd-3"], tmp_path / "elsewhere.png")
+    assert output == tmp_path / "elsewhere.png" and read[0]["dev"] == {"accuracy": 0.77}

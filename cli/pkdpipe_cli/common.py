@@ -11,7 +11,8 @@ from rich.console import Console
 
 from pkdpipe.errors import ConfigError
 
-console = Console()
+# Tables whole in a log file too: rich would cut them to 80 columns when stdout is not a terminal.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def command_line() -> str:

@@ -92,13 +92,15 @@ def sweep(
 
 def report(
     runs: list[Path] = typer.Argument(..., help="Run folders (each with train_log.jsonl)."),
-    output: Path = typer.Option(Path("report.png"), help="PNG file to write."),
+    output: Path = typer.Option(
+        None, help="PNG file to write. Default: report.png in the folder that holds the runs."
+    ),
 ):
-    """Plot training curves (each loss term, dev metric) and final metrics of several runs."""
+    """Plot training curves (each loss term, dev metric in %) and the best dev metric of several runs."""
     from pkdpipe.report import make_report
 
-    read = make_report(runs, output)
-    table = Table(title="runs")
+    read, output = make_report(runs, output)
+    table = Table(title="runs: best dev metrics (%)")
     metric_names = sorted({k for r in read for k in r["dev"]})
     for column in ["run", *metric_names, "steps"]:
         table.add_column(column)

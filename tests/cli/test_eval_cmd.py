@@ -30,3 +30,25 @@ def test_predict_writes_a_submission(tiny, tmp_path):
     lines = output.read_text().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 13
     assert all(line.split("\t")[1] in ("neg", "neu", "pos") for line in lines[1:])
+
+
+def test_a_missing_model_folder_is_named_before_any_data_or_hub_lookup(tmp_path, monkeypatch):
+    """`evaluate /nonexistent --task sst2` used to retry the hub for a minute and then complain about
+    the dataset; a path that can only be local is checked first and never sent to the hub."""
+    import datasets
+    import transformers
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("looked up on the hub or loaded data")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_network)
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    result = runner.invoke(app, ["evaluate", "/nonexistent", "--task", "sst2"])
+    assert (
+        result.exit_code == 1
+        and result.output.strip() == "error: evaluate: model folder not found: /nonexistent"
+    )
+    result = runner.invoke(
+        app, ["cache-teacher", "--task", "sst2", "--data-dir", str(tmp_path / "nope"), "--teacher", "./gone"]
+    )
+    assert result.output.strip() == f"error: --data-dir: data dir not found: {tmp_path / 'nope'}"
