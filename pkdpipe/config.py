@@ -261,6 +261,10 @@ class EvaluateConfig:
     precision: str = setting("fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU).")
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
     quiet: bool = setting(False, "No progress bars or progress lines.")
+    record: bool = setting(
+        False,
+        "Also record each pkdpipe model's metrics on the split in its eval_results.json and model card.",
+    )
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir) if self.data_dir else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkdpipe import progress
+from pkdpipe import cards, progress
 from pkdpipe.config import EvaluateConfig
 from pkdpipe.data import load_split
 from pkdpipe.errors import DataError
@@ -105,10 +105,13 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
             )
             seconds = time.perf_counter() - start
             rate = len(encoded) / seconds
+            metrics = score(task, logits, encoded.labels)
+            if config.record and (Path(name) / "metrics.json").is_file():
+                cards.record_results(Path(name), config.split, metrics, task)
             reports.append(
                 ModelReport(
                     model=str(name),
-                    metrics=score(task, logits, encoded.labels),
+                    metrics=metrics,
                     parameters=count_parameters(model),
                     examples_per_s=rate,
                     speedup=rate / reports[0].examples_per_s if reports else 1.0,

@@ -54,6 +54,8 @@ from pkdpipe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from pkdpipe.tables import read_label_values
 
 GLUE_HUB_NAME = "nyu-mll/glue"
+GLUE_ATTRIBUTION = "Wang et al. (2019), GLUE: A Multi-Task Benchmark and Analysis Platform for NLU"
+TREC_ATTRIBUTION = "Li and Roth (2002), Learning Question Classifiers"
 DEFAULT_DEV_FRACTION = 0.1
 DEFAULT_DEV_SEED = 0
 CARVE_OUT_METHOD = "stratified-sha256-v1"  # bump when the carve-out algorithm in pkdpipe.data changes
@@ -110,6 +112,10 @@ class Task:
     dev_fraction: float | None = None  # share of each train label carved out as dev; None = dev is a file
     dev_seed: int = DEFAULT_DEV_SEED  # seed of the dev carve-out
     label_base: int | None = 0  # an integer i in the data means labels[i - base]; None: integers are names
+    # --- for model cards ---------------------------------------------------------------------
+    dataset: str | None = None  # the dataset's hub id, e.g. "PolyAI/banking77"
+    data_license: str | None = None  # the data's licence, e.g. "cc-by-4.0"
+    attribution: str | None = None  # whom to credit, as the licence asks
 
     def __post_init__(self) -> None:
         if len(self.text_fields) not in (1, 2):
@@ -178,6 +184,8 @@ def _glue(
         hub_config=name,
         hub_splits=_GLUE_SPLITS,
         classic=classic,
+        dataset=GLUE_HUB_NAME,
+        attribution=GLUE_ATTRIBUTION,
     )
 
 
@@ -209,6 +217,8 @@ def _mnli() -> Task:
         hub_config="mnli",
         hub_splits=hub_splits,
         classic=ClassicLayout("MNLI", classic_files, ("sentence1", "sentence2"), "gold_label"),
+        dataset=GLUE_HUB_NAME,
+        attribution=GLUE_ATTRIBUTION,
     )
 
 
@@ -263,6 +273,7 @@ def _carved_out(
     source: str,
     files: dict[str, str],
     labels_file: str | None = None,
+    **card,
 ) -> Task:
     """A local-folder-only task with no dev file: dev is carved out of train."""
     return Task(
@@ -278,6 +289,7 @@ def _carved_out(
         labels_file=labels_file,
         dev_fraction=DEFAULT_DEV_FRACTION,
         dev_seed=DEFAULT_DEV_SEED,
+        **card,
     )
 
 
@@ -350,6 +362,10 @@ def _registry() -> dict[str, Task]:
             "files",
             {"train": "train.csv", "test": "test.csv"},
             labels_file="categories.json",
+            dataset="PolyAI/banking77",
+            data_license="cc-by-4.0",
+            attribution="Casanueva, Temčinas, Gerz, Henderson and Vulić (2020), Efficient Intent Detection "
+            "with Dual Sentence Encoders (PolyAI)",
         ),
         _carved_out(
             "trec",
@@ -357,6 +373,8 @@ def _registry() -> dict[str, Task]:
             _TREC_COARSE_LABELS,
             "trec",
             {"train": "train_5500.label", "test": "TREC_10.label"},
+            dataset="CogComp/trec",
+            attribution=TREC_ATTRIBUTION,
         ),
         _carved_out(
             "trec-fine",
@@ -364,6 +382,8 @@ def _registry() -> dict[str, Task]:
             _TREC_FINE_LABELS,
             "trec",
             {"train": "train_5500.label", "test": "TREC_10.label"},
+            dataset="CogComp/trec",
+            attribution=TREC_ATTRIBUTION,
         ),
     ]
     return {task.name: task for task in tasks}

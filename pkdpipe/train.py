@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkdpipe import distributed, files, progress, strategies
+from pkdpipe import cards, checkpoint, distributed, files, progress, strategies
 from pkdpipe.cache.fingerprint import hash_tokenizer
 from pkdpipe.cache.reader import TeacherCache, open_cache
 from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
@@ -54,9 +54,12 @@ def _check_precision(config: TrainConfig) -> None:
     autocast(pick_device(config.device), config.precision)  # raises ModelError for fp16 on CPU
 
 
-def _prepare_output(output: Path) -> None:
+def _prepare_output(output: Path, config: TrainConfig) -> None:
+    """A writable output folder; results recorded for an earlier model there are not this run's."""
     if distributed.is_main():
         files.probe_writable(output, ModelError, what="output folder")
+        if not (config.resume and checkpoint.exists(output / "checkpoint")):
+            (output / cards.EVAL_RESULTS).unlink(missing_ok=True)
     distributed.barrier()
 
 
@@ -101,7 +104,7 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
     if "dev" not in cache.splits:
         progress.info("the cache has no dev split: the last weights will be kept", config.quiet)
     output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
-    _prepare_output(output)
+    _prepare_output(output, config)
     pad_id = pad_id_of(tokenizer)
     source = CacheSource(
         cache,
@@ -150,7 +153,7 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
             baseline,
             teacher_dev=cache.manifest.teacher_metrics.get("dev", {}),
         )
-        _model_card(output, task, meta, result, cache.manifest.teacher_metrics)
+        cards.write(output, task)
     cache.close()
     return result
 
@@ -254,46 +257,6 @@ def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline:
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def _model_card(output: Path, task: Task, meta: dict, result: TrainResult, teacher_metrics: dict) -> None:
-    c = meta["config"]
-    teacher = meta["cache"]["teacher"]
-    dev = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "not evaluated"
-    teacher_dev = ", ".join(f"{k} {v:.4f}" for k, v in teacher_metrics.get("dev", {}).items()) or "-"
-    pairs = zip(meta["layer_map"]["student"], meta["layer_map"]["teacher"])
-    layer_map = ", ".join(f"{s}<-{t}" for s, t in pairs) or "none"
-    schedule = f"{c['lr']} / {c['epochs']} / {c['batch_size']} / {c['warmup']} / {c['weight_decay']}"
-    warnings = "".join(f"\n**Warning**: {w}\n" for w in result.warnings)
-    card = f"""---
-library_name: transformers
-pipeline_tag: text-classification
-tags: [pkdpipe, knowledge-distillation, patient-kd]
----
-# {task.name} student: {c["strategy"]}, {c["layers"]} layers
-
-Distilled with [pkdpipe](https://pypi.org/project/pkdpipe/) (Patient Knowledge Distillation, Sun et al. 2019)
-from a cached teacher; the teacher's weights were not loaded during training.
-
-| | |
-|---|---|
-| teacher | `{teacher["name_or_path"]}` ({teacher["architecture"]}, {teacher["num_layers"]} layers) |
-| cache key | `{meta["cache"]["key"]}` |
-| student init | `{meta["student_init"]}` (first {c["layers"]} layers) |
-| strategy | {c["strategy"]} |
-| layer map (student <- teacher) | {layer_map} |
-| alpha / beta / T | {c["alpha"]} / {c["beta"]} / {c["temperature"]} (normalize={c["normalize"]}) |
-| lr / epochs / batch / warm-up / weight decay | {schedule} |
-| seed | {c["seed"]} |
-| dev (best, step {result.best_step}) | {dev} |
-| teacher dev | {teacher_dev} |
-{warnings}
-```python
-from transformers import pipeline
-classifier = pipeline("text-classification", model="{output}")
-```
-"""
-    (output / "README.md").write_text(card)
-
-
 # -- finetune ------------------------------------------------------------------------------------
 def finetune(config: FinetuneConfig) -> TrainResult:
     """Fine-tune `config.model` on a task (optionally cut to its first K layers)."""
@@ -320,7 +283,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     output = config.output or config.runs_dir / task.name / (
         "teacher" if config.layers is None else f"ft-{config.layers}"
     )
-    _prepare_output(output)
+    _prepare_output(output, config)
     pad_id = pad_id_of(tokenizer)
     source = EncodedSource(train, config.batch_size, config.seed, pad_id, config.group_by_length)
     eval_fn = _eval_fn(task, dev, pad_id, config) if dev is not None and dev.labels is not None else None
@@ -352,6 +315,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         }
         (output / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _write_metrics(output, result, count_parameters(model), baseline)
+        cards.write(output, task)
     return result
 
 

@@ -47,7 +47,7 @@ def _tiny_demo(tiny, run_dir, **kw) -> DemoConfig:
 
 
 def test_demo_runs_every_stage_and_reuses_them(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("PKDPIPE_CACHE_DIR", str(tmp_path / "unused"))
+    monkeypatch.setenv("PKDPIPE_CACHE_DIR", str(tmp_path / "cache-root"))
     result = run_demo(_tiny_demo(tiny, tmp_path / "demo"))
     assert [r.model for r in result.reports] == [str(result.teacher), str(result.student)]
     teacher, student = result.reports
@@ -55,20 +55,43 @@ def test_demo_runs_every_stage_and_reuses_them(tiny, tmp_path, monkeypatch):
     assert teacher.speedup == 1.0 and student.speedup > 0
     assert set(teacher.metrics) == {"accuracy"}
     assert (result.student / "model.safetensors").is_file()
-    assert result.cache.parent.parent == tmp_path / "demo" / "cache", "the cache lives in the run folder"
+    # the cache lives in the default root, where `pkdpipe cache ls` and `pkdpipe distill` look
+    assert result.cache.parent.parent == tmp_path / "cache-root"
+    assert set(result.seconds) == {"teacher", "cache", "student", "evaluate"}
+    for model, report in zip((result.teacher, result.student), result.reports):
+        card = (model / "README.md").read_text()  # the test accuracy is in each model's card
+        assert f"| test | {100 * report.metrics['accuracy']:.2f} |" in card
     saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert [row["model"] for row in saved["test"]] == [str(result.teacher), str(result.student)]
     assert result.reused == []
 
     again = run_demo(_tiny_demo(tiny, tmp_path / "demo"))
     assert again.reused == ["teacher", "cache", "student"]
+    saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert set(saved["seconds"]) == {"teacher", "cache", "student", "evaluate"}
     assert [r.metrics for r in again.reports] == [r.metrics for r in result.reports]
 
 
-def test_demo_retrains_a_stage_whose_settings_changed(tiny, tmp_path):
+def test_demo_retrains_a_stage_whose_settings_changed(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("PKDPIPE_CACHE_DIR", str(tmp_path / "cache-root"))
     run_demo(_tiny_demo(tiny, tmp_path / "demo"))
     changed = run_demo(_tiny_demo(tiny, tmp_path / "demo", student_lr=1e-3))
     assert changed.reused == ["teacher", "cache"]
+
+
+def test_quick_samples_the_bundled_data(tmp_path):
+    from pkdpipe.demo import QUICK_ROWS, quick_sample
+
+    sample = quick_sample(BUNDLED, tmp_path / "quick")
+    for name, rows in QUICK_ROWS.items():
+        lines = (sample / name).read_text().splitlines()
+        assert lines[0] == "text,category" and len(lines) == rows + 1
+        assert set(lines[1:]) <= set((BUNDLED / name).read_text().splitlines()[1:])
+    assert (sample / "categories.json").read_text() == (BUNDLED / "categories.json").read_text()
+    assert (
+        quick_sample(BUNDLED, tmp_path / "again").joinpath("train.csv").read_text()
+        == (sample / "train.csv").read_text()
+    )  # seeded: the same sample every time
 
 
 def test_demo_without_the_model_package_says_how_to_install(monkeypatch):

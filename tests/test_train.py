@@ -127,19 +127,19 @@ def test_run_files_record_the_config_metrics_and_map(skip_run, tiny, tiny_cache)
 
 
 def test_model_card_names_teacher_cache_strategy_map_and_metrics(skip_run, tiny, tiny_cache):
+    """A card a hub user accepts: a metadata header with the results, names that are not this
+    machine's paths, and only the hyperparameters the strategy uses."""
     _, result, output = skip_run
     card = (output / "README.md").read_text()
     key = json.loads((tiny_cache / "manifest.json").read_text())["key"]
-    for text in (
-        str(tiny["teacher"]),
-        key,
-        "skip",
-        "1<-2",
-        "0.001",
-        "accuracy",
-        f"{result.metrics['accuracy']:.4f}",
-    ):
+    header = card.split("---")[1]
+    for text in ("library_name: transformers", "pipeline_tag: text-classification", "metrics: [accuracy]",
+                 "model-index:", f"value: {result.metrics['accuracy']:.4f}, name: dev accuracy"):  # fmt: skip
+        assert text in header, text
+    for text in ("`teacher`", key, "skip", "1<-2", "| lr | 0.001 |", "| alpha | 0.5 |", "| temperature |",
+                 f"| dev | {100 * result.metrics['accuracy']:.2f} |", "dev, the teacher"):  # fmt: skip
         assert text in card, text
+    assert str(tiny["root"]) not in card and "/tmp" not in card
 
 
 def test_saved_student_loads_in_plain_transformers(skip_run):
@@ -173,7 +173,9 @@ def test_strategies_use_their_loss_terms(tiny_cache, tmp_path, distill_config, s
         assert last["kd"] > 0 and last["pt"] > 0
     meta = json.loads((output / "pkdpipe_config.json").read_text())
     assert meta["layer_map"]["teacher"] == teacher_layers
-    assert "| strategy | " + strategy in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    assert "| strategy | " + strategy in card
+    assert ("| alpha |" in card) == (strategy != "ft")  # a card lists the hyperparameters its strategy uses
 
 
 def test_explicit_teacher_layers_are_recorded(tiny_cache, tmp_path, distill_config):
@@ -315,6 +317,8 @@ def test_finetune_writes_a_model_that_records_its_base(tiny, tmp_path):
     assert model_config["num_hidden_layers"] == 4
     assert model_config["id2label"] == {str(i): name for i, name in enumerate(LABELS)}
     assert not (output / "checkpoint").exists() and not (output / "best").exists()
+    card = (output / "README.md").read_text()  # a teacher gets a card too
+    assert "# tiny: teacher" in card and "name: dev accuracy" in card and str(tmp_path) not in card
 
 
 # -- the batch order: as fast as a plain loop ----------------------------------------------------
@@ -424,3 +428,16 @@ def test_finetune_and_distill_learn_as_fast_as_a_plain_uniform_loop(length_task,
         assert plain > 0.55, "the task is learnable in three epochs"
         assert tuned.metrics["accuracy"] >= plain - 0.1, (seed, plain, tuned.metrics)
         assert distilled.metrics["accuracy"] >= plain - 0.1, (seed, plain, distilled.metrics)
+
+
+def test_evaluate_record_adds_a_split_to_the_card(skip_run, tiny, tmp_path):
+    from pkdpipe.config import EvaluateConfig
+    from pkdpipe.evaluate import evaluate
+
+    _, _, output = skip_run
+    student = tmp_path / "student"
+    shutil.copytree(output, student)
+    (report,) = evaluate(EvaluateConfig(models=[str(student)], task=tiny["task"], split="test", record=True))
+    assert json.loads((student / "eval_results.json").read_text()) == {"test": report.metrics}
+    card = (student / "README.md").read_text()
+    assert f"| test | {100 * report.metrics['accuracy']:.2f} |" in card and "name: test accuracy" in card

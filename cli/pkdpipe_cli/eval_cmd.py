@@ -26,6 +26,7 @@ def evaluate(
     device: str = option(EvaluateConfig, "device"),
     precision: str = option(EvaluateConfig, "precision"),
     trust_remote_code: bool = option(EvaluateConfig, "trust_remote_code"),
+    record: bool = option(EvaluateConfig, "record"),
     quiet: bool = option(EvaluateConfig, "quiet"),
 ):
     """Metrics, parameters, examples/s and speed-up of each model on one split."""
@@ -39,7 +40,7 @@ def print_reports(reports, title: str) -> None:
     table = Table(title=title)
     metric_names = list(reports[0].metrics)
     for column in ["model", *metric_names, "parameters", "examples/s", "speed-up"]:
-        table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for r in reports:
         table.add_row(
             r.model,

@@ -200,4 +200,5 @@ def test_every_option_of_every_command_says_what_it_does():
     assert flags and flags[0].is_flag
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("pkdpipe ")
-    assert "pkdpipe[demo]" in runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "200"}).output
+    # help is plain text: rich markup would swallow "[CLS]"
+    assert "the [CLS] vectors" in runner.invoke(app, ["cache-teacher", "--help"], env={"COLUMNS": "200"}).output

