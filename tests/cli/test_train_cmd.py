@@ -201,4 +201,6 @@ def test_every_option_of_every_command_says_what_it_does():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("pkdpipe ")
     # help is plain text: rich markup would swallow "[CLS]"
-    assert "the [CLS] vectors" in runner.invoke(app, ["cache-teacher", "--help"], env={"COLUMNS": "200"}).output
+    assert (
+        "the [CLS] vectors" in runner.invoke(app, ["cache-teacher", "--help"], env={"COLUMNS": "200"}).output
+    )
