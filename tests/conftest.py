@@ -126,6 +126,43 @@ def write_tiny_bert(folder: Path, layers: int = 4, hidden: int = 32, seed: int =
     return folder
 
 
+def write_tiny_mpnet(folder: Path, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """A random 'pre-trained' MPNet (no token type ids, <s> = id 0 as [CLS], pad id 1, relative
+    position buckets) with a real MPNet WordPiece tokenizer over the tiny task's words."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = [
+        "<s>",
+        "<pad>",
+        "</s>",
+        "<unk>",
+        "[UNK]",
+        "<mask>",
+        *_FILLER,
+        *(w for ws in _WORDS.values() for w in ws),
+    ]
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz.,!?'")
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "MPNetTokenizer", "do_lower_case": True, "model_max_length": 512})
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = MPNetConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=130,  # MPNet numbers positions from pad_token_id + 1: 128 usable
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    MPNetModel(config).save_pretrained(str(folder))
+    return folder
+
+
 def write_tiny_teacher(folder: Path, pretrained: Path, num_labels: int = 3, seed: int = 1) -> Path:
     """A 'fine-tuned' classifier on top of `pretrained` (random head), with the finetune record."""
     from transformers import AutoModelForSequenceClassification
