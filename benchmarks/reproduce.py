@@ -72,7 +72,19 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--tune",
+        default="",
+        help="a tuned row per strategy, as the paper had: a grid like 'lr=1e-4,2e-4 alpha=0.5,0.9' "
+        "(fields of pkdpipe.sweep) trained with the first seed; the best on dev is scored on the eval "
+        "split. A strategy sweeps only the fields it uses (ft: lr alone)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if args.train_rows < 0:
         sys.exit(f"--train-rows must be 0 (all) or more; got {args.train_rows}")
@@ -145,7 +157,9 @@ def main() -> None:
             )
             print(f"{row} seed {seed}: trained in {train_seconds:.0f} s", flush=True)
 
+    tuned = tune(args, cache.path, out) if args.tune else {}
     models = [str(teacher)] + [r["folder"] for runs in results.values() for r in runs]
+    models += [t["folder"] for t in tuned.values()]
     reports = {
         r.model: r
         for r in evaluate(
@@ -179,6 +193,10 @@ def main() -> None:
             f"| {row} | {statistics.mean(scores):.2f} | {sd:.2f} | {', '.join(f'{s:.1f}' for s in scores)} "
             f"| {mean_time:.0f} s |"
         )
+    for row, best in tuned.items():
+        score = reports[best["folder"]].metrics[metric] * 100
+        table[f"{row} (tuned)"] = {**best, "score": score}
+        lines.append(f"| {row}, tuned: {best['settings']} | {score:.2f} | | dev {best['dev']:.2f} | |")
     lines += [
         "",
         "teacher fine-tune and cache: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
@@ -200,6 +218,46 @@ def main() -> None:
         + "\n"
     )
     print(text)
+
+
+def tune(args, cache_path: Path, out: Path) -> dict[str, dict]:
+    """For each row, `pkdpipe.sweep` over the --tune grid (the fields the strategy uses) with the
+    first seed; the run with the best dev metric, its settings and its folder."""
+    from pkdpipe import strategies
+    from pkdpipe.sweep import sweep
+
+    grid = {}
+    for part in args.tune.split():
+        name, _, values = part.partition("=")
+        grid[name] = [float(v) for v in values.split(",")]
+    seed = int(args.seeds.split(",")[0])
+    base = DistillConfig(
+        cache=str(cache_path),
+        layers=args.layers,
+        epochs=args.epochs,
+        lr=args.lr,
+        alpha=args.alpha,
+        beta=args.beta,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        seed=seed,
+        quiet=True,
+    )
+    best = {}
+    for row in args.rows.split(","):
+        used = {"lr", *strategies.get(row).hyperparameters}
+        values = {"strategy": [row], **{k: v for k, v in grid.items() if k in used}}
+        runs = sweep(base, values, out / "tune" / row)  # best first
+        top = runs[0]
+        chosen = {k: v for k, v in top.settings.items() if k in values and k != "strategy"}
+        best[row] = {
+            "folder": str(top.output),
+            "settings": ", ".join(f"{k} {v:g}" for k, v in chosen.items()),
+            "dev": 100 * next(iter(top.metrics.values())),
+            "runs": len(runs),
+        }
+        print(f"{row} tuned over {len(runs)} runs: {best[row]['settings']}", flush=True)
+    return best
 
 
 if __name__ == "__main__":

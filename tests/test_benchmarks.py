@@ -98,3 +98,22 @@ def test_train_rows_are_a_seeded_sample_in_file_order_with_the_other_splits_copi
     assert (sample(source, tmp_path / "b", 4) / "train.tsv").read_text() == (dest / "train.tsv").read_text()
     with pytest.raises(SystemExit, match="has only 10 rows"):
         sample(source, tmp_path / "c", 11)
+
+
+def test_reproduce_tunes_each_row_over_the_fields_it_uses(tiny, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), "--task", tiny["task"], "--data-dir", str(tiny["data"]),
+               "--model", str(tiny["pretrained"]), "--layers", "2", "--seeds", "1", "--rows", "ft,kd",
+               "--teacher-epochs", "1", "--epochs", "1", "--lr", "1e-3", "--max-seq-len", "32",
+               "--tune", "lr=1e-3,3e-3 alpha=0.5,0.9", "--threads", "1", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows["ft (tuned)"]["runs"] == 2 and rows["kd (tuned)"]["runs"] == 4  # ft has no alpha to tune
+    for row in ("ft", "kd"):
+        sweep = json.loads((out / "tune" / row / "sweep_results.json").read_text())["runs"]
+        best = max(sweep, key=lambda r: r["accuracy"])
+        assert rows[f"{row} (tuned)"]["folder"] == best["output"]
+        assert 0 <= rows[f"{row} (tuned)"]["score"] <= 100
+    assert "| kd, tuned: alpha " in (out / "results.md").read_text()
