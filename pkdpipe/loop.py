@@ -38,6 +38,7 @@ LOG_EVERY = 10  # optimizer steps between training-log lines
 StepFn = Callable[[torch.nn.Module, dict], dict]  # (model, batch on device) -> {"loss", terms...}
 EvalFn = Callable[[torch.nn.Module], dict]  # model -> dev metrics
 SaveFn = Callable[[torch.nn.Module, Path], None]  # write the model into a folder
+EvalHook = Callable[[int, dict], None]  # (step, dev metrics) after each evaluation; may raise to stop the run
 
 
 class BatchSource(Protocol):
@@ -305,13 +306,18 @@ def fit(
     save_final: SaveFn,
     terms: tuple[str, ...] = ("loss",),
     settings: dict | None = None,
+    on_evaluate: EvalHook | None = None,
 ) -> TrainResult:
     """Train `model`; keep the best dev checkpoint; resume from `output/checkpoint`.
 
     `terms` are the loss terms `step_fn` returns, shown on the progress bar (all of them are logged).
-    `settings` (default: `resume_settings(config)`) must match the checkpoint's to resume from it."""
+    `settings` (default: `resume_settings(config)`) must match the checkpoint's to resume from it.
+    `on_evaluate(step, metrics)` runs after each dev evaluation (a search reports to its pruner
+    there, and stops a run by raising); one process only."""
     settings = resume_settings(config) if settings is None else settings
-    run = _Run(model, source, step_fn, eval_fn, config, output, main_metric, save_final, settings)
+    run = _Run(
+        model, source, step_fn, eval_fn, config, output, main_metric, save_final, settings, on_evaluate
+    )
     shown = " ".join(f"{t} {{task.fields[{t}]:.3f}}" for t in terms)
     extra = f"{shown} lr {{task.fields[lr]:.1e}}"
     with progress.bar("train", run.total, unit="step", quiet=config.quiet, extra=extra) as bar:
@@ -335,10 +341,12 @@ class _Run:
     """One training run's parts and counters; `fit` drives it step by step."""
 
     def __init__(
-        self, model, source, step_fn, eval_fn, config: TrainConfig, output, main_metric, save_final, settings
-    ):
+        self, model, source, step_fn, eval_fn, config: TrainConfig, output, main_metric, save_final, settings,
+        on_evaluate: EvalHook | None = None,
+    ):  # fmt: skip
         self.started = time.time()
         self.config, self.output, self.step_fn, self.eval_fn = config, output, step_fn, eval_fn
+        self.on_evaluate = on_evaluate
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)
         self.core = model.to(self.device).train()
@@ -414,6 +422,8 @@ class _Run:
             return {}
         metrics = self.eval_fn(self.core)
         self.best.offer(self.core, self.state["step"], metrics)
+        if self.on_evaluate is not None:
+            self.on_evaluate(self.state["step"], metrics)
         return metrics
 
     def save_checkpoint(self) -> None:

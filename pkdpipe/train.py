@@ -24,7 +24,7 @@ from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
 from pkdpipe.data import load_split
 from pkdpipe.errors import CacheError, ModelError
 from pkdpipe.evaluate import predict_logits, score
-from pkdpipe.loop import BatchSource, EvalFn, TrainResult, fit, resume_settings
+from pkdpipe.loop import BatchSource, EvalFn, EvalHook, TrainResult, fit, resume_settings
 from pkdpipe.metrics import compute_metrics
 from pkdpipe.models import (
     FINETUNE_RECORD,
@@ -81,8 +81,11 @@ def task_of(cache: TeacherCache) -> Task:
         )
 
 
-def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> TrainResult:
-    """Train a K-layer student from a teacher cache; write it in Hugging Face format."""
+def distill(
+    config: DistillConfig, source_hook: SourceHook | None = None, on_evaluate: EvalHook | None = None
+) -> TrainResult:
+    """Train a K-layer student from a teacher cache; write it in Hugging Face format.
+    `on_evaluate(step, dev metrics)` runs after each evaluation (see `pkdpipe.loop.fit`)."""
     distributed.init(config.device)
     _check_precision(config)
     strategy = strategies.get(config.strategy)
@@ -141,6 +144,7 @@ def distill(config: DistillConfig, source_hook: SourceHook | None = None) -> Tra
         save_final,
         terms=strategy.terms,
         settings=resume_settings(config, cache_key=cache.key, student_init=str(init)),
+        on_evaluate=on_evaluate,
     )
     baseline = majority_baseline(task, dev.labels if dev is not None else None)
     check_learned(task, result, baseline)

@@ -26,9 +26,13 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def grid_option(name: str):
-    """A swept setting: comma-separated values, by default DistillConfig's one value."""
+    """A swept setting: comma-separated values (with --search asha also a range LOW:HIGH[:log]), by
+    default DistillConfig's one value."""
     field = next(f for f in dataclasses.fields(DistillConfig) if f.name == name)
-    return typer.Option(str(field.default), help=f"Comma-separated values. {help_of(DistillConfig, name)}")
+    ranges = "" if name == "strategy" else " With --search asha also a range LOW:HIGH or LOW:HIGH:log."
+    return typer.Option(
+        str(field.default), help=f"Comma-separated values.{ranges} {help_of(DistillConfig, name)}"
+    )
 
 
 def sweep(
@@ -56,11 +60,38 @@ def sweep(
     group_by_length: bool = option(TrainConfig, "group_by_length"),
     trust_remote_code: bool = option(TrainConfig, "trust_remote_code"),
     output: Path = typer.Option(None, help="Sweep folder. Default: runs/TASK/sweep."),
+    search: str = typer.Option(
+        "grid",
+        help="grid: train every combination to the end; asha: an Optuna search that stops bad trials early.",
+    ),
+    trials: int = typer.Option(
+        20, help="asha: trials the study runs (finished or pruned), over all its workers."
+    ),
+    study: str = typer.Option(
+        None, help="asha: the study's name, shared by its workers. Default: TASK-sweep."
+    ),
+    storage: str = typer.Option(
+        None,
+        help="asha: an Optuna storage URL (postgresql://... for workers on many machines). "
+        "Default: sqlite in the sweep folder.",
+    ),
+    space: Path = typer.Option(None, help='asha: a TOML file of ranges and choices (lr = "2e-5:2e-4:log").'),
     quiet: bool = option(TrainConfig, "quiet"),
 ):
-    """Train a grid of students from one cache; finished runs are kept and skipped on restart."""
+    """Train a grid of students from one cache (finished runs are kept and skipped on restart), or
+    search it with --search asha, which stops the trials that fall behind."""
     from pkdpipe.sweep import GRID_FIELDS
     from pkdpipe.sweep import sweep as run
+
+    if search not in ("grid", "asha"):
+        raise ConfigError(f"--search is grid or asha; got {search!r}")
+    if search == "asha":
+        texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
+                 "temperature": temperature, "lr": lr, "seed": seed}  # fmt: skip
+        settings = {
+            k: v for k, v in locals().items() if k not in GRID_FIELDS and k not in ("output", "texts")
+        }
+        return _search(settings, texts, trials, study, storage, space, output)
 
     values = {
         "strategy": list(str_list(strategy)),
@@ -88,6 +119,48 @@ def sweep(
     console.print(table)
     if runs:
         console.print(f"best: {runs[0].output}")
+
+
+def _search(settings: dict, texts: dict, trials: int, study: str | None, storage: str | None, space, output):
+    """`--search asha`: the searched settings from the options (and --space); the others fixed."""
+    from pkdpipe.search import load_space, parse_param, search
+    from pkdpipe.tasks import get_task
+
+    params = {name: parse_param(name, text) for name, text in texts.items()}
+    if space is not None:
+        params.update(load_space(space))
+    searched = {k: p for k, p in params.items() if p.choices is None or len(p.choices) > 1}
+    fixed = {k: p.choices[0] for k, p in params.items() if k not in searched}
+    if not searched:
+        raise ConfigError(
+            "--search asha needs something to search: a range (--lr 2e-5:2e-4:log) or several values"
+        )
+    base = config_from(DistillConfig, {**settings, **fixed}, command=command_line())
+    task = get_task(base.task).name if base.task else _task_of_cache(base)
+    sweep_dir = output or base.runs_dir / task / "sweep"
+    records = search(base, searched, trials, sweep_dir, study or f"{task}-sweep", storage)
+    table = Table(title=f"study {study or task + '-sweep'} (best first)")
+    for column in ["trial", "state", "best dev", "evaluations", *searched]:
+        table.add_column(column)
+    for r in records:
+        value = f"{100 * r.value:.2f}" if r.value is not None else "-"
+        table.add_row(
+            str(r.number),
+            r.state.lower(),
+            value,
+            str(r.epochs),
+            *(f"{r.settings.get(k, '')}" for k in searched),
+        )
+    console.print(table)
+    finished = [r for r in records if r.state == "COMPLETE"]
+    if finished:
+        console.print(f"best: {finished[0].output}", markup=False, highlight=False)
+
+
+def _task_of_cache(base: DistillConfig) -> str:
+    from pkdpipe.cache.local import resolve_cache
+
+    return resolve_cache(base.cache, base.cache_dir).parent.name
 
 
 def report(

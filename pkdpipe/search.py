@@ -1,0 +1,281 @@
+"""`sweep --search asha`: a hyperparameter search that stops bad runs early, on Optuna.
+
+PKD wants a search over lr, alpha, beta, T and the strategy, and the cache makes each trial cheap:
+a student alone. Instead of training every point of a grid to the end, each trial reports its dev
+metric after every evaluation (every epoch, or every --eval-every steps) to Optuna's successive
+halving pruner, which stops the trials that fall behind (ASHA). Optuna is a well-kept library made
+for exactly this, so pkdpipe writes no scheduler of its own; it is an optional extra
+(`pip install 'pkdpipe[search]'`).
+
+The study lives in an Optuna storage: by default an SQLite file beside the sweep
+(`<sweep dir>/study.db`); any URL Optuna takes (`postgresql://...`) lets any number of workers on
+any machines share one study (`pkdpipe sweep --search asha --study NAME --storage URL`). Workers
+stop once the study holds `trials` finished or pruned trials (one extra trial per extra worker at
+most, from the race between workers; none is ever run twice). A worker killed mid-trial stops
+sending heartbeats; after the grace period its trial is marked failed and queued again with the
+same settings, and the next worker resumes it from its checkpoint (a trial's folder is named by
+its settings). Finished trials are never rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pkdpipe import progress
+from pkdpipe.config import DistillConfig
+from pkdpipe.errors import ConfigError
+from pkdpipe.sweep import GRID_FIELDS, run_name
+
+# How often a running trial tells the storage it is alive; a trial silent for 4 heartbeats is taken
+# for dead, failed and queued again. $PKDPIPE_SEARCH_HEARTBEAT sets it (tests use 1 second).
+HEARTBEAT_S = int(os.environ.get("PKDPIPE_SEARCH_HEARTBEAT", "30"))
+FLOAT_FIELDS = ("alpha", "beta", "temperature", "lr")
+INT_FIELDS = ("layers", "seed")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: a list of choices, or a range (`low:high`, `:log` for a log scale)."""
+
+    name: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    def suggest(self, trial):
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.name in INT_FIELDS:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+
+def parse_param(name: str, text: str) -> Param:
+    """'2e-5:2e-4:log', '0.2:0.9', '5,10,20' or 'skip,last' for the setting `name`."""
+    if name not in GRID_FIELDS:
+        raise ConfigError(f"cannot search over {name!r}; choose from {', '.join(GRID_FIELDS)}")
+    text = str(text).strip()
+    if ":" in text:
+        parts = text.split(":")
+        log = len(parts) == 3 and parts[2] == "log"
+        if name in ("strategy",) or len(parts) not in (2, 3) or (len(parts) == 3 and not log):
+            raise ConfigError(f"--{name}: a range is LOW:HIGH or LOW:HIGH:log; got {text!r}")
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ConfigError(f"--{name}: a range takes numbers; got {text!r}") from None
+        if not low < high or (log and low <= 0):
+            raise ConfigError(f"--{name}: the range {text!r} is empty (or not positive on a log scale)")
+        return Param(name, low=low, high=high, log=log)
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ConfigError(f"--{name} has no values")
+    return Param(name, choices=tuple(_typed(name, v) for v in values))
+
+
+def _typed(name: str, value: str):
+    if name == "strategy":
+        return value
+    try:
+        if name in INT_FIELDS:
+            if not re.fullmatch(r"-?\d+", value):
+                raise ValueError
+            return int(value)
+        return float(value)
+    except ValueError:
+        kind = "whole numbers" if name in INT_FIELDS else "numbers"
+        raise ConfigError(f"--{name} takes {kind}; got {value!r}") from None
+
+
+def load_space(path: Path) -> dict[str, Param]:
+    """A search space from a TOML file: `lr = "2e-5:2e-4:log"`, `strategy = ["skip", "last"]`."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read the search space {path}: {err}") from None
+    return {
+        name: parse_param(name, ",".join(map(str, v)) if isinstance(v, list) else str(v))
+        for name, v in raw.items()
+    }
+
+
+@dataclass
+class Trial:
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    settings: dict
+    value: float | None  # the best dev metric it reached
+    epochs: int  # how many evaluations it reported
+    output: str | None
+
+
+def search(
+    base: DistillConfig,
+    space: dict[str, Param],
+    trials: int,
+    sweep_dir: Path,
+    study_name: str,
+    storage: str | None = None,
+    seed: int | None = None,
+    source_hook=None,
+) -> list[Trial]:
+    """Run trials of `space` on top of `base` until the study holds `trials` finished or pruned
+    ones; return every trial of the study, best first. `seed` seeds this worker's sampler (None:
+    random, so that workers sharing a study do not all draw the same settings)."""
+    optuna = _optuna()
+    from pkdpipe import checkpoint
+    from pkdpipe.errors import PkdError
+    from pkdpipe.train import distill
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(study_name, storage or default_storage(sweep_dir), seed, create=True)
+    cache_path, main_metric, steps_per_epoch = _describe(base)
+    base = replace(base, cache=str(cache_path))
+    every = base.eval_every or steps_per_epoch  # the pruner's unit: one evaluation
+
+    def objective(trial) -> float:
+        settings = {name: param.suggest(trial) for name, param in space.items()}
+        fixed = {field: getattr(base, field) for field in GRID_FIELDS}
+        # a trial's own folder (two trials may draw the same settings); a trial queued again after
+        # its worker died keeps the folder (user attributes travel with it) and resumes there
+        if "output" not in trial.user_attrs:
+            trial.set_user_attr(
+                "output", str(sweep_dir / f"{trial.number:04d}_{run_name({**fixed, **settings})}")
+            )
+        output = Path(trial.user_attrs["output"])
+        name = output.name
+
+        def report(step: int, metrics: dict) -> None:
+            evaluations = max(1, round(step / every))  # the same count when a retried trial resumes
+            trial.report(metrics[main_metric], evaluations)
+            if trial.should_prune():
+                progress.info(
+                    f"trial {trial.number} ({name}): pruned after {evaluations} evaluations", base.quiet
+                )
+                raise optuna.TrialPruned()
+
+        progress.info(f"trial {trial.number}: {name}", base.quiet)
+        try:
+            result = distill(replace(base, output=output, **settings), source_hook, on_evaluate=report)
+        except optuna.TrialPruned:
+            checkpoint.remove(output / "checkpoint")  # a pruned trial is never resumed
+            raise
+        return result.metrics[main_metric]
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    stop = optuna.study.MaxTrialsCallback(trials, states=done)
+    if _count(study, done) < trials:
+        # a trial that fails with a user-facing error (a loss that became NaN at a high lr) is
+        # recorded as failed and the search goes on
+        study.optimize(objective, callbacks=[stop], gc_after_trial=True, catch=(PkdError,))
+    records = trials_of(study)
+    _write_results(sweep_dir, study_name, main_metric, records)
+    return records
+
+
+def default_storage(sweep_dir: Path) -> str:
+    return f"sqlite:///{(Path(sweep_dir) / 'study.db').resolve()}"
+
+
+def open_study(name: str, storage: str, seed: int | None = None, create: bool = False):
+    """The study `name` in `storage`, with the ASHA pruner, and heartbeats that re-queue the trial
+    of a worker that died."""
+    optuna = _optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for attempt in range(5):
+        try:
+            rdb = optuna.storages.RDBStorage(
+                storage,
+                # several workers on one SQLite file wait for its lock instead of failing at once
+                engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=4 * HEARTBEAT_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
+            break
+        except Exception as err:  # a wrong URL, a server that is not there, a missing driver
+            if ("already exists" in str(err) or "locked" in str(err)) and attempt < 4:
+                time.sleep(1)  # another worker is creating the same tables right now
+                continue
+            raise ConfigError(
+                f"cannot open the study storage {storage}: {str(err).splitlines()[0]}"
+            ) from None
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    if create:
+        return optuna.create_study(
+            study_name=name,
+            storage=rdb,
+            direction="maximize",
+            pruner=pruner,
+            sampler=sampler,
+            load_if_exists=True,
+        )
+    try:
+        return optuna.load_study(study_name=name, storage=rdb, pruner=pruner, sampler=sampler)
+    except KeyError:
+        raise ConfigError(f"no study {name!r} in {storage}") from None
+
+
+def trials_of(study) -> list[Trial]:
+    """Every trial of the study, best first (then pruned by how far they got, then the rest)."""
+    records = [
+        Trial(
+            number=t.number,
+            state=t.state.name,
+            settings=dict(t.params),
+            value=t.value if t.value is not None else max(t.intermediate_values.values(), default=None),
+            epochs=len(t.intermediate_values),
+            output=t.user_attrs.get("output"),
+        )
+        for t in study.get_trials(deepcopy=False)
+    ]
+    rank = {"COMPLETE": 0, "PRUNED": 1}
+    return sorted(
+        records, key=lambda r: (rank.get(r.state, 2), -(r.value if r.value is not None else -math.inf))
+    )
+
+
+def _count(study, states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _write_results(sweep_dir: Path, study_name: str, main_metric: str, records: list[Trial]) -> None:
+    rows = [vars(r) for r in records]
+    text = json.dumps({"study": study_name, "main_metric": main_metric, "trials": rows}, indent=2)
+    (sweep_dir / "search_results.json").write_text(text + "\n")
+
+
+def _describe(base: DistillConfig) -> tuple[Path, str, int]:
+    """The cache a search trains from, its task's main metric and the steps of one epoch."""
+    from pkdpipe.cache.local import resolve_cache
+    from pkdpipe.cache.reader import TeacherCache
+    from pkdpipe.tasks import get_task
+    from pkdpipe.train import task_of
+
+    task_name = get_task(base.task).name if base.task else None
+    path = resolve_cache(base.cache, base.cache_dir, task_name)
+    with TeacherCache(path) as cache:
+        steps = len(cache.epoch_plan("train", base.batch_size, 0, base.seed))
+        return path, task_of(cache).main_metric, steps
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError(
+            "--search asha needs Optuna: pip install 'pkdpipe[search]' (or pip install optuna)"
+        ) from None
+    return optuna

@@ -1,0 +1,108 @@
+"""pkdpipe.search: `sweep --search asha` on Optuna; workers sharing a study; a killed worker's trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pkdpipe.errors import ConfigError
+
+optuna = pytest.importorskip("optuna")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_search_space_from_options():
+    from pkdpipe.search import parse_param
+
+    lr = parse_param("lr", "2e-5:2e-4:log")
+    assert (lr.low, lr.high, lr.log, lr.choices) == (2e-5, 2e-4, True, None)
+    assert parse_param("temperature", "5,10,20").choices == (5.0, 10.0, 20.0)
+    assert parse_param("strategy", "skip,last").choices == ("skip", "last")
+    assert parse_param("layers", "2,3").choices == (2, 3)
+    for name, text, message in (
+        ("layers", "3.7", "takes whole numbers"),
+        ("lr", "1e-3:1e-5", "is empty"),
+        ("lr", "0:1e-3:log", "is empty"),
+        ("dropout", "0.1", "cannot search over 'dropout'"),
+        ("strategy", "a:b", "LOW:HIGH"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_param(name, text)
+
+
+def test_asha_runs_the_trials_and_stops_some_early(tiny_cache, tmp_path, distill_config):
+    from pkdpipe.search import Param, search
+
+    base = distill_config(tiny_cache, None, epochs=3)
+    space = {"lr": Param("lr", low=1e-5, high=3e-3, log=True), "alpha": Param("alpha", choices=(0.2, 0.8))}
+    records = search(base, space, trials=6, sweep_dir=tmp_path / "sweep", study_name="tiny", seed=0)
+    done = [r for r in records if r.state in ("COMPLETE", "PRUNED")]
+    assert len(done) == 6 and {r.state for r in records} <= {"COMPLETE", "PRUNED"}
+    assert records[0].state == "COMPLETE" and (tmp_path / "sweep" / "study.db").is_file()
+    best = records[0]
+    assert (tmp_path / "sweep").joinpath(best.output).is_dir() and os.path.isfile(
+        f"{best.output}/model.safetensors"
+    )
+    for r in records:
+        assert r.epochs == (3 if r.state == "COMPLETE" else r.epochs) and 1 <= r.epochs <= 3
+        assert not os.path.exists(f"{r.output}/checkpoint")  # pruned trials are not kept resumable
+    saved = json.loads((tmp_path / "sweep" / "search_results.json").read_text())
+    assert [t["number"] for t in saved["trials"]] == [r.number for r in records]
+
+    again = search(base, space, trials=6, sweep_dir=tmp_path / "sweep", study_name="tiny")
+    assert [(r.number, r.state) for r in again] == [(r.number, r.state) for r in records]  # nothing rerun
+
+
+def _worker(tiny_cache, sweep, storage, trials, env):
+    args = [sys.executable, "-m", "pkdpipe", "sweep", "--search", "asha", "--cache", str(tiny_cache),
+            "--strategy", "skip", "--layers", "2", "--lr", "1e-4:3e-3:log", "--epochs", "2",
+            "--batch-size", "8", "--trials", str(trials), "--study", "shared", "--storage", storage,
+            "--output", str(sweep), "--device", "cpu", "--quiet"]  # fmt: skip
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PKDPIPE_QUIET": "1", **extra}
+
+
+def test_two_workers_share_one_study_and_run_no_trial_twice(tiny_cache, tmp_path):
+    sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
+    workers = [_worker(tiny_cache, sweep, storage, 6, _env()) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 6 <= len(done) <= 7  # one extra at most: the two workers may both start a last trial
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    outputs = [t.user_attrs["output"] for t in done]
+    assert len(set(outputs)) == len(outputs)  # no setting trained twice
+
+
+def test_a_killed_workers_trial_is_queued_again_and_finished_by_the_next(tiny_cache, tmp_path):
+    sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
+    env = _env(PKDPIPE_SEARCH_HEARTBEAT="1")
+    killed = _worker(
+        tiny_cache, sweep, storage, 2, {**env, "PKDPIPE_KILL_AT": "between-renames:checkpoint#1"}
+    )
+    killed.communicate(timeout=600)
+    assert killed.returncode == -9
+    time.sleep(5)  # past the grace period of 4 heartbeats: the trial is taken for dead
+    restarted = _worker(tiny_cache, sweep, storage, 2, env)
+    _, err = restarted.communicate(timeout=600)
+    assert restarted.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    states = [t.state.name for t in study.trials]
+    trials = [(t.number, t.state.name, t.system_attrs) for t in study.trials]
+    assert states[0] == "FAIL" and states.count("COMPLETE") + states.count("PRUNED") == 2, trials
+    retried = [
+        t
+        for t in study.trials
+        if t.system_attrs.get("failed_trial") == 0 or t.params == study.trials[0].params
+    ]
+    assert len(retried) >= 2  # the dead trial's settings ran again, to the end
