@@ -47,13 +47,7 @@ def make_report(folders: list[Path], output: Path | None = None) -> tuple[list[d
     the PNG went. Every dev metric is drawn in percent, and the bars of the best dev metric start at 0."""
     runs = [read_run(f) for f in folders]  # a wrong folder is the first thing to hear about
     output = Path(output) if output else default_output(folders)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("report needs matplotlib: pip install matplotlib (or pkdpipe[plots])") from None
+    plt = _pyplot()
     dev_keys = sorted({k for r in runs for rec in r["records"] for k in rec if k.startswith("dev_")})
     terms = list(dict.fromkeys(t for r in runs for t in loss_terms(r["records"])))
     panels = terms + dev_keys
@@ -95,3 +89,65 @@ def make_report(folders: list[Path], output: Path | None = None) -> tuple[list[d
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return runs, output
+
+
+def make_study_report(storage: str, study_name: str | None, output: Path) -> dict:
+    """One PNG of a search: every trial's dev metric (%) against its evaluations, pruned trials cut
+    short and marked with an x, the best trial's settings in the title. Returns the best trial."""
+    from pkdpipe.search import open_study, trials_of
+
+    plt = _pyplot()
+    study = open_study(study_name or _only_study(storage), storage)
+    records = trials_of(study)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in records:
+        steps = sorted(trials[r.number].intermediate_values.items())
+        if not steps:
+            continue
+        xs, ys = zip(*steps)
+        ys = [100 * y for y in ys]
+        pruned = r.state == "PRUNED"
+        ax.plot(
+            xs, ys, color="C3" if pruned else "C0", alpha=0.45 if pruned else 0.9, marker="o", markersize=3
+        )
+        if pruned:
+            ax.plot(xs[-1], ys[-1], marker="x", color="C3", markersize=8)
+    best = next((r for r in records if r.state == "COMPLETE"), None)
+    title = (
+        f"study {study.study_name}: {len(records)} trials, {sum(r.state == 'PRUNED' for r in records)} pruned"
+    )
+    if best is not None:
+        settings = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.settings.items()
+        )
+        title += f"\nbest: trial {best.number}, dev {100 * best.value:.2f} ({settings})"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("evaluations (epochs, or --eval-every steps)")
+    ax.set_ylabel("dev metric (%)")
+    ax.grid(alpha=0.3)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return {"best": best, "trials": records}
+
+
+def _only_study(storage: str) -> str:
+    import optuna
+
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if len(names) != 1:
+        raise ConfigError(f"{storage} holds {len(names)} studies ({', '.join(names)}): pass --study NAME")
+    return names[0]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("report needs matplotlib: pip install matplotlib (or pkdpipe[plots])") from None
+    return plt

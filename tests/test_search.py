@@ -57,11 +57,19 @@ def test_asha_runs_the_trials_and_stops_some_early(tiny_cache, tmp_path, distill
     again = search(base, space, trials=6, sweep_dir=tmp_path / "sweep", study_name="tiny")
     assert [(r.number, r.state) for r in again] == [(r.number, r.state) for r in records]  # nothing rerun
 
+    from pkdpipe_cli.main import app
+    from typer.testing import CliRunner
 
-def _worker(tiny_cache, sweep, storage, trials, env):
+    drawn = CliRunner().invoke(app, ["report", str(tmp_path / "sweep")])
+    assert drawn.exit_code == 0, drawn.output
+    assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"best trial {records[0].number}: dev {100 * records[0].value:.2f}" in drawn.output
+
+
+def _worker(tiny_cache, sweep, storage, trials, env, study="shared"):
     args = [sys.executable, "-m", "pkdpipe", "sweep", "--search", "asha", "--cache", str(tiny_cache),
             "--strategy", "skip", "--layers", "2", "--lr", "1e-4:3e-3:log", "--epochs", "2",
-            "--batch-size", "8", "--trials", str(trials), "--study", "shared", "--storage", storage,
+            "--batch-size", "8", "--trials", str(trials), "--study", study, "--storage", storage,
             "--output", str(sweep), "--device", "cpu", "--quiet"]  # fmt: skip
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -106,3 +114,22 @@ def test_a_killed_workers_trial_is_queued_again_and_finished_by_the_next(tiny_ca
         if t.system_attrs.get("failed_trial") == 0 or t.params == study.trials[0].params
     ]
     assert len(retried) >= 2  # the dead trial's settings ran again, to the end
+
+
+@pytest.mark.postgres
+def test_two_workers_share_a_study_on_a_real_postgresql_server(tiny_cache, tmp_path):
+    """The many-machine recipe, on one machine: two workers, one PostgreSQL study. Opt in with
+    PKDPIPE_TEST_POSTGRES=postgresql://USER:PASSWORD@HOST/DB and pytest -m postgres."""
+    url = os.environ.get("PKDPIPE_TEST_POSTGRES")
+    if not url:
+        pytest.skip("set PKDPIPE_TEST_POSTGRES to a PostgreSQL database URL")
+    name = f"shared-{os.getpid()}-{time.time_ns()}"
+    workers = [_worker(tiny_cache, tmp_path / "sweep", url, 5, _env(), study=name) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name=name, storage=url)
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 5 <= len(done) <= 6 and len({t.number for t in study.trials}) == len(study.trials)
+    outputs = [t.user_attrs["output"] for t in done]
+    assert len(set(outputs)) == len(outputs)

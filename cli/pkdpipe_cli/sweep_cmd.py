@@ -164,12 +164,19 @@ def _task_of_cache(base: DistillConfig) -> str:
 
 
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run folders (each with train_log.jsonl)."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Run folders (each with train_log.jsonl), or one sweep folder holding a search's study.db."
+    ),
     output: Path = typer.Option(
         None, help="PNG file to write. Default: report.png in the folder that holds the runs."
     ),
+    study: str = typer.Option(None, help="A search's study name (when its storage holds several)."),
+    storage: str = typer.Option(None, help="A search's storage URL. Default: the sweep folder's study.db."),
 ):
-    """Plot training curves (each loss term, dev metric in %) and the best dev metric of several runs."""
+    """Plot training curves (each loss term, dev metric in %) and the best dev metric of several runs,
+    or a search: each trial's dev metric against its evaluations, pruned trials cut short."""
+    if storage or (len(runs) == 1 and (runs[0] / "study.db").is_file()):
+        return _study_report(runs[0], output, study, storage)
     from pkdpipe.report import make_report
 
     read, output = make_report(runs, output)
@@ -185,4 +192,16 @@ def report(
             str(steps),
         )
     console.print(table)
+    console.print(f"report: {output}")
+
+
+def _study_report(folder: Path, output: Path | None, study: str | None, storage: str | None) -> None:
+    from pkdpipe.report import make_study_report
+    from pkdpipe.search import default_storage
+
+    output = output or folder / "report.png"
+    drawn = make_study_report(storage or default_storage(folder), study, output)
+    best = drawn["best"]
+    if best is not None:
+        console.print(f"best trial {best.number}: dev {100 * best.value:.2f}, {best.settings}, {best.output}")
     console.print(f"report: {output}")
