@@ -205,8 +205,8 @@ def open_study(name: str, storage: str, seed: int | None = None, create: bool = 
             )
             break
         except Exception as err:  # a wrong URL, a server that is not there, a missing driver
-            if ("already exists" in str(err) or "locked" in str(err)) and attempt < 4:
-                time.sleep(1)  # another worker is creating the same tables right now
+            if storage.startswith("sqlite") and attempt < 4:
+                time.sleep(1)  # another worker is creating the same SQLite tables right now
                 continue
             raise ConfigError(
                 f"cannot open the study storage {storage}: {str(err).splitlines()[0]}"
