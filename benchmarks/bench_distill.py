@@ -67,7 +67,6 @@ from _common import (  # noqa: E402
     write_sst2_slice,
 )
 
-STUDENT_LAYERS = 3
 STRATEGY = "skip"  # PKD-Skip 6->3: student layers 1, 2 learn from teacher layers 2, 4
 
 
@@ -100,6 +99,14 @@ def parse_args(argv=None):
     p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS comparison")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     p.add_argument(
+        "--teacher",
+        default=None,
+        help="a pre-trained encoder folder to take as the teacher (a random head is added) and to cut "
+        "the student from; default: the 6-layer MiniLM. e.g. the 12-layer all-mpnet-base-v2 of "
+        "../shared/models/get_mpnet.sh",
+    )
+    p.add_argument("--layers", type=int, default=3, help="student depth K")
+    p.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -123,8 +130,8 @@ def rss_child(args) -> None:
     config = DistillConfig(
         cache=str(args.rss_child),
         strategy=STRATEGY,
-        layers=STUDENT_LAYERS,
-        student_init=minilm_path(),
+        layers=args.layers,
+        student_init=args.teacher or minilm_path(),
         batch_size=args.batch_size,
         max_steps=args.rss_steps,
         output=args.output,
@@ -187,6 +194,9 @@ def run_rss_child(cache: Path, output: Path, args) -> dict:
         str(args.batch_size),
         "--threads",
         str(args.threads),
+        "--layers",
+        str(args.layers),
+        *(["--teacher", args.teacher] if args.teacher else []),
     ]
     # Linux carries a process's peak RSS over fork and exec: a child forked straight from this
     # (large) process would report our peak as its ru_maxrss. A small shell in between forks the
@@ -345,13 +355,13 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     config = DistillConfig(
         cache=str(cache_path),
         strategy=STRATEGY,
-        layers=STUDENT_LAYERS,
+        layers=args.layers,
         batch_size=args.batch_size,
         device="cpu",
         quiet=True,
     )
-    teacher_map = layer_map(STRATEGY, cache.teacher_layers, STUDENT_LAYERS)
-    student_layers = list(range(1, STUDENT_LAYERS))
+    teacher_map = layer_map(STRATEGY, cache.teacher_layers, args.layers)
+    student_layers = list(range(1, args.layers))
     pad_id = pad_id_of(load_tokenizer(str(teacher_dir)))
     source = CacheSource(cache, "train", teacher_map, args.batch_size, config.seed, pad_id)
     teacher = load_classifier(str(teacher_dir)).eval()
@@ -359,7 +369,9 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
 
     def students():
         torch.manual_seed(config.seed)
-        model = load_classifier(minilm_path(), num_hidden_layers=STUDENT_LAYERS, **label_config(task.labels))
+        model = load_classifier(
+            args.teacher or minilm_path(), num_hidden_layers=args.layers, **label_config(task.labels)
+        )
         model.train()
         optimizer = make_optimizer(model, config)
         scheduler = make_scheduler(optimizer, rounds, config.warmup)
@@ -432,6 +444,10 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     optimizer = optimizer_times(cached_state[0], config, make_optimizer, rounds=args.steps)
     cache.close()
     return {
+        "teacher_name": Path(args.teacher).name if args.teacher else "all-MiniLM-L6-v2",
+        "teacher_depth": cache.teacher_layers,
+        "teacher_map": teacher_map,
+        "student_layers": student_layers,
         **{k: np.array(v) for k, v in times.items()},
         **{f"adamw_{k}": np.array(v) for k, v in optimizer.items()},
         "mean_width": float(np.mean(widths)),
@@ -480,8 +496,9 @@ def main(argv=None) -> None:
     try:
         task_name, data_dir = prepare_data(args, work)
         task = get_task(task_name)
-        log(f"preparing the teacher (MiniLM + a random {task.num_labels}-label head), cache of {task_name}")
-        teacher = make_teacher(work / "teacher", num_labels=task.num_labels)
+        name = Path(args.teacher).name if args.teacher else "MiniLM"
+        log(f"preparing the teacher ({name} + a random {task.num_labels}-label head), cache of {task_name}")
+        teacher = make_teacher(work / "teacher", num_labels=task.num_labels, base=args.teacher)
         with Stopwatch() as t:
             cache_1x = build_cache(task_name, data_dir, teacher, work / "cache")
         log(f"  cache built in {t.seconds:.1f} s: {cache_1x}")
@@ -531,11 +548,13 @@ def main(argv=None) -> None:
     else:
         what = f"SST-2 train ({source}), " + (f"the first {args.rows:,} rows" if args.rows else "all rows")
     print(f"data: {what}")
-    print(
-        f"teacher: all-MiniLM-L6-v2 (6 layers, hidden 384) + random {task.num_labels}-label head; "
-        f"student: its first {STUDENT_LAYERS} layers + a fresh head; "
-        f"PKD-Skip 6->3 (student 1,2 <- teacher 2,4); batch {args.batch_size}"
-    )
+    if steps is not None:
+        print(
+            f"teacher: {steps['teacher_name']} ({steps['teacher_depth']} layers) + random "
+            f"{task.num_labels}-label head; student: its first {args.layers} layers + a fresh head; "
+            f"PKD-Skip {steps['teacher_depth']}->{args.layers} (student layers {steps['student_layers']} <- "
+            f"teacher layers {steps['teacher_map']}); batch {args.batch_size}"
+        )
     print(f"load average: {load_start} before the measurements, {load_end} at the end")
     print()
     rows = []
@@ -563,6 +582,7 @@ def cache_size(folder: Path) -> tuple[int, int]:
 def step_rows(s: dict) -> list[tuple[str, ...]]:
     c_over_f = s["cached"] / s["ft"]
     o_over_c = s["online"] / s["cached"]
+    ceiling = (s["cached"] + s["teacher"]) / s["cached"]  # what skipping the teacher can save at most
 
     def ms(key, digits=0):
         return f"{median(s[key]) * 1e3:.{digits}f}"
@@ -583,6 +603,12 @@ def step_rows(s: dict) -> list[tuple[str, ...]]:
             f"mean {s['read'].mean() * 1e3:.2f} ms (the rows of 50 batches are read at once)",
         ),
         ("online PKD step (ms)", ms("online"), "", f"incl. the teacher forward: {ms('teacher')} ms"),
+        (
+            "ceiling: (cached step + teacher forward) / cached step",
+            f"{median(ceiling):.3f}x",
+            "",
+            f"per round; online / cached is {median(o_over_c) / median(ceiling):.1%} of it",
+        ),
         (
             "cache read share of the cached PKD step",
             f"{s['read'].mean() / s['cached'].mean():.1%}",
