@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from pkdpipe import strategies
+from pkdpipe.batching import GROUP_BATCHES
 from pkdpipe.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -159,8 +160,8 @@ class TrainConfig:
     max_steps: int = setting(0, "Stop after N optimizer steps (0 = all epochs); for smoke runs.")
     group_by_length: bool = setting(
         False,
-        "Batch rows of similar length inside random megabatches of 50 batches: less padding, faster "
-        "steps. Default: a plain uniform shuffle.",
+        f"Batch rows of similar length inside random megabatches of {GROUP_BATCHES} batches: less "
+        "padding, faster steps. Default: a plain uniform shuffle.",
     )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
     quiet: bool = setting(False, "No progress bars or progress lines.")

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from pkdpipe.errors import PkdError
+
+T = TypeVar("T")
 
 
 def launched_distributed() -> bool:
@@ -102,6 +108,28 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agree(action: Callable[[], T], main_only: bool = False) -> T | None:
+    """Run `action` on every rank (or on rank 0 alone) and raise its PkdError on every rank if it
+    failed on any: no rank is left waiting in a collective for one that stopped. Also a barrier.
+    Returns the action's result (None on the ranks that did not run it)."""
+    failure, result = None, None
+    if not main_only or is_main():
+        try:
+            result = action()
+        except PkdError as err:
+            failure = err
+    if not dist.is_initialized():
+        if failure is not None:
+            raise failure
+        return result
+    if all_ok(failure is None):
+        return result
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if failure is None else (type(failure), str(failure)))
+    kind, message = next(m for m in messages if m is not None)
+    raise kind(message)
 
 
 def shutdown() -> None:

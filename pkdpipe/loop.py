@@ -20,11 +20,11 @@ DistributedDataParallel averages the gradients, and the logged terms are average
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -32,18 +32,14 @@ from pkdpipe import checkpoint, distributed, faults, files, progress
 from pkdpipe.config import TrainConfig, to_dict
 from pkdpipe.errors import ConfigError, ModelError
 from pkdpipe.models import autocast, pick_device
+from pkdpipe.sources import BatchSource
+from pkdpipe.strategies import StepFn
 
 LOG_EVERY = 10  # optimizer steps between training-log lines
 
-StepFn = Callable[[torch.nn.Module, dict], dict]  # (model, batch on device) -> {"loss", terms...}
 EvalFn = Callable[[torch.nn.Module], dict]  # model -> dev metrics
 SaveFn = Callable[[torch.nn.Module, Path], None]  # write the model into a folder
 EvalHook = Callable[[int, dict], None]  # (step, dev metrics) after each evaluation; may raise to stop the run
-
-
-class BatchSource(Protocol):
-    def steps_per_epoch(self) -> int: ...
-    def epoch(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -92,16 +88,24 @@ def make_scheduler(optimizer, total_steps: int, warmup: float):
 
 
 class OptimizerStep:
-    """One optimizer step from a loss: backward (scaled under fp16), clip, step, schedule, zero."""
+    """One optimizer step from a loss: backward (scaled under fp16), then clip, step, schedule, zero.
+    The two halves are apart so that a caller can look at the loss between them."""
 
     def __init__(self, model, optimizer, scheduler, scaler=None, max_grad_norm: float = 0.0):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.scaler, self.max_grad_norm = scaler, max_grad_norm
 
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
     def __call__(self, loss: torch.Tensor) -> float:
         """Apply `loss`; return the learning rate this step used."""
+        self.backward(loss)
+        return self.step()
+
+    def step(self) -> float:
+        """Clip, step and schedule from the gradients backward left; return the lr this step used."""
         scaler = self.scaler
-        (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
@@ -168,7 +172,7 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from, so the log reads as one run."""
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        files.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _logged_step(line: str) -> float:
@@ -262,6 +266,8 @@ def start_or_resume(
             "--output must be on a filesystem that every node shares"
         )
     if not resuming:
+        if not config.resume and distributed.is_main():
+            checkpoint.remove(ckpt_dir)  # --no-resume: an old checkpoint must not be resumed later
         return None
     finished = checkpoint.finished_state(ckpt_dir)
     state = finished or checkpoint.load(ckpt_dir, model, optimizer, scheduler, scaler)
@@ -307,22 +313,34 @@ def fit(
     terms: tuple[str, ...] = ("loss",),
     settings: dict | None = None,
     on_evaluate: EvalHook | None = None,
+    write_files: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train `model`; keep the best dev checkpoint; resume from `output/checkpoint`.
 
     `terms` are the loss terms `step_fn` returns, shown on the progress bar (all of them are logged).
     `settings` (default: `resume_settings(config)`) must match the checkpoint's to resume from it.
     `on_evaluate(step, metrics)` runs after each dev evaluation (a search reports to its pruner
-    there, and stops a run by raising); one process only."""
+    there, and stops a run by raising); one process only. `write_files(result)` writes the run's own
+    files (rank 0) once the model is in the output and before the checkpoint goes, so a kill in
+    between is completed by a rerun instead of training again."""
     settings = resume_settings(config) if settings is None else settings
     run = _Run(
         model, source, step_fn, eval_fn, config, output, main_metric, save_final, settings, on_evaluate
     )
+    try:
+        _train(run, source, terms, config)
+        return run.finish(write_files)
+    finally:
+        run.log.close()
+
+
+def _train(run: _Run, source: BatchSource, terms: tuple[str, ...], config: TrainConfig) -> None:
+    """The epochs, from where the run starts (or resumes); nothing when training had finished."""
     shown = " ".join(f"{t} {{task.fields[{t}]:.3f}}" for t in terms)
     extra = f"{shown} lr {{task.fields[lr]:.1e}}"
     with progress.bar("train", run.total, unit="step", quiet=config.quiet, extra=extra) as bar:
         bar.advance(run.state["step"])
-        epochs = () if run.finished else range(run.state["epoch"], config.epochs)  # finished: only finish
+        epochs = () if run.finished else range(run.state["epoch"], config.epochs)
         for epoch in epochs:
             done = False
             for batch in source.epoch(epoch, run.state["skip"]):
@@ -334,7 +352,6 @@ def fit(
             run.end_epoch(epoch, done)
             if done:
                 break
-    return run.finish()
 
 
 class _Run:
@@ -380,16 +397,18 @@ class _Run:
         """Forward, loss, optimizer step: the step's loss terms as floats, and the lr it used."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device, self.config.precision):
-            values = self.step_fn(self.model, batch)
-        loss = values["loss"]
-        if not torch.isfinite(loss):
+            terms = self.step_fn(self.model, batch)
+        self.apply.backward(terms["loss"])
+        values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
+        # the one device sync of the step; every rank agrees before any weight moves
+        if not distributed.all_ok(math.isfinite(values["loss"])):
             raise ModelError(
-                f"the loss became {loss.item()} at step {self.state['step']}: lower --lr or use fp32"
+                f"the loss became {values['loss']} at step {self.state['step']} (on some rank): "
+                "lower --lr or use fp32"
             )
-        lr = self.apply(loss)
+        lr = self.apply.step()
         self.state["step"] += 1
         self.state["skip"] += 1
-        values = {k: float(v.detach()) for k, v in values.items()}  # one device sync per step
         self.log.add(values)
         return values, lr
 
@@ -418,11 +437,18 @@ class _Run:
             self.save_checkpoint()
 
     def evaluate(self) -> dict:
-        if self.eval_fn is None or not distributed.is_main():
+        """Dev metrics on rank 0 ({} elsewhere), keeping the best model; a failure there (a full
+        disk while saving) stops every rank."""
+        if self.eval_fn is None:
             return {}
-        metrics = self.eval_fn(self.core)
-        self.best.offer(self.core, self.state["step"], metrics)
-        if self.on_evaluate is not None:
+
+        def on_main() -> dict:
+            metrics = self.eval_fn(self.core)
+            self.best.offer(self.core, self.state["step"], metrics)
+            return metrics
+
+        metrics = distributed.agree(on_main, main_only=True) or {}
+        if metrics and self.on_evaluate is not None:
             self.on_evaluate(self.state["step"], metrics)
         return metrics
 
@@ -434,19 +460,25 @@ class _Run:
             )
         distributed.barrier()
 
-    def finish(self) -> TrainResult:
+    def finish(self, write_files: Callable[[TrainResult], None] | None = None) -> TrainResult:
         """Make best/ the result, record that training is over, move the result into the output,
-        drop the checkpoint: a kill between any two of these is completed by a rerun."""
-        if distributed.is_main():
+        write the run's files, drop the checkpoint: a rerun completes a kill between any two."""
+        best = self.best
+        result = TrainResult(
+            self.output, best.metrics, best.step, self.state["step"], time.time() - self.started
+        )
+
+        def on_main() -> None:
             if not self.finished:
-                self.best.complete(self.core, evaluated=self.eval_fn is not None)
-                state = {**self.state, **self.best.state(), "finished": True}
+                best.complete(self.core, evaluated=self.eval_fn is not None)
+                state = {**self.state, **best.state(), "finished": True}
                 checkpoint.mark_finished(self.checkpoint_dir, state)
             faults.point("finishing")
-            self.best.move_into_output()
+            best.move_into_output()
+            if write_files is not None:
+                write_files(result)
             faults.point("finished-before-checkpoint-removal")
             checkpoint.remove(self.checkpoint_dir)
-        self.log.close()
-        distributed.barrier()
-        best, steps = self.best, self.state["step"]
-        return TrainResult(self.output, best.metrics, best.step, steps, time.time() - self.started)
+
+        distributed.agree(on_main, main_only=True)
+        return result

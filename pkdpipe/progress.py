@@ -74,11 +74,12 @@ class _LineBar:
         self.fields = {name: float("nan") for name in re.findall(r"task\.fields\[(\w+)\]", extra)}
         self.done = self.shown = 0.0
         self.started = self.last = time.monotonic()
+        self.every = _every()
 
     def advance(self, n: float = 1, **fields) -> None:
         self.done += n
         self.fields.update(fields)
-        if time.monotonic() - self.last >= _every():
+        if time.monotonic() - self.last >= self.every:
             self.line()
 
     def line(self) -> None:

@@ -134,9 +134,12 @@ def make_study_report(storage: str, study_name: str | None, output: Path) -> dic
 
 
 def _only_study(storage: str) -> str:
-    import optuna
+    from pkdpipe.search import _optuna
 
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    try:
+        names = [s.study_name for s in _optuna().get_all_study_summaries(storage)]
+    except Exception as err:  # a wrong URL, a server that is not there
+        raise ConfigError(f"cannot read the studies in {storage}: {str(err).splitlines()[0]}") from None
     if len(names) != 1:
         raise ConfigError(f"{storage} holds {len(names)} studies ({', '.join(names)}): pass --study NAME")
     return names[0]

@@ -11,10 +11,11 @@ The study lives in an Optuna storage: by default an SQLite file beside the sweep
 (`<sweep dir>/study.db`); any URL Optuna takes (`postgresql://...`) lets any number of workers on
 any machines share one study (`pkdpipe sweep --search asha --study NAME --storage URL`). Workers
 stop once the study holds `trials` finished or pruned trials (one extra trial per extra worker at
-most, from the race between workers; none is ever run twice). A worker killed mid-trial stops
-sending heartbeats; after the grace period its trial is marked failed and queued again with the
-same settings, and the next worker resumes it from its checkpoint (a trial's folder is named by
-its settings). Finished trials are never rerun.
+most, from the race between workers; none is ever run twice), or when their last 3 trials all
+failed. A worker killed mid-trial stops sending heartbeats; after the grace period its trial is
+marked failed and queued again with the same settings and folder (a trial's folder is named by its
+number and settings, and travels with the retry), and the next worker resumes it from its
+checkpoint. Finished trials are never rerun.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pkdpipe import progress
+from pkdpipe import files, progress
 from pkdpipe.config import DistillConfig
 from pkdpipe.errors import ConfigError
 from pkdpipe.sweep import GRID_FIELDS, run_name
@@ -170,17 +171,47 @@ def search(
         except optuna.TrialPruned:
             checkpoint.remove(output / "checkpoint")  # a pruned trial is never resumed
             raise
+        except PkdError as err:
+            trial.set_user_attr("error", str(err))  # kept with the failed trial, said if all fail
+            raise
         return result.metrics[main_metric]
 
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     stop = optuna.study.MaxTrialsCallback(trials, states=done)
+    failures = _FailureStop(MAX_FAILURES_IN_A_ROW)
     if _count(study, done) < trials:
         # a trial that fails with a user-facing error (a loss that became NaN at a high lr) is
-        # recorded as failed and the search goes on
-        study.optimize(objective, callbacks=[stop], gc_after_trial=True, catch=(PkdError,))
+        # recorded as failed and the search goes on, unless every trial keeps failing
+        study.optimize(objective, callbacks=[stop, failures], gc_after_trial=True, catch=(PkdError,))
+    if failures.stopped:
+        raise ConfigError(
+            f"the last {MAX_FAILURES_IN_A_ROW} trials of study {study_name} failed; the last said: "
+            f"{failures.last_error or 'see the log'}"
+        )
     records = trials_of(study)
     _write_results(sweep_dir, study_name, main_metric, records)
     return records
+
+
+MAX_FAILURES_IN_A_ROW = 3
+
+
+class _FailureStop:
+    """Stops this worker when its last trials all failed: a setting no trial can train with
+    (a student as deep as the teacher, a tokenizer that does not fit) would fail for ever."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.stopped, self.last_error = limit, 0, False, None
+
+    def __call__(self, study, trial) -> None:
+        if trial.state.name != "FAIL":
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.last_error = trial.user_attrs.get("error") or self.last_error
+        if self.in_a_row >= self.limit:
+            self.stopped = True
+            study.stop()
 
 
 def default_storage(sweep_dir: Path) -> str:
@@ -254,7 +285,7 @@ def _count(study, states) -> int:
 def _write_results(sweep_dir: Path, study_name: str, main_metric: str, records: list[Trial]) -> None:
     rows = [vars(r) for r in records]
     text = json.dumps({"study": study_name, "main_metric": main_metric, "trials": rows}, indent=2)
-    (sweep_dir / "search_results.json").write_text(text + "\n")
+    files.write_text(sweep_dir / "search_results.json", text + "\n")
 
 
 def _describe(base: DistillConfig) -> tuple[Path, str, int]:
@@ -267,6 +298,8 @@ def _describe(base: DistillConfig) -> tuple[Path, str, int]:
     task_name = get_task(base.task).name if base.task else None
     path = resolve_cache(base.cache, base.cache_dir, task_name)
     with TeacherCache(path) as cache:
+        if "dev" not in cache.splits:
+            raise ConfigError(f"a search ranks trials on dev, and cache {cache.key} has no dev split")
         steps = len(cache.epoch_plan("train", base.batch_size, 0, base.seed))
         return path, task_of(cache).main_metric, steps
 

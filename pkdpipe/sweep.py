@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pkdpipe import progress
+from pkdpipe import files, progress
 from pkdpipe.cache.local import resolve_cache
 from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import DistillConfig
@@ -86,7 +86,6 @@ def sweep(
         for r in runs
     ]
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep_results.json").write_text(
-        json.dumps({"main_metric": main, "runs": summary}, indent=2) + "\n"
-    )
+    text = json.dumps({"main_metric": main, "runs": summary}, indent=2)
+    files.write_text(sweep_dir / "sweep_results.json", text + "\n")
     return runs

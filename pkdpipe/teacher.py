@@ -30,7 +30,7 @@ from pkdpipe.cache.reader import TeacherCache, read_shard
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import load_split
-from pkdpipe.errors import CacheError, ConfigError, DiskFullError, ModelError
+from pkdpipe.errors import CacheError, ConfigError, DataError, DiskFullError, ModelError
 from pkdpipe.metrics import compute_metrics, predictions_from_logits
 from pkdpipe.models import (
     autocast,
@@ -59,7 +59,7 @@ class CacheResult:
     path: Path  # the cache folder
     key: str
     hit: bool  # True when a complete cache was found (locally or in the store) and nothing ran
-    manifest: dict
+    manifest: mf.Manifest
     pulled: bool = False  # True when the cache came from the store
 
 
@@ -93,6 +93,9 @@ def cache_teacher(
     if teacher_hook is not None:
         teacher_hook(model)
     examples = {split: load_split(task, split, config.data_dir) for split in config.splits}
+    for split, ex in examples.items():
+        if not len(ex):
+            raise DataError(f"split {split!r} of task {task.name} has no examples: nothing to cache")
     inputs = KeyInputs(
         task=task.fingerprint_dict(),
         teacher_weights=hash_weights(model),
@@ -109,9 +112,14 @@ def cache_teacher(
     folder = config.cache_dir / task.name / key
     fingerprint_seconds = time.time() - started
 
-    found = None if config.force else _find(folder, task, key, config)
-    if found is not None:
-        return found
+    # rank 0 decides (and pulls): every rank must take the same road, or some would wait for the others
+    found = (
+        None if config.force else distributed.agree(lambda: _find(folder, task, key, config), main_only=True)
+    )
+    if distributed.broadcast_object(found is not None):
+        return CacheResult(
+            folder, key, hit=True, manifest=mf.read(folder), pulled=bool(found and found.pulled)
+        )
     device = pick_device(config.device)
     model.to(device).eval()
     layout = schema.Layout(
@@ -133,18 +141,20 @@ def cache_teacher(
         for split, ex in examples.items():
             encoded = encode(ex, tokenizer, config.max_seq_len)
             t0 = time.time()
-            splits_info[split] = _cache_split(
-                split, encoded, model, tokenizer, layout, folder, config, device
+            # a rank whose disk fills stops every rank, not only itself
+            splits_info[split] = distributed.agree(
+                lambda: _cache_split(split, encoded, model, tokenizer, layout, folder, config, device)  # noqa: B023
             )
             timings[f"{split}_s"] = round(time.time() - t0, 2)
-        distributed.barrier()
         faults.point("before-manifest")
-        if distributed.is_main():
+
+        def write_manifest() -> None:
             _drop_unplanned_shards(folder, splits_info)
             manifest = _manifest(config, task, teacher_name, model, key, inputs, layout, splits_info, folder)
             manifest["timings"] = {**timings, "total_s": round(time.time() - started, 2)}
             mf.write(folder, manifest)
-        distributed.barrier()
+
+        distributed.agree(write_manifest, main_only=True)
     result = CacheResult(folder, key, hit=False, manifest=mf.read(folder))
     if config.push and distributed.is_main():
         from pkdpipe.cache.store import push

@@ -24,7 +24,7 @@ from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
 from pkdpipe.data import load_split
 from pkdpipe.errors import CacheError, ModelError
 from pkdpipe.evaluate import predict_logits, score
-from pkdpipe.loop import BatchSource, EvalFn, EvalHook, TrainResult, fit, resume_settings
+from pkdpipe.loop import EvalFn, EvalHook, TrainResult, fit, resume_settings
 from pkdpipe.metrics import compute_metrics
 from pkdpipe.models import (
     FINETUNE_RECORD,
@@ -40,7 +40,7 @@ from pkdpipe.models import (
     pick_device,
     quiet_transformers,
 )
-from pkdpipe.sources import CacheSource, EncodedSource
+from pkdpipe.sources import BatchSource, CacheSource, EncodedSource
 from pkdpipe.tasks import Task, get_task
 from pkdpipe.text import Encoded, encode, pad_id_of
 
@@ -56,11 +56,13 @@ def _check_precision(config: TrainConfig) -> None:
 
 def _prepare_output(output: Path, config: TrainConfig) -> None:
     """A writable output folder; results recorded for an earlier model there are not this run's."""
-    if distributed.is_main():
+
+    def on_main() -> None:
         files.probe_writable(output, ModelError, what="output folder")
         if not (config.resume and checkpoint.exists(output / "checkpoint")):
             (output / cards.EVAL_RESULTS).unlink(missing_ok=True)
-    distributed.barrier()
+
+    distributed.agree(on_main, main_only=True)
 
 
 # -- distill -------------------------------------------------------------------------------------
@@ -133,33 +135,32 @@ def distill(
     def save_final(model, folder):
         _save_model(model, tokenizer, folder)
 
-    result = fit(
-        student,
-        source_hook(source) if source_hook else source,
-        step,
-        eval_fn,
-        config,
-        output,
-        task.main_metric if eval_fn else None,
-        save_final,
-        terms=strategy.terms,
-        settings=resume_settings(config, cache_key=cache.key, student_init=str(init)),
-        on_evaluate=on_evaluate,
-    )
     baseline = majority_baseline(task, dev.labels if dev is not None else None)
-    check_learned(task, result, baseline)
-    if distributed.is_main():
-        (output / "pkdpipe_config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _write_metrics(
-            output,
-            result,
-            count_parameters(student),
-            baseline,
-            teacher_dev=cache.manifest.teacher_metrics.get("dev", {}),
-        )
+
+    def write_files(result: TrainResult) -> None:
+        check_learned(task, result, baseline)
+        files.write_text(output / "pkdpipe_config.json", json.dumps(meta, indent=2) + "\n")
+        teacher_dev = cache.manifest.teacher_metrics.get("dev", {})
+        _write_metrics(output, result, count_parameters(student), baseline, teacher_dev=teacher_dev)
         cards.write(output, task)
-    cache.close()
-    return result
+
+    try:
+        return fit(
+            student,
+            source_hook(source) if source_hook else source,
+            step,
+            eval_fn,
+            config,
+            output,
+            task.main_metric if eval_fn else None,
+            save_final,
+            terms=strategy.terms,
+            settings=resume_settings(config, cache_key=cache.key, student_init=str(init)),
+            on_evaluate=on_evaluate,
+            write_files=write_files,
+        )
+    finally:
+        cache.close()
 
 
 def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map: list[int]):
@@ -258,7 +259,7 @@ def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline:
         "warnings": result.warnings,
         **extra,
     }
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    files.write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 # -- finetune ------------------------------------------------------------------------------------
@@ -295,7 +296,23 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     def save_final(model, folder):
         _save_model(model, tokenizer, folder)
 
-    result = fit(
+    baseline = majority_baseline(task, dev.labels if dev is not None else None)
+
+    def write_files(result: TrainResult) -> None:
+        check_learned(task, result, baseline)
+        record = {
+            "base_model": str(config.model),
+            "task": task.name,
+            "layers": config.layers,
+            "dev": result.metrics,
+            "config": to_dict(config),
+            "command": config.command or " ".join(sys.argv),
+        }
+        files.write_text(output / FINETUNE_RECORD, json.dumps(record, indent=2) + "\n")
+        _write_metrics(output, result, count_parameters(model), baseline)
+        cards.write(output, task)
+
+    return fit(
         model,
         source,
         strategies.finetune_step(task.is_regression),
@@ -305,22 +322,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         task.main_metric if eval_fn else None,
         save_final,
         terms=strategies.FINETUNE_TERMS,
+        write_files=write_files,
     )
-    baseline = majority_baseline(task, dev.labels if dev is not None else None)
-    check_learned(task, result, baseline)
-    if distributed.is_main():
-        record = {
-            "base_model": str(config.model),
-            "task": task.name,
-            "layers": config.layers,
-            "dev": result.metrics,
-            "config": to_dict(config),
-            "command": config.command or " ".join(sys.argv),
-        }
-        (output / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _write_metrics(output, result, count_parameters(model), baseline)
-        cards.write(output, task)
-    return result
 
 
 __all__ = ["TrainResult", "distill", "finetune", "fit"]

@@ -1,6 +1,8 @@
 """The teacher cache: HDF5 shards plus a manifest, named by a key that hashes what made them.
 
-Layout and fields are documented in docs/cache-format.md. `fingerprint` computes keys,
-`manifest` reads and checks manifests, `writer` writes shards, `reader` streams them,
-`verify` checks a cache end to end, `store` moves caches to and from a shared store.
+Layout and fields are documented in docs/cache-format.md. `schema` names a shard's datasets,
+`manifest` is the typed manifest and the key's inputs, `fingerprint` computes keys, `writer`
+writes shards, `reader` reads and streams them, `verify` checks a cache end to end, `local` finds,
+locks and tidies caches under the cache root, `store` moves them to and from a shared store.
+Nothing here imports model code.
 """

@@ -4,9 +4,9 @@
     <root>/<task>/.<key>.lock         the key's lock: held while a process builds or pulls it
     <root>/<task>/.<key>.partial/     the staging folder of a pull in progress
 
-The root is `--cache-dir`, else `$PKDPIPE_CACHE_DIR`, else `~/.cache/pkdpipe`. Builds (every rank's
-under torchrun) and pulls of one key hold its lock, so one process does the work while the others
-wait, and `gc` and `rm` leave a key alone while its lock is held.
+The root is `--cache-dir`, else `$PKDPIPE_CACHE_DIR`, else `~/.cache/pkdpipe`. Builds and pulls of
+one key hold its lock (under torchrun rank 0 holds it for all the ranks), so one process does the
+work while the others wait, and `gc` and `rm` leave a key alone while its lock is held.
 """
 
 from __future__ import annotations
@@ -170,6 +170,30 @@ def _looks_like_cache(folder: Path) -> bool:
     )
 
 
+def _owner(entry: Path) -> Path | None:
+    """The key folder whose lock guards `entry`, when `entry` is pkdpipe's: a key folder, or the
+    hidden staging folder of a pull of one. None for anything else."""
+    if not entry.is_dir():
+        return None
+    if entry.name.startswith(".") and entry.name.endswith(PARTIAL):
+        folder = entry.parent / entry.name[1 : -len(PARTIAL)]
+        return folder if _KEY_FOLDER.match(folder.name) else None
+    return entry if _looks_like_cache(entry) else None
+
+
+def _leftovers(entry: Path) -> list[Path]:
+    """What gc removes of `entry`: a staging folder or an incomplete key folder whole; in a complete
+    cache, scratch files and shards its manifest does not list."""
+    if not entry.exists():
+        return []  # moved into place (or removed) while we waited for the lock
+    if entry.name.startswith("."):
+        return [entry]
+    if not (entry / mf.MANIFEST).is_file():
+        return [entry] if _looks_like_cache(entry) else []
+    listed = _listed(entry)
+    return [p for p in entry.iterdir() if files.is_scratch(p.name) or _unlisted(p, listed)]
+
+
 def _listed(folder: Path) -> set[str]:
     try:
         return {s.file for s in mf.read(folder).shards()}
@@ -225,35 +249,18 @@ def gc(cache_dir: str | Path | None = None) -> list[tuple[Path, int]]:
         return freed
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for entry in sorted(task_dir.iterdir()):
-            if not entry.is_dir():
-                continue
-            if entry.name.startswith(".") and entry.name.endswith(PARTIAL):
-                folder = task_dir / entry.name[1 : -len(PARTIAL)]
-                if not _KEY_FOLDER.match(folder.name):
-                    continue
-                targets = [entry]
-            elif entry.name.startswith("."):
-                continue
-            elif not _looks_like_cache(entry):
-                continue  # not something pkdpipe wrote: leave it alone
-            elif (entry / mf.MANIFEST).is_file():
-                folder = entry
-                listed = _listed(entry)
-                targets = [p for p in entry.iterdir() if files.is_scratch(p.name) or _unlisted(p, listed)]
-            else:
-                folder = entry
-                targets = [entry]
-            if not targets:
+            folder = _owner(entry)
+            if folder is None:
                 continue
             with _try_lock(folder) as got:
                 if not got:
                     continue
-                for target in targets:
+                for target in _leftovers(entry):  # decided under the lock: a pull may just have finished
                     size = _size(target)
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    else:
-                        target.unlink()
+                    try:
+                        shutil.rmtree(target) if target.is_dir() else target.unlink()
+                    except OSError as err:
+                        raise CacheError(f"cannot remove {target}: {err.strerror or err}") from None
                     freed.append((target, size))
     return freed
 

@@ -1,9 +1,10 @@
 """manifest.json, typed: the table of contents of a cache, written last (its presence means complete).
 
 `Manifest` and the dataclasses below are the one schema of the manifest: `parse` checks a JSON
-object against them field by field (types, required fields, safe file names, consistent row
-counts, the key against its inputs) before any shard is opened, at every entry point: reading a
-local cache, verifying one, pulling one. The JSON itself stays available as written (a `Manifest`
+object against them field by field (types, required fields, safe file names, no shard listed
+twice) before any shard is opened, and `check_key` checks the key against its inputs, at every
+entry point: reading a local cache, verifying one, pulling one. (Row counts against the shards are
+verify's and the reader's `check_rows`.) The JSON itself stays available as written (a `Manifest`
 reads like the dict, `manifest["teacher"]["name_or_path"]`), for tools and for display.
 
 `KeyInputs` is everything that changes a cache's contents: `cache-teacher` builds it once, the key

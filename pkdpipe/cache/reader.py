@@ -25,7 +25,7 @@ from pkdpipe.batching import plan_epoch, rank_rows
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
-from pkdpipe.cache.local import latest_cache, list_caches, resolve_cache  # noqa: F401  (re-exported)
+from pkdpipe.cache.local import resolve_cache
 from pkdpipe.errors import CacheError
 
 READ_BATCHES = 50  # batches whose rows are gathered in one read: 12 MB for 5 layers x 768 x fp16
@@ -203,6 +203,8 @@ class TeacherCache:
         parts = [
             self._read_rows(s.file, np.arange(s.rows), layers) for s in self._split(split).shards if s.rows
         ]
+        if not parts:
+            raise CacheError(f"cache {self.key}: split {split!r} holds no rows")
         return _concat(parts)
 
     # -- streaming for training ------------------------------------------------------------
@@ -281,6 +283,8 @@ def _take(data: dict, idx: np.ndarray) -> dict:
 
 
 def _concat(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]  # one shard: nothing to join, nothing to copy
     out = {}
     for k in parts[0]:
         if parts[0][k] is None:

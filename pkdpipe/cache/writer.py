@@ -6,7 +6,8 @@ always whole, an interrupted run leaves at most a `.tmp` file (the next run over
 only Python's own file I/O ever touches the disk. That last point is about full disks: HDF5 writing
 to a full disk (or past a file-size limit) leaves its library in a state that crashed the process
 at exit; Python's write fails with one clean OSError instead. The price is one shard in memory
-while it is built (`--shard-size` rows: 160 MB for 8,192 rows of 13 BERT-base layers in float16).
+while it is built, twice over for a moment at commit (the image is copied out): `--shard-size`
+rows, 160 MB for 8,192 rows of 13 BERT-base layers in float16.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ class ShardWriter:
 
     def __init__(self, final_path: Path, ids: np.ndarray, lengths: np.ndarray, layout: schema.Layout):
         self.final_path = final_path
-        self.tmp_path = files.scratch(final_path)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         self._offsets = offsets
@@ -64,6 +64,6 @@ class ShardWriter:
             tmp.write_bytes(image)
 
     def abort(self) -> None:
+        """Drop the shard being built (nothing of it is on disk until commit)."""
         with contextlib.suppress(Exception):  # already closed
             self._file.close()
-        self.tmp_path.unlink(missing_ok=True)

@@ -21,7 +21,8 @@ import pytest
 from pkdpipe.cache import local as cache_root
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import store
-from pkdpipe.cache.reader import list_caches, open_cache
+from pkdpipe.cache.local import list_caches
+from pkdpipe.cache.reader import open_cache
 from pkdpipe.cache.verify import verify_cache
 from pkdpipe.errors import CacheError, StoreError
 

@@ -12,8 +12,7 @@ from pkdpipe_cli.main import app
 from typer.testing import CliRunner
 
 from pkdpipe.cache import manifest as mf
-from pkdpipe.cache.local import PARTIAL
-from pkdpipe.cache.reader import list_caches
+from pkdpipe.cache.local import PARTIAL, list_caches
 
 
 @pytest.fixture
