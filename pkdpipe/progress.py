@@ -28,8 +28,6 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
-from pkdpipe import distributed
-
 console = Console(stderr=True)
 
 
@@ -38,7 +36,17 @@ def _every() -> float:
 
 
 def _enabled(quiet: bool) -> bool:
-    return not quiet and os.environ.get("PKDPIPE_QUIET") != "1" and distributed.is_main()
+    return not quiet and os.environ.get("PKDPIPE_QUIET") != "1" and _main_rank()
+
+
+def _main_rank() -> bool:
+    """Rank 0 of a torchrun job, or a single process. Without torch.distributed imported there is no
+    process group, so the light commands (cache ls, info, verify) never import torch for this."""
+    if "torch.distributed" not in sys.modules:
+        return True
+    from pkdpipe import distributed
+
+    return distributed.is_main()
 
 
 class _RateColumn(ProgressColumn):

@@ -82,12 +82,13 @@ def cache_teacher(
 @cache_app.command("info")
 def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = typer.Option(None)):
     """Show a cache's manifest as a table."""
-    from pkdpipe.cache.reader import open_cache
+    from pkdpipe.cache import manifest
+    from pkdpipe.cache.local import resolve_cache
 
-    with open_cache(path, cache_dir) as cache:
-        m = cache.manifest
+    folder = resolve_cache(path, cache_dir)
+    m = manifest.read(folder)
     table = Table(title=f"cache {m.key}", show_header=False)
-    table.add_row("path", str(cache.path))
+    table.add_row("path", str(folder))
     table.add_row("task", m.task)
     t = m.teacher
     table.add_row(
@@ -130,7 +131,6 @@ def verify(
     from pkdpipe.cache.local import resolve_cache
     from pkdpipe.cache.verify import verify_cache
     from pkdpipe.errors import ConfigError
-    from pkdpipe.teacher import recompute_check
 
     if recompute and not teacher:
         raise ConfigError("--recompute needs --teacher PATH (the teacher the cache claims)")
@@ -144,6 +144,8 @@ def verify(
         f"OK: {report.shards_checked} shard(s), {report.rows_checked:,} rows verified in {report.path}"
     )
     if recompute:
+        from pkdpipe.teacher import recompute_check  # loads torch and transformers: only when asked
+
         r = recompute_check(folder, teacher, recompute, seed=seed, device=device)
         for note in r.notes:
             console.print(f"[yellow]note[/yellow] {note}", soft_wrap=True)

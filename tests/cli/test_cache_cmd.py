@@ -7,6 +7,7 @@ import errno
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,28 @@ def test_verify_ok(cache_copy):
     result = invoke("cache", "verify", cache_copy)
     assert result.exit_code == 0, result.output
     assert "OK: 4 shard(s), 126 rows verified" in result.output
+
+
+def test_the_light_cache_commands_never_load_torch(cache_copy):
+    """cache ls, info and verify read HDF5 and JSON only: loading torch and transformers would turn
+    a 0.1 s check into seconds of start-up (about 3 s here)."""
+    root = cache_copy.parent.parent
+    script = (
+        "import sys\n"
+        "from pkdpipe_cli.main import app\n"
+        "for args in (['cache', 'ls', '--cache-dir', sys.argv[1]], ['cache', 'info', sys.argv[2]],\n"
+        "             ['cache', 'verify', sys.argv[2]]):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit as stop:\n"
+        "        assert not stop.code, (args, stop.code)\n"
+        "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(root), str(cache_copy)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "rows verified" in done.stdout and "loaded: []" in done.stdout, done.stdout
 
 
 def test_verify_flipped_byte_fails_naming_the_file(cache_copy):
