@@ -260,6 +260,10 @@ class EvaluateConfig:
     max_seq_len: int = setting(128, "Truncate inputs to this many tokens.")
     device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
     precision: str = setting("fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU).")
+    timing_rows: int = setting(512, "Examples of the split each model is timed on (the same for all).")
+    timing_rounds: int = setting(
+        5, "Rounds of timing, the models in a rotating order each round; speed is the median."
+    )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
     quiet: bool = setting(False, "No progress bars or progress lines.")
     record: bool = setting(
@@ -275,5 +279,10 @@ class EvaluateConfig:
             check_local("evaluate", model, "model folder")
         check_task_path(self.task)
         check_local("--data-dir", self.data_dir)
-        _check_positive(batch_size=self.batch_size, max_seq_len=self.max_seq_len)
+        _check_positive(
+            batch_size=self.batch_size,
+            max_seq_len=self.max_seq_len,
+            timing_rows=self.timing_rows,
+            timing_rounds=self.timing_rounds,
+        )
         _check_choice("--precision", self.precision, PRECISIONS)

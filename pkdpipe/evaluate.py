@@ -2,7 +2,8 @@
 
 `evaluate` is the paper's comparison in one call: for a teacher and its students on one split it
 reports the task's metrics, parameter counts, examples per second and the speed-up over the first
-model. Batches are length-sorted for speed; results come back in the split's own order.
+model, timed in interleaved rounds. Batches are length-sorted for speed; results come back in the
+split's own order.
 """
 
 from __future__ import annotations
@@ -75,51 +76,82 @@ class ModelReport:
     model: str
     metrics: dict[str, float]
     parameters: int
-    examples_per_s: float
-    speedup: float  # against the first model evaluated
+    examples_per_s: float  # median over the timing rounds
+    speedup: float  # against the first model: the median of the per-round ratios
+    speedup_range: tuple[float, float] = (1.0, 1.0)  # lowest and highest per-round ratio
 
 
 def evaluate(config: EvaluateConfig) -> list[ModelReport]:
-    """Metrics, parameters and throughput of each model on one split (tokenised once per tokenizer)."""
+    """Metrics, parameters and throughput of each model on one split.
+
+    Every model is scored on the whole split, then timed on the same sample of it
+    (`config.timing_rows` examples) in `config.timing_rounds` rounds, the models in a rotating order
+    each round, so the load of a shared machine falls on all of them alike; speed is the median."""
     task = get_task(config.task)
     examples = load_split(task, config.split, config.data_dir)
     device = pick_device(config.device)
     torch.set_grad_enabled(False)
-    reports: list[ModelReport] = []
+    scored, timed = [], []
+    sample = np.sort(np.random.default_rng(0).permutation(len(examples))[: config.timing_rows])
     try:
         for name in config.models:
             model = load_classifier(name, config.trust_remote_code).to(device).eval()
             check_max_seq_len(model.config, config.max_seq_len, name)
             tokenizer = load_tokenizer(name, config.trust_remote_code)
             encoded = encode(examples, tokenizer, config.max_seq_len)
-            start = time.perf_counter()
-            logits = predict_logits(
-                model,
-                encoded,
-                pad_id=pad_id_of(tokenizer),
-                batch_size=config.batch_size,
-                device=device,
-                precision=config.precision,
-                quiet=config.quiet,
-                description=Path(name).name or name,
-            )
-            seconds = time.perf_counter() - start
-            rate = len(encoded) / seconds
-            metrics = score(task, logits, encoded.labels)
+
+            def run(model=model, encoded=encoded, pad_id=pad_id_of(tokenizer), quiet=True, label=name):
+                return predict_logits(
+                    model,
+                    encoded,
+                    pad_id=pad_id,
+                    batch_size=config.batch_size,
+                    device=device,
+                    precision=config.precision,
+                    quiet=quiet,
+                    description=Path(label).name or label,
+                )
+
+            metrics = score(task, run(quiet=config.quiet), encoded.labels)
             if config.record and (Path(name) / "metrics.json").is_file():
                 cards.record_results(Path(name), config.split, metrics, task)
-            reports.append(
-                ModelReport(
-                    model=str(name),
-                    metrics=metrics,
-                    parameters=count_parameters(model),
-                    examples_per_s=rate,
-                    speedup=rate / reports[0].examples_per_s if reports else 1.0,
-                )
-            )
+            scored.append((name, metrics, count_parameters(model)))
+            timed.append(lambda run=run, part=subset(encoded, sample): run(encoded=part))
+        seconds = time_in_rounds(timed, config.timing_rounds)
     finally:
         torch.set_grad_enabled(True)
+    reports = []
+    for (name, metrics, parameters), own in zip(scored, seconds, strict=True):
+        ratios = [base / mine for base, mine in zip(seconds[0], own, strict=True)]
+        reports.append(
+            ModelReport(
+                model=str(name),
+                metrics=metrics,
+                parameters=parameters,
+                examples_per_s=len(sample) / float(np.median(own)),
+                speedup=float(np.median(ratios)),
+                speedup_range=(min(ratios), max(ratios)),
+            )
+        )
     return reports
+
+
+def subset(encoded: Encoded, rows: np.ndarray) -> Encoded:
+    """The examples at positions `rows` (unlabelled: for timing)."""
+    types = [encoded.token_type_ids[i] for i in rows] if encoded.token_type_ids is not None else None
+    return Encoded(encoded.ids[rows], [encoded.input_ids[i] for i in rows], types, None)
+
+
+def time_in_rounds(runs: list, rounds: int) -> list[list[float]]:
+    """Seconds of each run in each round. Round r starts with run r (mod the count) and goes on in
+    order, so warm-up and a shared machine's changing load fall on every run alike."""
+    seconds: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        for i in [(r + j) % len(runs) for j in range(len(runs))]:
+            start = time.perf_counter()
+            runs[i]()
+            seconds[i].append(time.perf_counter() - start)
+    return seconds
 
 
 def predict(model_dir: str, task_name: str, split: str, output: str | Path, data_dir=None, **kwargs) -> Path:

@@ -25,11 +25,16 @@ def evaluate(
     max_seq_len: int = option(EvaluateConfig, "max_seq_len"),
     device: str = option(EvaluateConfig, "device"),
     precision: str = option(EvaluateConfig, "precision"),
+    timing_rows: int = option(EvaluateConfig, "timing_rows"),
+    timing_rounds: int = option(EvaluateConfig, "timing_rounds"),
     trust_remote_code: bool = option(EvaluateConfig, "trust_remote_code"),
     record: bool = option(EvaluateConfig, "record"),
     quiet: bool = option(EvaluateConfig, "quiet"),
 ):
-    """Metrics, parameters, examples/s and speed-up of each model on one split."""
+    """Metrics, parameters, examples/s and speed-up of each model on one split.
+
+    Speed is timed in rounds, the models interleaved; the speed-up is the median of the per-round
+    ratios to the first model, with the lowest and highest in brackets."""
     from pkdpipe.evaluate import evaluate as run
 
     config = config_from(EvaluateConfig, locals())
@@ -47,9 +52,14 @@ def print_reports(reports, title: str) -> None:
             *(f"{100 * r.metrics[m]:.2f}" for m in metric_names),
             f"{r.parameters / 1e6:.1f}M",
             f"{r.examples_per_s:,.0f}",
-            f"{r.speedup:.2f}x",
+            _speedup(r),
         )
     console.print(table)
+
+
+def _speedup(report) -> str:
+    low, high = report.speedup_range
+    return f"{report.speedup:.2f}x" + (f" ({low:.2f}-{high:.2f})" if high > low else "")
 
 
 def predict(
