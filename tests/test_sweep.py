@@ -141,3 +141,26 @@ def test_report_goes_next_to_the_runs_and_draws_dev_metrics_in_percent(tmp_path,
     assert "best dev metrics (%)" in result.output and "81.00" in result.output
     read, output = make_report([runs / "kd-3"], tmp_path / "elsewhere.png")
     assert output == tmp_path / "elsewhere.png" and read[0]["dev"] == {"accuracy": 0.77}
+
+
+def test_a_sweep_worker_on_another_machine_pulls_the_cache_from_the_store(tiny_cache, tmp_path, one_thread):
+    """`sweep --cache KEY --store URL` on a machine whose cache root is empty: the cache is pulled
+    (checksums verified) into that root, then the runs train from it."""
+    from pkdpipe.cache.store import push
+
+    store = tmp_path / "team-store"
+    push(tiny_cache, str(store), quiet=True)
+    root = tmp_path / "elsewhere"
+    key = tiny_cache.name
+    args = ["sweep", "--cache", key[:8], "--cache-dir", str(root), "--store", str(store), "--layers", "2"]
+    args += ["--max-steps", "2", "--batch-size", "8", "--output", str(tmp_path / "sweep"), "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--strategy", "kd", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (root / tiny_cache.parent.name / key / "manifest.json").is_file()
+    (run,) = (p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    saved = json.loads((run / "pkdpipe_config.json").read_text())["config"]
+    assert saved["cache"] == str(root / tiny_cache.parent.name / key)
+
+    # the cache is local now: a worker here without --store finds it by key
+    local = CliRunner().invoke(app, [*args[:5], *args[7:], "--strategy", "kd", "--device", "cpu"])
+    assert local.exit_code == 0, local.output

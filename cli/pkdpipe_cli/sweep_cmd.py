@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from pkdpipe.config import DistillConfig, TrainConfig, help_of
-from pkdpipe.errors import ConfigError
+from pkdpipe.errors import CacheError, ConfigError
 from pkdpipe_cli.common import command_line, config_from, console, int_list, option, str_list
 
 
@@ -76,6 +76,12 @@ def sweep(
         "Default: sqlite in the sweep folder.",
     ),
     space: Path = typer.Option(None, help='asha: a TOML file of ranges and choices (lr = "2e-5:2e-4:log").'),
+    store: str = typer.Option(
+        None,
+        envvar="PKDPIPE_STORE",
+        help="Team store URL: a --cache KEY that is not here is pulled from it first (workers on "
+        "other machines need nothing else).",
+    ),
     quiet: bool = option(TrainConfig, "quiet"),
 ):
     """Train a grid of students from one cache (finished runs are kept and skipped on restart), or
@@ -85,6 +91,8 @@ def sweep(
 
     if search not in ("grid", "asha"):
         raise ConfigError(f"--search is grid or asha; got {search!r}")
+    if store and cache:
+        cache = _local_cache(cache, cache_dir, store, quiet)
     if search == "asha":
         texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
                  "temperature": temperature, "lr": lr, "seed": seed}  # fmt: skip
@@ -119,6 +127,18 @@ def sweep(
     console.print(table)
     if runs:
         console.print(f"best: {runs[0].output}")
+
+
+def _local_cache(cache: str, cache_dir: Path | None, store: str, quiet: bool) -> str:
+    """The cache's local folder, pulled from the store first when it is not here. Workers that start
+    together pull it once: the pull holds the key's lock and the others then find it."""
+    from pkdpipe.cache.local import resolve_cache
+    from pkdpipe.cache.store import pull
+
+    try:
+        return str(resolve_cache(cache, cache_dir))
+    except CacheError:
+        return str(pull(cache, cache_dir, store, quiet))
 
 
 def _search(settings: dict, texts: dict, trials: int, study: str | None, storage: str | None, space, output):
