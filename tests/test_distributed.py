@@ -233,9 +233,10 @@ def test_one_process_answers_as_the_only_rank(monkeypatch):
 
 # -- cache-teacher on two ranks ------------------------------------------------------------------
 def test_cache_teacher_two_ranks(world, one_process_cache, tmp_path):
-    """A rank killed mid-run leaves finished shards and no manifest; the same torchrun command
-    then resumes from those shards, and the finished cache equals the one-process cache: the same
-    key, the same shard list, the same arrays for every example id."""
+    """`cache gc` leaves a build in progress alone; a rank killed mid-run leaves finished shards
+    and no manifest; the same torchrun command then resumes from those shards, and the finished
+    cache equals the one-process cache: the same key, the same shard list, the same arrays for
+    every example id."""
     cache_dir = tmp_path / "cache"
     args = _cache_args(world, cache_dir)
     with open(tmp_path / "killed.log", "w") as log:
@@ -253,6 +254,11 @@ def test_cache_teacher_two_ranks(world, one_process_cache, tmp_path):
                 assert run.poll() is None, (tmp_path / "killed.log").read_text()
                 assert time.time() < deadline, "no shard was finished in 120 s"
                 time.sleep(0.05)
+            # the ranks' build holds the key's lock: `cache gc` meanwhile leaves it alone
+            from pkdpipe.cache.local import gc
+
+            building = sorted(p.name for p in cache_dir.glob("*/*/*.h5"))
+            assert gc(cache_dir) == [] and set(building) <= {p.name for p in cache_dir.glob("*/*/*.h5")}
             workers = {pid: _local_rank(pid) for pid in _children(run.pid)}
             rank1 = [pid for pid, local_rank in workers.items() if local_rank == 1]
             assert len(rank1) == 1, f"cannot find rank 1's process among torchrun's children {workers}"
