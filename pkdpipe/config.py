@@ -262,7 +262,9 @@ class EvaluateConfig:
     precision: str = setting("fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU).")
     timing_rows: int = setting(512, "Examples of the split each model is timed on (the same for all).")
     timing_rounds: int = setting(
-        5, "Rounds of timing, the models in a rotating order each round; speed is the median."
+        5,
+        "Rounds of timing, the models in a rotating order each round (all held in memory at once); "
+        "speed is the median. 0: no timing.",
     )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
     quiet: bool = setting(False, "No progress bars or progress lines.")
@@ -283,6 +285,7 @@ class EvaluateConfig:
             batch_size=self.batch_size,
             max_seq_len=self.max_seq_len,
             timing_rows=self.timing_rows,
-            timing_rounds=self.timing_rounds,
         )
+        if self.timing_rounds < 0:
+            raise ConfigError(f"--timing-rounds must be 0 (no timing) or more; got {self.timing_rounds}")
         _check_choice("--precision", self.precision, PRECISIONS)

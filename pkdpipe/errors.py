@@ -25,6 +25,10 @@ class CacheError(PkdError):
     """A cache that is missing, incomplete, corrupted, or does not fit what reads it."""
 
 
+class CacheNotFound(CacheError):
+    """No local cache has this path or key (a store may still have it)."""
+
+
 class StoreError(PkdError):
     """A shared cache store that cannot be reached, read or written."""
 

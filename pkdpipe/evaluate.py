@@ -9,8 +9,10 @@ split's own order.
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +78,9 @@ class ModelReport:
     model: str
     metrics: dict[str, float]
     parameters: int
-    examples_per_s: float  # median over the timing rounds
-    speedup: float  # against the first model: the median of the per-round ratios
+    examples_per_s: float  # median over the timing rounds (NaN when not timed)
+    speedup: float  # against the first model: the median of the per-round ratios, not a ratio of
+    # the examples_per_s column (the rounds' medians may come from different rounds)
     speedup_range: tuple[float, float] = (1.0, 1.0)  # lowest and highest per-round ratio
 
 
@@ -86,7 +89,8 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
 
     Every model is scored on the whole split, then timed on the same sample of it
     (`config.timing_rows` examples) in `config.timing_rounds` rounds, the models in a rotating order
-    each round, so the load of a shared machine falls on all of them alike; speed is the median."""
+    each round, so the load of a shared machine falls on all of them alike; speed is the median.
+    Timing holds every model in memory at once; `timing_rounds=0` skips it (speed is then NaN)."""
     task = get_task(config.task)
     examples = load_split(task, config.split, config.data_dir)
     device = pick_device(config.device)
@@ -99,40 +103,39 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
             check_max_seq_len(model.config, config.max_seq_len, name)
             tokenizer = load_tokenizer(name, config.trust_remote_code)
             encoded = encode(examples, tokenizer, config.max_seq_len)
-
-            def run(model=model, encoded=encoded, pad_id=pad_id_of(tokenizer), quiet=True, label=name):
-                return predict_logits(
-                    model,
-                    encoded,
-                    pad_id=pad_id,
-                    batch_size=config.batch_size,
-                    device=device,
-                    precision=config.precision,
-                    quiet=quiet,
-                    description=Path(label).name or label,
-                )
-
-            metrics = score(task, run(quiet=config.quiet), encoded.labels)
+            run = partial(
+                predict_logits,
+                model,
+                pad_id=pad_id_of(tokenizer),
+                batch_size=config.batch_size,
+                device=device,
+                precision=config.precision,
+                description=Path(name).name or name,
+            )
+            metrics = score(task, run(encoded, quiet=config.quiet), encoded.labels)
             if config.record and (Path(name) / "metrics.json").is_file():
                 cards.record_results(Path(name), config.split, metrics, task)
             scored.append((name, metrics, count_parameters(model)))
-            timed.append(lambda run=run, part=subset(encoded, sample): run(encoded=part))
+            if config.timing_rounds:  # keeps the model (not the whole split) for the rounds
+                timed.append(partial(run, subset(encoded, sample), quiet=True))
+        if timed:
+            progress.info(
+                f"timing {len(timed)} models on {len(sample)} examples, {config.timing_rounds} rounds",
+                config.quiet,
+            )
         seconds = time_in_rounds(timed, config.timing_rounds)
     finally:
         torch.set_grad_enabled(True)
     reports = []
-    for (name, metrics, parameters), own in zip(scored, seconds, strict=True):
-        ratios = [base / mine for base, mine in zip(seconds[0], own, strict=True)]
-        reports.append(
-            ModelReport(
-                model=str(name),
-                metrics=metrics,
-                parameters=parameters,
-                examples_per_s=len(sample) / float(np.median(own)),
-                speedup=float(np.median(ratios)),
-                speedup_range=(min(ratios), max(ratios)),
-            )
-        )
+    for i, (name, metrics, parameters) in enumerate(scored):
+        if timed:
+            ratios = [base / mine for base, mine in zip(seconds[0], seconds[i], strict=True)]
+            speed = len(sample) / float(np.median(seconds[i]))
+            speedup, spread = float(np.median(ratios)), (min(ratios), max(ratios))
+        else:
+            speed = speedup = math.nan
+            spread = (math.nan, math.nan)
+        reports.append(ModelReport(str(name), metrics, parameters, speed, speedup, spread))
     return reports
 
 

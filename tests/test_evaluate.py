@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -104,3 +105,40 @@ def test_the_speedup_is_the_median_of_per_round_ratios(tiny, student, monkeypatc
     assert reports[1].speedup == 2.0 and reports[1].speedup_range == (2.0, 3.0)
     rows = min(512, len(load_split(get_task(tiny["task"]), "dev")))
     assert reports[0].examples_per_s == pytest.approx(rows / 6.0)
+
+
+def test_each_model_is_timed_on_the_same_sample_with_its_own_weights(tiny, student, monkeypatch):
+    """With timing_rows 7 and 2 rounds: every model runs once on the whole split (its metrics), then
+    twice on the same 7 examples; examples/s counts those 7 rows."""
+    import pkdpipe.evaluate as ev
+
+    calls = []
+    real = ev.predict_logits
+
+    def spy(model, encoded, **kwargs):
+        calls.append((id(model), tuple(encoded.ids)))
+        return real(model, encoded, **kwargs)
+
+    monkeypatch.setattr(ev, "predict_logits", spy)
+    models = [str(tiny["teacher"]), str(student)]
+    reports = evaluate(
+        EvaluateConfig(models=models, task=tiny["task"], quiet=True, timing_rows=7, timing_rounds=2)
+    )
+    dev = len(load_split(get_task(tiny["task"]), "dev"))
+    whole = [c for c in calls if len(c[1]) == dev]
+    timed = [c for c in calls if len(c[1]) == 7]
+    assert len(whole) == 2 and len(timed) == 4
+    teacher_id, student_id = (c[0] for c in whole)
+    assert teacher_id != student_id
+    assert sorted(c[0] for c in timed) == sorted([teacher_id, student_id] * 2)  # each with its own model
+    assert len({c[1] for c in timed}) == 1  # the same examples for both
+    assert [c[0] for c in timed] == [teacher_id, student_id, student_id, teacher_id]  # rotating
+    for report in reports:
+        assert report.examples_per_s > 0
+
+
+def test_timing_rounds_0_scores_without_timing(tiny, student):
+    models = [str(tiny["teacher"]), str(student)]
+    reports = evaluate(EvaluateConfig(models=models, task=tiny["task"], quiet=True, timing_rounds=0))
+    assert all(0 <= r.metrics["accuracy"] <= 1 for r in reports)
+    assert all(math.isnan(r.examples_per_s) and math.isnan(r.speedup) for r in reports)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -51,15 +52,17 @@ def print_reports(reports, title: str) -> None:
             r.model,
             *(f"{100 * r.metrics[m]:.2f}" for m in metric_names),
             f"{r.parameters / 1e6:.1f}M",
-            f"{r.examples_per_s:,.0f}",
+            "-" if math.isnan(r.examples_per_s) else f"{r.examples_per_s:,.0f}",
             _speedup(r),
         )
     console.print(table)
 
 
 def _speedup(report) -> str:
-    low, high = report.speedup_range
-    return f"{report.speedup:.2f}x" + (f" ({low:.2f}-{high:.2f})" if high > low else "")
+    if math.isnan(report.speedup):
+        return "-"
+    low, high = (f"{x:.2f}" for x in report.speedup_range)
+    return f"{report.speedup:.2f}x" + (f" ({low}-{high})" if high != low else "")
 
 
 def predict(

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from pkdpipe.config import DistillConfig, TrainConfig, help_of
-from pkdpipe.errors import CacheError, ConfigError
+from pkdpipe.errors import ConfigError
 from pkdpipe_cli.common import command_line, config_from, console, int_list, option, str_list
 
 
@@ -79,8 +79,8 @@ def sweep(
     store: str = typer.Option(
         None,
         envvar="PKDPIPE_STORE",
-        help="Team store URL: a --cache KEY that is not here is pulled from it first (workers on "
-        "other machines need nothing else).",
+        help="Team store URL: a --cache KEY that no local cache has is pulled from it first "
+        "(checksums verified). Ignored without --cache.",
     ),
     quiet: bool = option(TrainConfig, "quiet"),
 ):
@@ -91,15 +91,13 @@ def sweep(
 
     if search not in ("grid", "asha"):
         raise ConfigError(f"--search is grid or asha; got {search!r}")
-    if store and cache:
-        cache = _local_cache(cache, cache_dir, store, quiet)
     if search == "asha":
         texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
                  "temperature": temperature, "lr": lr, "seed": seed}  # fmt: skip
         settings = {
             k: v for k, v in locals().items() if k not in GRID_FIELDS and k not in ("output", "texts")
         }
-        return _search(settings, texts, trials, study, storage, space, output)
+        return _search(settings, texts, trials, study, storage, space, output, store)
 
     values = {
         "strategy": list(str_list(strategy)),
@@ -111,7 +109,7 @@ def sweep(
         "seed": list(int_list(seed, "--seed")),
     }
     settings = {k: v for k, v in locals().items() if k not in GRID_FIELDS and k != "output"}
-    base = config_from(DistillConfig, settings, command=command_line())
+    base = _from_store(config_from(DistillConfig, settings, command=command_line()), store)
     runs = run(base, values, output)
     table = Table(title="sweep (best first)")
     metric_names = list(runs[0].metrics) if runs else []
@@ -129,19 +127,19 @@ def sweep(
         console.print(f"best: {runs[0].output}")
 
 
-def _local_cache(cache: str, cache_dir: Path | None, store: str, quiet: bool) -> str:
-    """The cache's local folder, pulled from the store first when it is not here. Workers that start
-    together pull it once: the pull holds the key's lock and the others then find it."""
-    from pkdpipe.cache.local import resolve_cache
-    from pkdpipe.cache.store import pull
+def _from_store(base: DistillConfig, store: str | None) -> DistillConfig:
+    """With --store, the cache's local folder, pulled first when it is not here (once the settings
+    are known to be valid: a typo must not cost a download)."""
+    if not (store and base.cache):
+        return base
+    from pkdpipe.cache.store import local_or_pull
 
-    try:
-        return str(resolve_cache(cache, cache_dir))
-    except CacheError:
-        return str(pull(cache, cache_dir, store, quiet))
+    return dataclasses.replace(base, cache=str(local_or_pull(base.cache, base.cache_dir, store, base.quiet)))
 
 
-def _search(settings: dict, texts: dict, trials: int, study: str | None, storage: str | None, space, output):
+def _search(
+    settings: dict, texts: dict, trials: int, study: str | None, storage: str | None, space, output, store
+):
     """`--search asha`: the searched settings from the options (and --space); the others fixed."""
     from pkdpipe.search import load_space, parse_param, search
     from pkdpipe.tasks import get_task
@@ -155,7 +153,7 @@ def _search(settings: dict, texts: dict, trials: int, study: str | None, storage
         raise ConfigError(
             "--search asha needs something to search: a range (--lr 2e-5:2e-4:log) or several values"
         )
-    base = config_from(DistillConfig, {**settings, **fixed}, command=command_line())
+    base = _from_store(config_from(DistillConfig, {**settings, **fixed}, command=command_line()), store)
     task = get_task(base.task).name if base.task else _task_of_cache(base)
     sweep_dir = output or base.runs_dir / task / "sweep"
     records = search(base, searched, trials, sweep_dir, study or f"{task}-sweep", storage)

@@ -22,7 +22,7 @@ from pkdpipe import files, progress
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import KEY_LENGTH
 from pkdpipe.config import default_cache_root
-from pkdpipe.errors import CacheError
+from pkdpipe.errors import CacheError, CacheNotFound
 
 PARTIAL = files.PARTIAL  # the staging folder of a pull: <root>/<task>/.<key>.partial/
 
@@ -72,7 +72,7 @@ def resolve_cache(
         return matches[0]
     if len(matches) > 1:
         raise CacheError(f"key {path_or_key!r} matches several caches: {', '.join(str(m) for m in matches)}")
-    raise CacheError(f"no cache {path_or_key!r}: not a folder, and no such key under {root_of(cache_dir)}")
+    raise CacheNotFound(f"no cache {path_or_key!r}: not a folder, and no such key under {root_of(cache_dir)}")
 
 
 # -- the lock of a key -----------------------------------------------------------------------------

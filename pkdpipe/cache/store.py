@@ -34,8 +34,8 @@ from pathlib import Path
 from pkdpipe import faults, files, progress
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import KEY_LENGTH, sha256_file
-from pkdpipe.cache.local import key_lock, root_of, staging_folder
-from pkdpipe.errors import CacheError, PkdError, StoreError
+from pkdpipe.cache.local import key_lock, resolve_cache, root_of, staging_folder
+from pkdpipe.errors import CacheError, CacheNotFound, PkdError, StoreError
 
 CHUNK = 4 << 20  # bytes per read/write when streaming a shard (bounded memory, few round trips)
 MIB = float(1 << 20)  # progress bars count MiB: byte counts are unreadable at shard sizes
@@ -238,6 +238,16 @@ def pull(
         url = find_in_store(url_or_key, store)
         expect_task, expect_key = url.rsplit("/", 2)[-2:]
     return _pull(url, root_of(cache_dir), quiet, expect_task, expect_key)
+
+
+def local_or_pull(key: str, cache_dir: str | Path | None, store: str, quiet: bool = False) -> Path:
+    """The local folder of the cache `key` (a folder, a key or its first digits), pulled from `store`
+    first when no local cache has it. Workers that start together pull it once: the pull holds the
+    key's lock, and the others then find it."""
+    try:
+        return resolve_cache(key, cache_dir)
+    except CacheNotFound:
+        return pull(key, cache_dir, store, quiet)
 
 
 def pull_if_present(

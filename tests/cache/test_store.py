@@ -119,6 +119,19 @@ def test_pull_by_key_or_key_prefix_looks_under_the_store(tiny_cache, tmp_path, s
         store.pull(key, tmp_path / "c", quiet=True)
 
 
+def test_local_or_pull_pulls_only_what_no_local_cache_has(tiny_cache, tmp_path, store_url):
+    """A key found here is used as it is; one found nowhere here is pulled; a prefix that matches
+    two local caches is refused as ambiguous, never settled by what the store happens to hold."""
+    store.push(copy_cache(tiny_cache, tmp_path / "a"), store_url, quiet=True)
+    key = tiny_cache.name
+    pulled = store.local_or_pull(key[:6], tmp_path / "b", store_url, quiet=True)
+    assert pulled == tmp_path / "b" / tiny_cache.parent.name / key and verify_cache(pulled).ok
+    assert store.local_or_pull(key[:6], tmp_path / "b", store_url, quiet=True) == pulled
+    shutil.copytree(pulled, tmp_path / "b" / "other-task" / key)  # the same key under another task
+    with pytest.raises(CacheError, match="matches several caches"):
+        store.local_or_pull(key[:6], tmp_path / "b", store_url, quiet=True)
+
+
 def test_push_twice_uploads_nothing_the_second_time(tiny_cache, tmp_path, store_url, monkeypatch):
     local = copy_cache(tiny_cache, tmp_path / "a")
     store.push(local, store_url, quiet=True)
