@@ -63,5 +63,17 @@ sweep_cmd.register(app)
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(app())
+    """Console-script entry point (also `python -m pkdpipe`, which torchrun runs on every rank)."""
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        if isinstance(done.code, str):  # sys.exit("message"): shown, status 1, as Python does
+            print(done.code, file=sys.stderr)
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    # a rank of a torchrun job leaves through pkdpipe.distributed (its teardown can abort at exit);
+    # a plain process (and any command that never loaded torch) exits as usual
+    distributed = sys.modules.get("pkdpipe.distributed")
+    if distributed is not None:
+        distributed.exit_rank(code)
+    sys.exit(code)
