@@ -9,6 +9,8 @@ run reuses the teacher, the cache and the student.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 import shutil
@@ -117,12 +119,17 @@ def _mark(folder: Path, settings: dict, complete: bool) -> None:
 
 
 def quick_sample(source: Path, dest: Path) -> Path:
-    """A seeded sample of the BANKING77 CSVs (QUICK_ROWS rows each, in file order), for --quick."""
+    """A seeded sample of the BANKING77 CSVs (QUICK_ROWS records each, in file order), for --quick.
+
+    Records, not lines: a quoted text can hold a line break (BANKING77's train.csv has such rows)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name, rows in QUICK_ROWS.items():
-        header, *lines = (source / name).read_text(encoding="utf-8").splitlines(keepends=True)
-        keep = sorted(random.Random(0).sample(range(len(lines)), min(rows, len(lines))))
-        files.write_text(dest / name, header + "".join(lines[i] for i in keep))
+        with open(source / name, newline="", encoding="utf-8") as f:
+            header, *records = csv.reader(f)
+        keep = sorted(random.Random(0).sample(range(len(records)), min(rows, len(records))))
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([header, *(records[i] for i in keep)])
+        files.write_text(dest / name, out.getvalue())
     for other in source.iterdir():
         if other.is_file() and other.name not in QUICK_ROWS:
             shutil.copyfile(other, dest / other.name)
