@@ -170,7 +170,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
         reused.append("teacher")
         progress.info(f"[1/4] teacher: reused {teacher_dir}", config.quiet)
     else:
-        progress.info(f"[1/4] fine-tuning the teacher ({Path(model).name}) on {config.task}", config.quiet)
+        shown = Path(model).name if config.model else "all-MiniLM-L6-v2"  # not the package's "model" folder
+        progress.info(f"[1/4] fine-tuning the teacher ({shown}) on {config.task}", config.quiet)
         _mark(teacher_dir, teacher_settings, complete=False)
         finetune(
             FinetuneConfig(
