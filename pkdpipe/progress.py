@@ -147,5 +147,6 @@ def bar(description: str, total: int | None, unit: str = "ex", quiet: bool = Fal
 
 
 def info(message: str, quiet: bool = False) -> None:
+    """One message line on stderr, whole: a log file gets it unwrapped, a terminal wraps it itself."""
     if _enabled(quiet):
-        console.print(message)
+        console.print(message, soft_wrap=True)

@@ -29,3 +29,10 @@ def test_quiet_prints_nothing(monkeypatch, capsys):
     with progress.bar("train", 10, quiet=True) as bar:
         bar.advance(5)
     assert capsys.readouterr().err == ""
+
+
+def test_a_message_reaches_a_log_file_as_one_line(monkeypatch, capsys):
+    monkeypatch.delenv("PKDPIPE_QUIET", raising=False)
+    message = "cache: " + " ".join(f"word{i}" for i in range(40))  # 280 characters
+    progress.info(message)
+    assert capsys.readouterr().err == message + "\n"
