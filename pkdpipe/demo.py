@@ -97,6 +97,18 @@ class DemoResult:
     reports: list[ModelReport]
     reused: list[str]  # stages skipped because their output existed
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
+    warnings: list[str] = field(default_factory=list)  # the trained models' own (e.g. "learned nothing")
+
+
+def _warnings(stages: dict[str, Path]) -> list[str]:
+    """The warnings each stage's training recorded in its metrics.json, named by stage; a reused
+    stage's too, so a rerun of the demo says what the first run said."""
+    found = []
+    for stage, folder in stages.items():
+        path = folder / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        found += [f"{stage}: {warning}" for warning in metrics.get("warnings", [])]
+    return found
 
 
 DEMO_RECORD = "pkdpipe_demo.json"  # the settings a stage's output was made with, beside the trainer's files
@@ -269,6 +281,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
         "reused": reused,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "test": [vars(r) for r in reports],
+        "warnings": _warnings({"teacher": teacher_dir, "student": student_dir}),
     }
     files.write_text(run_dir / "demo_results.json", json.dumps(summary, indent=2) + "\n")
-    return DemoResult(run_dir, teacher_dir, cache.path, student_dir, reports, reused, seconds)
+    return DemoResult(
+        run_dir, teacher_dir, cache.path, student_dir, reports, reused, seconds, summary["warnings"]
+    )

@@ -65,10 +65,22 @@ def test_demo_runs_every_stage_and_reuses_them(tiny, tmp_path, monkeypatch):
     assert [row["model"] for row in saved["test"]] == [str(result.teacher), str(result.student)]
     assert result.reused == []
 
+    # each stage's training warnings reach the demo's result (the tiny models learn nothing), and a
+    # reused stage's too: one planted in the student's metrics.json is reported by the rerun
+    def recorded(folder):
+        return json.loads((folder / "metrics.json").read_text())["warnings"]
+
+    teacher_said = [f"teacher: {w}" for w in recorded(result.teacher)]
+    assert result.warnings == teacher_said + [f"student: {w}" for w in recorded(result.student)]
+    metrics = json.loads((result.student / "metrics.json").read_text())
+    metrics["warnings"] = ["planted: no better than the majority class"]
+    (result.student / "metrics.json").write_text(json.dumps(metrics))
     again = run_demo(_tiny_demo(tiny, tmp_path / "demo"))
     assert again.reused == ["teacher", "cache", "student"]
+    assert again.warnings == teacher_said + ["student: planted: no better than the majority class"]
     saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert set(saved["seconds"]) == {"teacher", "cache", "student", "evaluate"}
+    assert saved["warnings"] == again.warnings
     assert [r.metrics for r in again.reports] == [r.metrics for r in result.reports]
 
 

@@ -59,6 +59,8 @@ def demo(
         markup=False,
         highlight=False,
     )
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False)
     console.print(
         "next: pkdpipe cache ls; pkdpipe distill --task banking77 --strategy kd --layers 3 "
         "(see the README's walk-through)",
