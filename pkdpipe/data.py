@@ -42,6 +42,18 @@ if TYPE_CHECKING:
     from pkdpipe.tasks import Task
 
 HUB_LAYOUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"  # a clone's data/ (BANKING77 ships there)
+
+
+def bundled_data_dir(task: Task) -> Path | None:
+    """The copy of `task`'s files bundled with pkdpipe (`data/<task>/` of the working folder or of the
+    clone pkdpipe runs from), when every file of the task is there; None otherwise."""
+    for folder in (Path("data") / task.name, BUNDLED_DATA / task.name):
+        if task.files and all((folder / file).is_file() for _, file in task.files):
+            return folder
+    return None
+
+
 """Suffixes of hub-layout files, in order of preference (parquet is exact and fastest)."""
 
 
@@ -99,6 +111,9 @@ def _read_split(task: Task, split: str, data_dir: str | Path | None) -> Examples
     if data_dir is None:
         if task.hub_name is not None:
             return _from_hub(task, split)
+        bundled = bundled_data_dir(task) if task.task_dir is None else None
+        if bundled is not None:
+            return _read_split(task, split, bundled)
         if task.task_dir is None:
             raise DataError(
                 f"task '{task.name}' is read from a local folder: it needs --data-dir DIR "

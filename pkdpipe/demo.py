@@ -20,12 +20,11 @@ from pathlib import Path
 
 from pkdpipe import files, progress
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig, to_dict
+from pkdpipe.data import bundled_data_dir
 from pkdpipe.errors import ConfigError, DataError
 from pkdpipe.evaluate import ModelReport, evaluate
 from pkdpipe.teacher import cache_teacher
 from pkdpipe.train import distill, finetune
-
-REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "banking77"
 
 
 def default_model() -> str:
@@ -41,9 +40,11 @@ def default_model() -> str:
 
 
 def default_data_dir() -> Path:
-    for candidate in (Path("data/banking77"), REPO_DATA):
-        if (candidate / "train.csv").is_file():
-            return candidate
+    from pkdpipe.tasks import get_task
+
+    bundled = bundled_data_dir(get_task("banking77"))
+    if bundled is not None:
+        return bundled
     raise DataError(
         "the bundled BANKING77 data is not here (data/banking77): run from a pkdpipe clone or pass --data-dir"
     )

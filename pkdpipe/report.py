@@ -28,11 +28,21 @@ def read_run(folder: Path) -> dict:
     folder = Path(folder)
     log = folder / "train_log.jsonl"
     if not log.is_file():
-        raise PkdError(f"{folder} has no train_log.jsonl: not a pkdpipe run folder")
+        raise PkdError(f"{folder} has no train_log.jsonl: not a pkdpipe run folder, nor a folder of runs")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return {"name": folder.name, "path": folder, "records": records, "dev": metrics.get("dev", {})}
+
+
+def run_folders(folders: list[Path]) -> list[Path]:
+    """The run folders to draw: each folder given that is a run, and for one that is not but holds
+    runs (e.g. runs/banking77, or a grid sweep's folder), the runs directly inside it, by name."""
+    found = []
+    for folder in map(Path, folders):
+        inside = sorted(p.parent for p in folder.glob("*/train_log.jsonl"))
+        found += inside if inside and not (folder / "train_log.jsonl").is_file() else [folder]
+    return found
 
 
 def default_output(folders: list[Path]) -> Path:
@@ -45,6 +55,7 @@ def default_output(folders: list[Path]) -> Path:
 def make_report(folders: list[Path], output: Path | None = None) -> tuple[list[dict], Path]:
     """Write the PNG (default: `default_output`); return the runs read (name, dev metrics) and where
     the PNG went. Every dev metric is drawn in percent, and the bars of the best dev metric start at 0."""
+    folders = run_folders(folders)
     runs = [read_run(f) for f in folders]  # a wrong folder is the first thing to hear about
     output = Path(output) if output else default_output(folders)
     plt = _pyplot()

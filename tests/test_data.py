@@ -135,7 +135,20 @@ def test_hub_dataset_becomes_examples(monkeypatch):
 
 def test_folder_only_task_needs_a_data_dir():
     with pytest.raises(DataError, match="needs --data-dir DIR"):
-        load("banking77", "train", None)
+        load("trec", "train", None)
+
+
+def test_banking77_without_a_data_dir_reads_the_bundled_copy(tmp_path, monkeypatch):
+    """The README's next steps after the demo (`evaluate ... --task banking77`) need no --data-dir:
+    the bundled data/banking77 is found from any working folder; without it, the usual error."""
+    import pkdpipe.data as data
+
+    monkeypatch.chdir(tmp_path)  # not the clone: found through pkdpipe's own location
+    bundled = data.BUNDLED_DATA / "banking77"
+    assert load("banking77", "test", None) == load("banking77", "test", bundled)
+    monkeypatch.setattr(data, "BUNDLED_DATA", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="needs --data-dir DIR"):
+        load("banking77", "test", None)
 
 
 # --- banking77, trec, task files ----------------------------------------------------------------------

@@ -142,6 +142,14 @@ def test_report_goes_next_to_the_runs_and_draws_dev_metrics_in_percent(tmp_path,
     read, output = make_report([runs / "kd-3"], tmp_path / "elsewhere.png")
     assert output == tmp_path / "elsewhere.png" and read[0]["dev"] == {"accuracy": 0.77}
 
+    # a folder of runs stands for the runs inside it, by name; the PNG goes into that folder
+    (runs / "report.png").unlink()
+    (runs / "not-a-run").mkdir()
+    result = CliRunner().invoke(app, ["report", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert [r["name"] for r in make_report([runs], tmp_path / "x.png")[0]] == ["kd-3", "skip-3"]
+    assert (runs / "report.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_a_sweep_worker_on_another_machine_pulls_the_cache_from_the_store(tiny_cache, tmp_path, one_thread):
     """`sweep --cache KEY --store URL` on a machine whose cache root is empty: the cache is pulled

@@ -183,7 +183,9 @@ def _task_of_cache(base: DistillConfig) -> str:
 
 def report(
     runs: list[Path] = typer.Argument(
-        ..., help="Run folders (each with train_log.jsonl), or one sweep folder holding a search's study.db."
+        ...,
+        help="Run folders (each with train_log.jsonl), folders of runs (e.g. runs/banking77), or one "
+        "sweep folder holding a search's study.db.",
     ),
     output: Path = typer.Option(
         None, help="PNG file to write. Default: report.png in the folder that holds the runs."
