@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from pkdpipe import files
 from pkdpipe.errors import ConfigError, PkdError
 
 NOT_TERMS = ("step", "epoch", "lr", "steps_per_s")  # the other fields of a training-log line
@@ -33,6 +34,13 @@ def read_run(folder: Path) -> dict:
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return {"name": folder.name, "path": folder, "records": records, "dev": metrics.get("dev", {})}
+
+
+def _save(fig, output: Path) -> None:
+    """The figure appears at `output` whole or not at all (a scratch file renamed into place)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with files.replace_file(output) as tmp:
+        fig.savefig(tmp, dpi=110, format=output.suffix.lstrip(".") or "png")
 
 
 def run_folders(folders: list[Path]) -> list[Path]:
@@ -96,8 +104,7 @@ def make_report(folders: list[Path], output: Path | None = None) -> tuple[list[d
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
+    _save(fig, output)
     plt.close(fig)
     return runs, output
 
@@ -137,9 +144,8 @@ def make_study_report(storage: str, study_name: str | None, output: Path) -> dic
     ax.set_xlabel("evaluations (epochs, or --eval-every steps)")
     ax.set_ylabel("dev metric (%)")
     ax.grid(alpha=0.3)
-    output.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(output, dpi=110)
+    _save(fig, output)
     plt.close(fig)
     return {"best": best, "trials": records}
 

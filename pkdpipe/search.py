@@ -98,7 +98,7 @@ def _typed(name: str, value: str):
 
 def load_space(path: Path) -> dict[str, Param]:
     """A search space from a TOML file: `lr = "2e-5:2e-4:log"`, `strategy = ["skip", "last"]`."""
-    import tomllib
+    from pkdpipe.tasks import tomllib  # the standard library's, or tomli on Python 3.10
 
     try:
         raw = tomllib.loads(Path(path).read_text())

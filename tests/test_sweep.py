@@ -149,6 +149,7 @@ def test_report_goes_next_to_the_runs_and_draws_dev_metrics_in_percent(tmp_path,
     assert result.exit_code == 0, result.output
     assert [r["name"] for r in make_report([runs], tmp_path / "x.png")[0]] == ["kd-3", "skip-3"]
     assert (runs / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in runs.iterdir() if p.is_file()] == ["report.png"]  # written whole, no scratch left
 
 
 def test_a_sweep_worker_on_another_machine_pulls_the_cache_from_the_store(tiny_cache, tmp_path, one_thread):
