@@ -60,7 +60,7 @@ def demo(
         highlight=False,
     )
     for warning in result.warnings:
-        console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False)
+        console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False, soft_wrap=True)
     console.print(
         "next: pkdpipe cache ls; pkdpipe distill --task banking77 --strategy kd --layers 3 "
         "(see the README's walk-through)",

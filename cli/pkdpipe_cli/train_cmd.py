@@ -25,7 +25,7 @@ def _summary(title: str, result, extra: dict) -> None:
     table.add_row("output", str(result.output))
     console.print(table)
     for warning in result.warnings:
-        console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False)
+        console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False, soft_wrap=True)
 
 
 def finetune(

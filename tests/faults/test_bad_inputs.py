@@ -87,6 +87,7 @@ def test_a_student_no_better_than_the_majority_class_is_flagged(tiny_cache, tmp_
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["dev_majority_baseline"]["accuracy"] == pytest.approx(1 / 3)
     assert metrics["warnings"] and "learned nothing" in metrics["warnings"][0]
+    assert f"warning: {metrics['warnings'][0]}\n" in result.output  # one whole line, even in a log file
     assert "**Warning**: the best dev accuracy" in (output / "README.md").read_text()
 
 
