@@ -1,7 +1,7 @@
 """A full grid against `--search asha` over the same space, from one cache: the best dev metric each
 finds and the student-epochs each spends.
 
-    python benchmarks/bench_search.py --cache bench-out/reproduce-trec/cache
+    python benchmarks/bench_search.py --cache bench-out/reproduce-trec/cache/trec/KEY   # a cache folder
 
 Both are pkdpipe's own: the grid is `pkdpipe.sweep` (every combination trained to the end), the
 search is `pkdpipe.search` (Optuna's TPE sampler over the same choices, its successive-halving
