@@ -19,6 +19,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig
@@ -135,22 +136,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             folder = out / "students" / f"{row}-{args.layers}-s{seed}"
             if not (folder / "metrics.json").is_file():
-                distill(
-                    DistillConfig(
-                        cache=str(cache.path),
-                        strategy=row,
-                        layers=args.layers,
-                        output=folder,
-                        epochs=args.epochs,
-                        lr=args.lr,
-                        alpha=args.alpha,
-                        beta=args.beta,
-                        temperature=args.temperature,
-                        batch_size=args.batch_size,
-                        seed=seed,
-                        quiet=True,
-                    )
-                )
+                distill(replace(student_config(args, cache.path, seed), strategy=row, output=folder))
             train_seconds = json.loads((folder / "metrics.json").read_text())["train_seconds"]
             results.setdefault(row, []).append(
                 {"seed": seed, "folder": str(folder), "train_seconds": train_seconds}
@@ -221,18 +207,10 @@ def main() -> None:
     print(text)
 
 
-def tune(args, cache_path: Path, out: Path) -> dict[str, dict]:
-    """For each row, `pkdpipe.sweep` over the --tune grid (the fields the strategy uses) with the
-    first seed; the run with the best dev metric, its settings and its folder."""
-    from pkdpipe import strategies
-    from pkdpipe.sweep import sweep
-
-    grid = {}
-    for part in args.tune.split():
-        name, _, values = part.partition("=")
-        grid[name] = [float(v) for v in values.split(",")]
-    seed = int(args.seeds.split(",")[0])
-    base = DistillConfig(
+def student_config(args, cache_path: Path, seed: int) -> DistillConfig:
+    """The students' settings from the command line, for one seed (the fixed rows and the tuned
+    rows' base alike); the strategy and the output folder are each run's own."""
+    return DistillConfig(
         cache=str(cache_path),
         layers=args.layers,
         epochs=args.epochs,
@@ -244,6 +222,19 @@ def tune(args, cache_path: Path, out: Path) -> dict[str, dict]:
         seed=seed,
         quiet=True,
     )
+
+
+def tune(args, cache_path: Path, out: Path) -> dict[str, dict]:
+    """For each row, `pkdpipe.sweep` over the --tune grid (the fields the strategy uses) with the
+    first seed; the run with the best dev metric, its settings and its folder."""
+    from pkdpipe import strategies
+    from pkdpipe.sweep import sweep
+
+    grid = {}
+    for part in args.tune.split():
+        name, _, values = part.partition("=")
+        grid[name] = [float(v) for v in values.split(",")]
+    base = student_config(args, cache_path, int(args.seeds.split(",")[0]))
     best = {}
     for row in args.rows.split(","):
         used = {"lr", *strategies.get(row).hyperparameters}
