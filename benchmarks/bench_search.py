@@ -2,6 +2,9 @@
 finds and the student-epochs each spends.
 
     python benchmarks/bench_search.py --cache bench-out/reproduce-trec/cache/trec/KEY   # a cache folder
+    python benchmarks/bench_search.py --cache ... --parts grid-last --threads 1 &       # two lanes
+    python benchmarks/bench_search.py --cache ... --parts grid-skip --threads 1 &       # side by side
+    python benchmarks/bench_search.py --report                                          # the table
 
 Both are pkdpipe's own: the grid is `pkdpipe.sweep` (every combination trained to the end), the
 search is `pkdpipe.search` (Optuna's TPE sampler over the same choices, its successive-halving
@@ -12,13 +15,17 @@ Student-epochs: the grid's are runs x epochs; a search's are the evaluations its
 (a pruned trial stops at the evaluation that pruned it). Wall times are the machine's, load included
 (printed): they are context; the student-epochs are the measure.
 
-Runs are kept under --workdir: a rerun reuses the finished grid runs and the finished study.
+The work comes in parts (`--parts`): the grid's share of each strategy (grid-last, grid-skip) and
+one search per sampler seed (asha-0, asha-1), so separate processes can run them side by side. Each
+finished part is a JSON record under --workdir/parts/ (what it trained, the dev metric of each run
+or trial, its wall time); a rerun skips finished parts and reuses finished grid runs and studies.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,7 +47,7 @@ SPACE = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", required=True, help="cache folder or key (its task's dev split is the metric)")
+    p.add_argument("--cache", help="cache folder or key (its task's dev split is the metric)")
     p.add_argument("--workdir", type=Path, default=Path("bench-out/search"))
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
@@ -48,64 +55,125 @@ def main() -> None:
     p.add_argument("--search-seeds", default="0,1", help="one search per sampler seed")
     p.add_argument("--seed", type=int, default=1, help="the students' seed (init, dropout, order)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--skip-grid", action="store_true", help="only the searches")
-    args = p.parse_args()
-    set_threads(args.threads)
-    lines = [f"bench_search: {command_line()}", *machine_lines()]
-    base = DistillConfig(
-        cache=args.cache, layers=args.layers, epochs=args.epochs, seed=args.seed, alpha=0.5, quiet=True
+    p.add_argument(
+        "--parts",
+        default="grid,asha",
+        help="what to run: grid (every strategy), grid-STRATEGY (one strategy's share), asha (every "
+        "search seed) or asha-SEED; parts in separate processes can run side by side",
     )
-    grid_runs = len(SPACE["lr"]) * len(SPACE["beta"]) * len(SPACE["temperature"]) * len(SPACE["strategy"])
+    p.add_argument("--report", action="store_true", help="only print the table of the parts so far")
+    args = p.parse_args()
+    parts = _parts(args.parts, args.search_seeds)
+    if not args.report:
+        if not args.cache:
+            p.error("--cache is required to run parts")
+        set_threads(args.threads)
+        base = DistillConfig(
+            cache=args.cache, layers=args.layers, epochs=args.epochs, seed=args.seed, alpha=0.5, quiet=True
+        )
+        for part in parts:
+            path = args.workdir / "parts" / f"{part}.json"
+            if not path.is_file():
+                record = _run_part(part, base, args)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(record, indent=2) + "\n")
+    text = report(args.workdir, args.epochs)
+    if not args.report:
+        (args.workdir / "report.md").write_text(text + "\n")
+    print(text)
+
+
+def _parts(spec: str, search_seeds: str) -> list[str]:
+    parts = []
+    for part in spec.split(","):
+        if part == "grid":
+            parts += [f"grid-{s}" for s in SPACE["strategy"]]
+        elif part == "asha":
+            parts += [f"asha-{s}" for s in search_seeds.split(",")]
+        elif part.removeprefix("grid-") in SPACE["strategy"] or part.removeprefix("asha-").isdigit():
+            parts.append(part)
+        else:
+            sys.exit(f"--parts: unknown part {part!r} (grid, grid-STRATEGY, asha, asha-SEED)")
+    return parts
+
+
+def _run_part(part: str, base: DistillConfig, args) -> dict:
+    """Run one part; its record: what it trained, the dev metric each run reached, its wall time."""
+    kind, _, which = part.partition("-")
+    start = time.time()
+    if kind == "grid":
+        space = {**SPACE, "strategy": [which]}
+        log(f"{part}: {math.prod(len(v) for v in space.values())} runs x {args.epochs} epochs")
+        runs = sweep(base, space, args.workdir / "grid")
+        metric = next(iter(runs[0].metrics))
+        trained = [
+            {"name": r.name, "settings": r.settings, "dev": 100 * r.metrics[metric], "epochs": args.epochs}
+            for r in runs
+        ]
+    else:
+        log(f"{part}: {args.trials} trials")
+        space = {name: Param(name, choices=tuple(values)) for name, values in SPACE.items()}
+        folder = args.workdir / f"asha-s{which}"
+        trials = search(base, space, args.trials, folder, f"bench-s{which}", seed=int(which))
+        trained = [
+            {"name": f"trial {t.number}", "settings": t.settings, "dev": 100 * t.value, "epochs": t.epochs,
+             "pruned": t.state == "PRUNED"}
+            for t in trials if t.state in ("COMPLETE", "PRUNED") and t.value is not None
+        ]  # fmt: skip
+    return {
+        "part": part,
+        "trained": trained,
+        "seconds": time.time() - start,
+        "load_average": load_avg(),
+        "command": command_line(),
+        "machine": machine_lines(),
+    }
+
+
+def report(workdir: Path, epochs: int) -> str:
+    """The grid (its parts joined) against each search: best dev, its settings, student-epochs."""
+    records = [json.loads(p.read_text()) for p in sorted((workdir / "parts").glob("*.json"))]
+    grid = [r for r in records if r["part"].startswith("grid-")]
+    searches = [r for r in records if r["part"].startswith("asha-")]
+    full_grid = math.prod(len(v) for v in SPACE.values())
     rows = []
-    if not args.skip_grid:
-        log(f"grid: {grid_runs} runs x {args.epochs} epochs")
-        start = time.time()
-        runs = sweep(base, SPACE, args.workdir / "grid")
-        seconds = time.time() - start
-        best = runs[0]
-        metric = next(iter(best.metrics))
-        grid_best = 100 * best.metrics[metric]
+    if grid:
+        runs = [run for r in grid for run in r["trained"]]
+        best = max(runs, key=lambda run: run["dev"])
+        share = "" if len(runs) == full_grid else f" (of {full_grid})"
+        trained = f"{len(runs)} runs{share}"
+        rows.append(_row("grid", trained, best, len(runs) * epochs, full_grid * epochs, grid))
+    for r in searches:
+        trials = r["trained"]
+        best = max(trials, key=lambda t: t["dev"])
+        spent = sum(t["epochs"] for t in trials)
+        pruned = sum(t.get("pruned", False) for t in trials)
+        name = f"asha, seed {r['part'].removeprefix('asha-')}"
         rows.append(
-            (
-                "grid",
-                f"{len(runs)} runs",
-                f"{grid_best:.2f}",
-                _settings(best.settings),
-                f"{len(runs) * args.epochs}",
-                "1.00",
-                f"{seconds / 60:.1f} min",
-            )
-        )
-        (args.workdir / "grid_scores.json").write_text(
-            json.dumps({r.name: 100 * r.metrics[metric] for r in runs}, indent=2) + "\n"
-        )
-    space = {name: Param(name, choices=tuple(values)) for name, values in SPACE.items()}
-    for seed in (int(s) for s in args.search_seeds.split(",")):
-        log(f"asha, sampler seed {seed}: {args.trials} trials")
-        start = time.time()
-        folder = args.workdir / f"asha-s{seed}"
-        trials = search(base, space, args.trials, folder, f"bench-s{seed}", seed=seed)
-        seconds = time.time() - start
-        finished = [t for t in trials if t.state in ("COMPLETE", "PRUNED")]
-        top = finished[0]
-        epochs = sum(t.epochs for t in finished)
-        pruned = sum(t.state == "PRUNED" for t in finished)
-        rows.append(
-            (
-                f"asha, seed {seed}",
-                f"{len(finished)} trials ({pruned} pruned)",
-                f"{100 * top.value:.2f}",
-                _settings(top.settings),
-                f"{epochs}",
-                f"{epochs / (grid_runs * args.epochs):.2f}",
-                f"{seconds / 60:.1f} min",
-            )
+            _row(name, f"{len(trials)} trials ({pruned} pruned)", best, spent, full_grid * epochs, [r])
         )
     header = ("", "trained", "best dev", "its settings", "student-epochs", "of the grid's", "wall")
-    lines += ["", table(rows, header), "", f"load average at the end: {load_avg()}"]
-    text = "\n".join(lines)
-    (args.workdir / "report.md").write_text(text + "\n")
-    print(text)
+    lines = [
+        f"bench_search {r['part']}: {r['command']} (load average at its end {r['load_average']})"
+        for r in records
+    ]
+    lines += records[0]["machine"] if records else []
+    return "\n".join([*lines, "", table(rows, header) if rows else "no parts finished yet"])
+
+
+def _row(name: str, trained: str, best: dict, spent: int, grid_epochs: int, records: list[dict]) -> tuple:
+    """One line of the table; the wall time is the parts' processes' summed (they may run side by side)."""
+    minutes = sum(r["seconds"] for r in records) / 60
+    share = f"{spent / grid_epochs:.2f}"
+    return (
+        name,
+        trained,
+        f"{best['dev']:.2f}",
+        _settings(best["settings"]),
+        f"{spent}",
+        share,
+        f"{minutes:.1f} min",
+    )
 
 
 def _settings(settings: dict) -> str:
