@@ -117,3 +117,40 @@ def test_reproduce_tunes_each_row_over_the_fields_it_uses(tiny, tmp_path):
         assert rows[f"{row} (tuned)"]["folder"] == best["output"]
         assert 0 <= rows[f"{row} (tuned)"]["score"] <= 100
     assert "| kd, tuned: alpha " in (out / "results.md").read_text()
+
+
+def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path):
+    """The grid run in two processes (one part per strategy) is one grid in the report: its best
+    over both parts, its student-epochs the whole grid's; a search's share is against that."""
+    spec = importlib.util.spec_from_file_location("bench_search", REPO / "benchmarks" / "bench_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = {"lr": 2e-4, "beta": 0.5, "temperature": 10.0}
+    parts = {
+        "grid-last": [
+            {"settings": {**settings, "strategy": "last"}, "dev": 80.0 + i / 10, "epochs": 3}
+            for i in range(27)
+        ],
+        "grid-skip": [{"settings": {**settings, "strategy": "skip"}, "dev": 90.0, "epochs": 3}] * 27,
+        "asha-0": [
+            {"settings": {**settings, "strategy": "skip"}, "dev": 89.5, "epochs": 3},
+            {"settings": {**settings, "strategy": "last"}, "dev": 70.0, "epochs": 1, "pruned": True},
+        ],
+    }
+    (tmp_path / "parts").mkdir()
+    for name, trained in parts.items():
+        record = {"part": name, "trained": trained, "seconds": 600.0, "load_average": "2.0", "command": name}
+        record["machine"] = ["machine: test"]
+        (tmp_path / "parts" / f"{name}.json").write_text(json.dumps(record))
+
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in bench.report(tmp_path, epochs=3).splitlines() if line.startswith("| ")}  # fmt: skip
+    assert rows["grid"] == ["54 runs", "90.00", "lr 0.0002 beta 0.5 T 10 skip", "162", "1.00", "20.0 min"]
+    assert rows["asha, seed 0"] == [
+        "2 trials (1 pruned)",
+        "89.50",
+        "lr 0.0002 beta 0.5 T 10 skip",
+        "4",
+        "0.02",
+        "10.0 min",
+    ]
