@@ -118,6 +118,7 @@ class Trial:
     value: float | None  # the best dev metric it reached
     epochs: int  # how many evaluations it reported
     output: str | None
+    error: str | None = None  # why a failed trial failed
 
 
 def search(
@@ -183,13 +184,13 @@ def search(
         # a trial that fails with a user-facing error (a loss that became NaN at a high lr) is
         # recorded as failed and the search goes on, unless every trial keeps failing
         study.optimize(objective, callbacks=[stop, failures], gc_after_trial=True, catch=(PkdError,))
+    records = trials_of(study)
+    _write_results(sweep_dir, study_name, main_metric, records)  # failed trials too, with their errors
     if failures.stopped:
         raise ConfigError(
             f"the last {MAX_FAILURES_IN_A_ROW} trials of study {study_name} failed; the last said: "
             f"{failures.last_error or 'see the log'}"
         )
-    records = trials_of(study)
-    _write_results(sweep_dir, study_name, main_metric, records)
     return records
 
 
@@ -269,6 +270,7 @@ def trials_of(study) -> list[Trial]:
             value=t.value if t.value is not None else max(t.intermediate_values.values(), default=None),
             epochs=len(t.intermediate_values),
             output=t.user_attrs.get("output"),
+            error=t.user_attrs.get("error"),
         )
         for t in study.get_trials(deepcopy=False)
     ]

@@ -148,3 +148,6 @@ def test_a_search_whose_every_trial_fails_stops_with_the_reason(tiny_cache, tmp_
             sweep_dir=tmp_path / "s",
             study_name="deep",
         )
+    saved = json.loads((tmp_path / "s" / "search_results.json").read_text())
+    assert [t["state"] for t in saved["trials"]] == ["FAIL"] * 3  # the record of what was tried stays
+    assert all("shallower" in t["error"] for t in saved["trials"])
