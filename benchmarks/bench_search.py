@@ -100,7 +100,7 @@ def _parts(spec: str, search_seeds: str) -> list[str]:
 def _run_part(part: str, base: DistillConfig, args) -> dict:
     """Run one part; its record: what it trained, the dev metric each run reached, its wall time."""
     kind, _, which = part.partition("-")
-    start = time.time()
+    machine, start = machine_lines(), time.time()
     if kind == "grid":
         space = {**SPACE, "strategy": [which]}
         log(f"{part}: {math.prod(len(v) for v in space.values())} runs x {args.epochs} epochs")
@@ -126,7 +126,7 @@ def _run_part(part: str, base: DistillConfig, args) -> dict:
         "seconds": time.time() - start,
         "load_average": load_avg(),
         "command": command_line(),
-        "machine": machine_lines(),
+        "machine": machine,
     }
 
 
