@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, load_avg, log, machine_lines, set_threads, table  # noqa: E402
 
+from pkdpipe import files  # noqa: E402
 from pkdpipe.config import DistillConfig  # noqa: E402
 from pkdpipe.search import Param, search  # noqa: E402
 from pkdpipe.sweep import sweep  # noqa: E402
@@ -73,10 +74,10 @@ def main() -> None:
         )
         for part in parts:
             path = args.workdir / "parts" / f"{part}.json"
-            if not path.is_file():
+            if not path.is_file():  # written whole or not at all: a killed part runs again
                 record = _run_part(part, base, args)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(record, indent=2) + "\n")
+                files.write_text(path, json.dumps(record, indent=2) + "\n")
     text = report(args.workdir, args.epochs)
     if not args.report:
         (args.workdir / "report.md").write_text(text + "\n")
@@ -90,7 +91,11 @@ def _parts(spec: str, search_seeds: str) -> list[str]:
             parts += [f"grid-{s}" for s in SPACE["strategy"]]
         elif part == "asha":
             parts += [f"asha-{s}" for s in search_seeds.split(",")]
-        elif part.removeprefix("grid-") in SPACE["strategy"] or part.removeprefix("asha-").isdigit():
+        elif (
+            part in {f"grid-{s}" for s in SPACE["strategy"]}
+            or part.startswith("asha-")
+            and part[5:].isdigit()
+        ):
             parts.append(part)
         else:
             sys.exit(f"--parts: unknown part {part!r} (grid, grid-STRATEGY, asha, asha-SEED)")
@@ -142,7 +147,8 @@ def report(workdir: Path, epochs: int) -> str:
         best = max(runs, key=lambda run: run["dev"])
         share = "" if len(runs) == full_grid else f" (of {full_grid})"
         trained = f"{len(runs)} runs{share}"
-        rows.append(_row("grid", trained, best, len(runs) * epochs, full_grid * epochs, grid))
+        spent = sum(run["epochs"] for run in runs)
+        rows.append(_row("grid", trained, best, spent, full_grid * epochs, grid))
     for r in searches:
         trials = r["trained"]
         best = max(trials, key=lambda t: t["dev"])

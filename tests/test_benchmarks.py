@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "reproduce.py"
 
 
-def _reproduce_module():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+def _benchmark_module(name: str = "reproduce"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -89,7 +89,7 @@ def test_train_rows_are_a_seeded_sample_in_file_order_with_the_other_splits_copi
     (source / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows))
     (source / "dev.tsv").write_text("sentence\tlabel\nx\t1\n")
 
-    sample = _reproduce_module().sample_train_rows
+    sample = _benchmark_module().sample_train_rows
     dest = sample(source, tmp_path / "a", 4)
     header, *kept = (dest / "train.tsv").read_text().splitlines(keepends=True)
     assert header == "sentence\tlabel\n" and len(kept) == 4
@@ -122,9 +122,7 @@ def test_reproduce_tunes_each_row_over_the_fields_it_uses(tiny, tmp_path):
 def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path):
     """The grid run in two processes (one part per strategy) is one grid in the report: its best
     over both parts, its student-epochs the whole grid's; a search's share is against that."""
-    spec = importlib.util.spec_from_file_location("bench_search", REPO / "benchmarks" / "bench_search.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module("bench_search")
     settings = {"lr": 2e-4, "beta": 0.5, "temperature": 10.0}
     parts = {
         "grid-last": [
