@@ -61,7 +61,7 @@ class DemoConfig:
     model: str | None = None  # pre-trained model; None = all-MiniLM-L6-v2 from PyPI
     student_layers: int = 3
     strategy: str = "skip"  # 6 -> 3 PKD-Skip matches student layers 1, 2 to teacher layers 2, 4
-    teacher_epochs: int = 2  # 3 gave test 92.31 but took the job to 22 min on 2 idle cores; 2 gave 90.94
+    teacher_epochs: int = 2  # 3 gave test 92.31 but a 21:52 job on 2 idle cores (budget 20 min); 2: 90.91
     teacher_lr: float = 3e-4  # a sentence-embedding model needs a brisk lr
     student_epochs: int = 4
     student_lr: float = 5e-4  # 2e-4 left the student at 84.4 on test after 4 epochs, still rising
