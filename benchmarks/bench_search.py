@@ -91,15 +91,17 @@ def _parts(spec: str, search_seeds: str) -> list[str]:
             parts += [f"grid-{s}" for s in SPACE["strategy"]]
         elif part == "asha":
             parts += [f"asha-{s}" for s in search_seeds.split(",")]
-        elif (
-            part in {f"grid-{s}" for s in SPACE["strategy"]}
-            or part.startswith("asha-")
-            and part[5:].isdigit()
-        ):
+        elif _is_part(part):
             parts.append(part)
         else:
             sys.exit(f"--parts: unknown part {part!r} (grid, grid-STRATEGY, asha, asha-SEED)")
     return parts
+
+
+def _is_part(part: str) -> bool:
+    """grid-STRATEGY or asha-SEED, read as `_run_part` reads them."""
+    kind, _, which = part.partition("-")
+    return (kind == "grid" and which in SPACE["strategy"]) or (kind == "asha" and which.isdigit())
 
 
 def _run_part(part: str, base: DistillConfig, args) -> dict:
