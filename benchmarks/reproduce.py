@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shlex
 import shutil
@@ -234,11 +235,14 @@ def tune(args, cache_path: Path, out: Path) -> dict[str, dict]:
     for part in args.tune.split():
         name, _, values = part.partition("=")
         grid[name] = [float(v) for v in values.split(",")]
-    base = student_config(args, cache_path, int(args.seeds.split(",")[0]))
+    seed = int(args.seeds.split(",")[0])
+    base = student_config(args, cache_path, seed)
     best = {}
     for row in args.rows.split(","):
         used = {"lr", *strategies.get(row).hyperparameters}
         values = {"strategy": [row], **{k: v for k, v in grid.items() if k in used}}
+        fixed = out / "students" / f"{row}-{args.layers}-s{seed}"
+        reuse_fixed_run(replace(base, strategy=row), values, fixed, out / "tune" / row)
         runs = sweep(base, values, out / "tune" / row)  # best first
         top = runs[0]
         chosen = {k: v for k, v in top.settings.items() if k in values and k != "strategy"}
@@ -250,6 +254,32 @@ def tune(args, cache_path: Path, out: Path) -> dict[str, dict]:
         }
         print(f"{row} tuned over {len(runs)} runs: {best[row]['settings']}", flush=True)
     return best
+
+
+def reuse_fixed_run(config: DistillConfig, values: dict, fixed: Path, sweep_dir: Path) -> None:
+    """Where the grid holds the fixed row's own settings, that grid point is the fixed row's
+    first-seed student (the same config, seed and cache, so the same weights): link it into the
+    sweep's folder, where the sweep keeps a finished run instead of training it again."""
+    from pkdpipe.sweep import GRID_FIELDS, run_name
+
+    if not (fixed / "metrics.json").is_file():
+        return
+    if any(getattr(config, field) not in options for field, options in values.items()):
+        return
+    target = sweep_dir / run_name({field: getattr(config, field) for field in GRID_FIELDS})
+    if target.exists():
+        return
+    partial = target.with_name(target.name + ".partial")  # a link cut short is never taken as a run
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(fixed, partial, copy_function=_link_or_copy)
+    partial.rename(target)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no second copy of the weights on disk
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,12 @@ def test_reproduce_tunes_each_row_over_the_fields_it_uses(tiny, tmp_path):
         assert rows[f"{row} (tuned)"]["folder"] == best["output"]
         assert 0 <= rows[f"{row} (tuned)"]["score"] <= 100
     assert "| kd, tuned: alpha " in (out / "results.md").read_text()
+    # the grid point at the fixed rows' settings (lr 1e-3, alpha 0.5, seed 1) is the fixed student,
+    # linked into the sweep rather than trained again
+    for row in ("ft", "kd"):
+        fixed = out / "students" / f"{row}-2-s1" / "model.safetensors"
+        linked = out / "tune" / row / f"{row}-2_a0.5_b0.5_t5_lr0.001_s1" / "model.safetensors"
+        assert linked.stat().st_ino == fixed.stat().st_ino
 
 
 def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path):
