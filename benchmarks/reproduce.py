@@ -260,19 +260,18 @@ def reuse_fixed_run(config: DistillConfig, values: dict, fixed: Path, sweep_dir:
     """Where the grid holds the fixed row's own settings, that grid point is the fixed row's
     first-seed student (the same config, seed and cache, so the same weights): link it into the
     sweep's folder, where the sweep keeps a finished run instead of training it again."""
-    from pkdpipe.sweep import GRID_FIELDS, run_name
+    from pkdpipe import files
+    from pkdpipe.sweep import grid_settings, run_name
 
     if not (fixed / "metrics.json").is_file():
         return
     if any(getattr(config, field) not in options for field, options in values.items()):
         return
-    target = sweep_dir / run_name({field: getattr(config, field) for field in GRID_FIELDS})
+    target = sweep_dir / run_name(grid_settings(config))
     if target.exists():
         return
-    partial = target.with_name(target.name + ".partial")  # a link cut short is never taken as a run
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(fixed, partial, copy_function=_link_or_copy)
-    partial.rename(target)
+    with files.replace_dir(target) as new:  # a link cut short is never taken as a run
+        shutil.copytree(fixed, new, copy_function=_link_or_copy, dirs_exist_ok=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from pkdpipe import files, progress
 from pkdpipe.config import DistillConfig
 from pkdpipe.errors import ConfigError
-from pkdpipe.sweep import GRID_FIELDS, run_name
+from pkdpipe.sweep import GRID_FIELDS, grid_settings, run_name
 
 # How often a running trial tells the storage it is alive; a trial silent for 4 heartbeats is taken
 # for dead, failed and queued again. $PKDPIPE_SEARCH_HEARTBEAT sets it (tests use 1 second).
@@ -147,7 +147,7 @@ def search(
 
     def objective(trial) -> float:
         settings = {name: param.suggest(trial) for name, param in space.items()}
-        fixed = {field: getattr(base, field) for field in GRID_FIELDS}
+        fixed = grid_settings(base)
         # a trial's own folder (two trials may draw the same settings); a trial queued again after
         # its worker died keeps the folder (user attributes travel with it) and resumes there
         if "output" not in trial.user_attrs:

@@ -33,6 +33,11 @@ class SweepRun:
     seconds: float | None
 
 
+def grid_settings(config) -> dict:
+    """The fields a grid may vary, as `config` has them: what a run's folder is named after."""
+    return {field: getattr(config, field) for field in GRID_FIELDS}
+
+
 def run_name(settings: dict) -> str:
     """A folder name from the settings that vary, e.g. skip-3_a0.5_b0.1_t5_lr5e-05_s42."""
     s = settings
@@ -66,7 +71,7 @@ def sweep(
     runs = []
     for i, combo in enumerate(combos, 1):
         config = replace(base, cache=str(cache_path), **combo)
-        settings = {field: getattr(config, field) for field in GRID_FIELDS}
+        settings = grid_settings(config)
         output = sweep_dir / run_name(settings)
         done = output / "metrics.json"
         if done.is_file():
