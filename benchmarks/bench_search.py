@@ -143,24 +143,23 @@ def report(workdir: Path, epochs: int) -> str:
     grid = [r for r in records if r["part"].startswith("grid-")]
     searches = [r for r in records if r["part"].startswith("asha-")]
     full_grid = math.prod(len(v) for v in SPACE.values())
-    rows = []
+    rows, runs = [], [run for r in grid for run in r["trained"]]
     if grid:
-        runs = [run for r in grid for run in r["trained"]]
         best = max(runs, key=lambda run: run["dev"])
         share = "" if len(runs) == full_grid else f" (of {full_grid})"
         trained = f"{len(runs)} runs{share}"
         spent = sum(run["epochs"] for run in runs)
-        rows.append(_row("grid", trained, best, spent, full_grid * epochs, grid))
+        rows.append((*_row("grid", trained, best, spent, full_grid * epochs, grid), "1"))
     for r in searches:
         trials = r["trained"]
         best = max(trials, key=lambda t: t["dev"])
         spent = sum(t["epochs"] for t in trials)
         pruned = sum(t.get("pruned", False) for t in trials)
         name = f"asha, seed {r['part'].removeprefix('asha-')}"
-        rows.append(
-            _row(name, f"{len(trials)} trials ({pruned} pruned)", best, spent, full_grid * epochs, [r])
-        )
+        row = _row(name, f"{len(trials)} trials ({pruned} pruned)", best, spent, full_grid * epochs, [r])
+        rows.append((*row, _grid_rank(best["settings"], runs)))
     header = ("", "trained", "best dev", "its settings", "student-epochs", "of the grid's", "wall")
+    header += ("grid rank",)  # where the grid ranks the best settings: 1 = the grid's best
     lines = [
         f"bench_search {r['part']}: {r['command']} (load average at its end {r['load_average']})"
         for r in records
@@ -182,6 +181,14 @@ def _row(name: str, trained: str, best: dict, spent: int, grid_epochs: int, reco
         share,
         f"{minutes:.1f} min",
     )
+
+
+def _grid_rank(settings: dict, runs: list[dict]) -> str:
+    """Where the grid ranks these settings (1 = the grid's best; ties share a rank); "-" if not run."""
+    same = [run["dev"] for run in runs if all(run["settings"][k] == settings[k] for k in SPACE)]
+    if not same:
+        return "-"
+    return str(1 + sum(run["dev"] > same[0] for run in runs))
 
 
 def _settings(settings: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -127,20 +128,28 @@ def test_reproduce_tunes_each_row_over_the_fields_it_uses(tiny, tmp_path):
 
 def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path):
     """The grid run in two processes (one part per strategy) is one grid in the report: its best
-    over both parts, its student-epochs the whole grid's; a search's share is against that."""
+    over both parts, its student-epochs the whole grid's; a search's share is against that, and its
+    best settings are ranked where the grid put them."""
     bench = _benchmark_module("bench_search")
-    settings = {"lr": 2e-4, "beta": 0.5, "temperature": 10.0}
-    parts = {
-        "grid-last": [
-            {"settings": {**settings, "strategy": "last"}, "dev": 80.0 + i / 10, "epochs": 3}
-            for i in range(27)
-        ],
-        "grid-skip": [{"settings": {**settings, "strategy": "skip"}, "dev": 90.0, "epochs": 3}] * 27,
-        "asha-0": [
-            {"settings": {**settings, "strategy": "skip"}, "dev": 89.5, "epochs": 3},
-            {"settings": {**settings, "strategy": "last"}, "dev": 70.0, "epochs": 1, "pruned": True},
-        ],
-    }
+    best = {"lr": 2e-4, "beta": 0.5, "temperature": 10.0, "strategy": "skip"}
+    last_top = {"lr": 5e-4, "beta": 2.0, "temperature": 20.0, "strategy": "last"}
+    parts = {}
+    fields = ("lr", "beta", "temperature")
+    for strategy in ("last", "skip"):
+        grid = [
+            {**dict(zip(fields, v)), "strategy": strategy}
+            for v in itertools.product(*(bench.SPACE[k] for k in fields))
+        ]
+        if strategy == "last":  # 80.0 up to 82.6
+            devs = [80.0 + i / 10 for i in range(27)]
+        else:  # 90 at the best settings, 85 elsewhere
+            devs = [90.0 if s == best else 85.0 for s in grid]
+        parts[f"grid-{strategy}"] = [{"settings": s, "dev": d, "epochs": 3} for s, d in zip(grid, devs)]
+    parts["asha-0"] = [
+        {"settings": best, "dev": 90.0, "epochs": 3},
+        {"settings": last_top, "dev": 70.0, "epochs": 1, "pruned": True},
+    ]
+    parts["asha-1"] = [{"settings": last_top, "dev": 82.6, "epochs": 3}]
     (tmp_path / "parts").mkdir()
     for name, trained in parts.items():
         record = {"part": name, "trained": trained, "seconds": 600.0, "load_average": "2.0", "command": name}
@@ -149,12 +158,17 @@ def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path
 
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in bench.report(tmp_path, epochs=3).splitlines() if line.startswith("| ")}  # fmt: skip
-    assert rows["grid"] == ["54 runs", "90.00", "lr 0.0002 beta 0.5 T 10 skip", "162", "1.00", "20.0 min"]
+    grid_row = ["54 runs", "90.00", "lr 0.0002 beta 0.5 T 10 skip", "162", "1.00", "20.0 min", "1"]
+    assert rows["grid"] == grid_row
     assert rows["asha, seed 0"] == [
         "2 trials (1 pruned)",
-        "89.50",
+        "90.00",
         "lr 0.0002 beta 0.5 T 10 skip",
         "4",
         "0.02",
         "10.0 min",
+        "1",
     ]
+    # the last strategy's best setting: under all 27 skip runs (85 and 90) in the grid
+    assert rows["asha, seed 1"][1:4] == ["82.60", "lr 0.0005 beta 2 T 20 last", "3"]
+    assert rows["asha, seed 1"][-1] == "28"
