@@ -124,7 +124,7 @@ def _run_part(part: str, base: DistillConfig, args) -> dict:
         trials = search(base, space, args.trials, folder, f"bench-s{which}", seed=int(which))
         trained = [
             {"name": f"trial {t.number}", "settings": t.settings, "dev": 100 * t.value, "epochs": t.epochs,
-             "pruned": t.state == "PRUNED"}
+             "pruned": t.state == "PRUNED", "repeat": t.repeat_of is not None}
             for t in trials if t.state in ("COMPLETE", "PRUNED") and t.value is not None
         ]  # fmt: skip
     return {
@@ -154,9 +154,12 @@ def report(workdir: Path, epochs: int) -> str:
         trials = r["trained"]
         best = max(trials, key=lambda t: t["dev"])
         spent = sum(t["epochs"] for t in trials)
-        pruned = sum(t.get("pruned", False) for t in trials)
+        pruned = sum(t.get("pruned", False) and not t.get("repeat") for t in trials)
+        repeats = sum(t.get("repeat", False) for t in trials)  # answered from an earlier trial, untrained
+        trained = f"{len(trials) - repeats} trials ({pruned} pruned)"
+        trained += f" + {repeats} repeats" if repeats else ""
         name = f"asha, seed {r['part'].removeprefix('asha-')}"
-        row = _row(name, f"{len(trials)} trials ({pruned} pruned)", best, spent, full_grid * epochs, [r])
+        row = _row(name, trained, best, spent, full_grid * epochs, [r])
         rows.append((*row, _grid_rank(best["settings"], runs)))
     header = ("", "trained", "best dev", "its settings", "student-epochs", "of the grid's", "wall")
     header += ("grid rank",)  # where the grid ranks the best settings: 1 = the grid's best

@@ -10,9 +10,14 @@ for exactly this, so pkdpipe writes no scheduler of its own; it is an optional e
 The study lives in an Optuna storage: by default an SQLite file beside the sweep
 (`<sweep dir>/study.db`); any URL Optuna takes (`postgresql://...`) lets any number of workers on
 any machines share one study (`pkdpipe sweep --search asha --study NAME --storage URL`). Workers
-stop once the study holds `trials` finished or pruned trials (one extra trial per extra worker at
-most, from the race between workers; none is ever run twice), or when their last 3 trials all
-failed. A worker killed mid-trial stops sending heartbeats; after the grace period its trial is
+stop once the study holds `trials` finished or pruned trials that trained a student (one extra
+trial per extra worker at most, from the race between workers; none is ever run twice), once every
+setting of a space of choices has been tried, or when their last 3 trials all failed. A student is
+fixed by its settings and seed, so a trial whose sampler draws settings an
+earlier trial already trained (TPE often does over a space of choices) is answered from that trial,
+its dev metric or its pruning, without training, and does not count against `trials`.
+
+A worker killed mid-trial stops sending heartbeats; after the grace period its trial is
 marked failed and queued again with the same settings and folder (a trial's folder is named by its
 number and settings, and travels with the retry), and the next worker resumes it from its
 checkpoint. Finished trials are never rerun.
@@ -116,9 +121,10 @@ class Trial:
     state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
     settings: dict
     value: float | None  # the best dev metric it reached
-    epochs: int  # how many evaluations it reported
+    epochs: int  # how many evaluations it reported (0 for a repeat: it trained nothing)
     output: str | None
     error: str | None = None  # why a failed trial failed
+    repeat_of: int | None = None  # the earlier trial with the same settings that answered it
 
 
 def search(
@@ -147,6 +153,15 @@ def search(
 
     def objective(trial) -> float:
         settings = {name: param.suggest(trial) for name, param in space.items()}
+        earlier = _tried(trial.study, settings)
+        if earlier is not None:  # the same student again: answer from it, train nothing
+            trial.set_user_attr("repeat_of", earlier.number)
+            trial.set_user_attr("output", earlier.user_attrs.get("output"))
+            said = f"trial {trial.number}: the settings of trial {earlier.number}, not trained again"
+            progress.info(said, base.quiet)
+            if earlier.state == optuna.trial.TrialState.PRUNED:
+                raise optuna.TrialPruned()
+            return earlier.value
         fixed = grid_settings(base)
         # a trial's own folder (two trials may draw the same settings); a trial queued again after
         # its worker died keeps the folder (user attributes travel with it) and resumes there
@@ -177,13 +192,12 @@ def search(
             raise
         return result.metrics[main_metric]
 
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    stop = optuna.study.MaxTrialsCallback(trials, states=done)
+    budget = _Budget(trials, _size(space))
     failures = _FailureStop(MAX_FAILURES_IN_A_ROW)
-    if _count(study, done) < trials:
+    if not budget.spent(study):
         # a trial that fails with a user-facing error (a loss that became NaN at a high lr) is
         # recorded as failed and the search goes on, unless every trial keeps failing
-        study.optimize(objective, callbacks=[stop, failures], gc_after_trial=True, catch=(PkdError,))
+        study.optimize(objective, callbacks=[budget, failures], gc_after_trial=True, catch=(PkdError,))
     records = trials_of(study)
     _write_results(sweep_dir, study_name, main_metric, records)  # failed trials too, with their errors
     if failures.stopped:
@@ -195,6 +209,45 @@ def search(
 
 
 MAX_FAILURES_IN_A_ROW = 3
+DONE = ("COMPLETE", "PRUNED")
+
+
+def _tried(study, settings: dict):
+    """The first finished or pruned trial that trained a student with `settings`, or None."""
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name in DONE and "repeat_of" not in t.user_attrs and t.params == settings:
+            return t
+    return None
+
+
+def _size(space: dict[str, Param]) -> float:
+    """How many distinct settings the space holds (inf when a float is searched over a range)."""
+    size = 1.0
+    for param in space.values():
+        if param.choices is not None:
+            size *= len(param.choices)
+        elif param.name in INT_FIELDS and not param.log:
+            size *= int(param.high) - int(param.low) + 1
+        else:
+            size = math.inf
+    return size
+
+
+class _Budget:
+    """Stops the study once `trials` trials have trained a student (repeats answered from an
+    earlier trial are free), or once every setting of a space of choices has been tried."""
+
+    def __init__(self, trials: int, size: float):
+        self.trials, self.size = trials, size
+
+    def spent(self, study) -> bool:
+        done = [t for t in study.get_trials(deepcopy=False) if t.state.name in DONE]
+        trained = [t for t in done if "repeat_of" not in t.user_attrs]
+        return len(trained) >= self.trials or len(trained) >= self.size
+
+    def __call__(self, study, trial) -> None:
+        if self.spent(study):
+            study.stop()
 
 
 class _FailureStop:
@@ -271,6 +324,7 @@ def trials_of(study) -> list[Trial]:
             epochs=len(t.intermediate_values),
             output=t.user_attrs.get("output"),
             error=t.user_attrs.get("error"),
+            repeat_of=t.user_attrs.get("repeat_of"),
         )
         for t in study.get_trials(deepcopy=False)
     ]
@@ -278,10 +332,6 @@ def trials_of(study) -> list[Trial]:
     return sorted(
         records, key=lambda r: (rank.get(r.state, 2), -(r.value if r.value is not None else -math.inf))
     )
-
-
-def _count(study, states) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
 
 
 def _write_results(sweep_dir: Path, study_name: str, main_metric: str, records: list[Trial]) -> None:

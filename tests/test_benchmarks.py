@@ -149,7 +149,10 @@ def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path
         {"settings": best, "dev": 90.0, "epochs": 3},
         {"settings": last_top, "dev": 70.0, "epochs": 1, "pruned": True},
     ]
-    parts["asha-1"] = [{"settings": last_top, "dev": 82.6, "epochs": 3}]
+    parts["asha-1"] = [
+        {"settings": last_top, "dev": 82.6, "epochs": 3},
+        {"settings": last_top, "dev": 82.6, "epochs": 0, "repeat": True},  # answered, not trained
+    ]
     (tmp_path / "parts").mkdir()
     for name, trained in parts.items():
         record = {"part": name, "trained": trained, "seconds": 600.0, "load_average": "2.0", "command": name}
@@ -170,5 +173,10 @@ def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path
         "1",
     ]
     # the last strategy's best setting: under all 27 skip runs (85 and 90) in the grid
-    assert rows["asha, seed 1"][1:4] == ["82.60", "lr 0.0005 beta 2 T 20 last", "3"]
+    assert rows["asha, seed 1"][:4] == [
+        "1 trials (0 pruned) + 1 repeats",
+        "82.60",
+        "lr 0.0005 beta 2 T 20 last",
+        "3",
+    ]
     assert rows["asha, seed 1"][-1] == "28"

@@ -66,6 +66,30 @@ def test_asha_runs_the_trials_and_stops_some_early(tiny_cache, tmp_path, distill
     assert f"best trial {records[0].number}: dev {100 * records[0].value:.2f}" in drawn.output
 
 
+def test_settings_drawn_again_are_answered_from_the_trial_that_trained_them(
+    tiny_cache, tmp_path, distill_config
+):
+    """TPE draws the same choices again and again over a small space; a student is fixed by its
+    settings and seed, so a repeat trains nothing, and the search ends once every setting is tried."""
+    from pkdpipe.search import Param, default_storage, search
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    study = optuna.create_study(study_name="tiny", storage=default_storage(sweep), direction="maximize")
+    for alpha in (0.2, 0.2, 0.8):
+        study.enqueue_trial({"alpha": alpha})
+    base = distill_config(tiny_cache, None, epochs=2)
+    records = search(base, {"alpha": Param("alpha", choices=(0.2, 0.8))}, 5, sweep, "tiny", seed=0)
+
+    by_number = {r.number: r for r in records}
+    assert sorted(by_number) == [0, 1, 2]  # 2 settings trained, then the space was spent, not 5 trials
+    first, repeat = by_number[0], by_number[1]
+    assert first.repeat_of is None and first.state == "COMPLETE" and first.epochs == 2
+    assert (repeat.repeat_of, repeat.state, repeat.epochs) == (0, "COMPLETE", 0)  # nothing trained
+    assert (repeat.value, repeat.output) == (first.value, first.output)
+    assert sorted(p.name[:4] for p in sweep.iterdir() if p.is_dir()) == ["0000", "0002"]  # no folder for it
+
+
 def _worker(tiny_cache, sweep, storage, trials, env, study="shared"):
     args = [sys.executable, "-m", "pkdpipe", "sweep", "--search", "asha", "--cache", str(tiny_cache),
             "--strategy", "skip", "--layers", "2", "--lr", "1e-4:3e-3:log", "--epochs", "2",

@@ -164,7 +164,7 @@ def _search(
         value = f"{100 * r.value:.2f}" if r.value is not None else "-"
         table.add_row(
             str(r.number),
-            r.state.lower(),
+            r.state.lower() + (f" (as trial {r.repeat_of})" if r.repeat_of is not None else ""),
             value,
             str(r.epochs),
             *(f"{r.settings.get(k, '')}" for k in searched),
