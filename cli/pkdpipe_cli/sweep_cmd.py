@@ -65,7 +65,9 @@ def sweep(
         help="grid: train every combination to the end; asha: an Optuna search that stops bad trials early.",
     ),
     trials: int = typer.Option(
-        20, help="asha: trials the study runs (finished or pruned), over all its workers."
+        20,
+        help="asha: students the study trains (finished or pruned), over all its workers; settings "
+        "drawn again are answered from the trial that trained them and do not count.",
     ),
     study: str = typer.Option(
         None, help="asha: the study's name, shared by its workers. Default: TASK-sweep."
