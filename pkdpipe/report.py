@@ -132,9 +132,11 @@ def make_study_report(storage: str, study_name: str | None, output: Path) -> dic
         if pruned:
             ax.plot(xs[-1], ys[-1], marker="x", color="C3", markersize=8)
     best = next((r for r in records if r.state == "COMPLETE"), None)
-    title = (
-        f"study {study.study_name}: {len(records)} trials, {sum(r.state == 'PRUNED' for r in records)} pruned"
-    )
+    trained = [r for r in records if r.repeat_of is None]
+    n_pruned = sum(r.state == "PRUNED" for r in trained)
+    title = f"study {study.study_name}: {len(trained)} trials, {n_pruned} pruned"
+    if len(trained) < len(records):  # settings drawn again, answered from the trial that trained them
+        title += f", {len(records) - len(trained)} repeats"
     if best is not None:
         settings = ", ".join(
             f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.settings.items()
