@@ -328,6 +328,10 @@ def trials_of(study) -> list[Trial]:
         )
         for t in study.get_trials(deepcopy=False)
     ]
+    by_number = {r.number: r for r in records}
+    for r in records:  # a repeat stands for the trial that answered it (a pruned one has no value of its own)
+        if r.repeat_of is not None and r.repeat_of in by_number:
+            r.value = by_number[r.repeat_of].value
     rank = {"COMPLETE": 0, "PRUNED": 1}
     return sorted(
         records, key=lambda r: (rank.get(r.state, 2), -(r.value if r.value is not None else -math.inf))
