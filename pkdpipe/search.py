@@ -13,9 +13,9 @@ any machines share one study (`pkdpipe sweep --search asha --study NAME --storag
 stop once the study holds `trials` finished or pruned trials that trained a student (one extra
 trial per extra worker at most, from the race between workers; none is ever run twice), once every
 setting of a space of choices has been tried, or when their last 3 trials all failed. A student is
-fixed by its settings and seed, so a trial whose sampler draws settings an
-earlier trial already trained (TPE often does over a space of choices) is answered from that trial,
-its dev metric or its pruning, without training, and does not count against `trials`.
+fixed by its settings and seed, so a trial whose sampler draws settings an earlier trial already
+trained (TPE often does over a space of choices) is answered from that trial, its dev metric or its
+pruning, without training, and does not count against `trials`.
 
 A worker killed mid-trial stops sending heartbeats; after the grace period its trial is
 marked failed and queued again with the same settings and folder (a trial's folder is named by its
@@ -212,12 +212,18 @@ MAX_FAILURES_IN_A_ROW = 3
 DONE = ("COMPLETE", "PRUNED")
 
 
+def _trained(study) -> list:
+    """The finished or pruned trials that trained a student (not repeats answered from another)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.name in DONE and "repeat_of" not in t.user_attrs
+    ]
+
+
 def _tried(study, settings: dict):
-    """The first finished or pruned trial that trained a student with `settings`, or None."""
-    for t in study.get_trials(deepcopy=False):
-        if t.state.name in DONE and "repeat_of" not in t.user_attrs and t.params == settings:
-            return t
-    return None
+    """The first trial that trained a student with `settings`, or None."""
+    return next((t for t in _trained(study) if t.params == settings), None)
 
 
 def _size(space: dict[str, Param]) -> float:
@@ -226,7 +232,7 @@ def _size(space: dict[str, Param]) -> float:
     for param in space.values():
         if param.choices is not None:
             size *= len(param.choices)
-        elif param.name in INT_FIELDS and not param.log:
+        elif param.name in INT_FIELDS:
             size *= int(param.high) - int(param.low) + 1
         else:
             size = math.inf
@@ -241,9 +247,7 @@ class _Budget:
         self.trials, self.size = trials, size
 
     def spent(self, study) -> bool:
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.name in DONE]
-        trained = [t for t in done if "repeat_of" not in t.user_attrs]
-        return len(trained) >= self.trials or len(trained) >= self.size
+        return len(_trained(study)) >= min(self.trials, self.size)
 
     def __call__(self, study, trial) -> None:
         if self.spent(study):
