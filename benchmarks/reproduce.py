@@ -33,8 +33,10 @@ ROWS = ("ft", "kd", "last", "skip")
 
 
 def sample_train_rows(source: Path, dest: Path, rows: int, seed: int = 0) -> Path:
-    """A copy of a classic GLUE folder (a header line, then one example a line) whose train.tsv
-    keeps `rows` rows drawn at random with `seed`, in their original order; other files as they are."""
+    """A copy of a GLUE folder (train.tsv: a header line, then one example a line) whose train.tsv
+    keeps `rows` rows drawn at random with `seed`, in their original order. The other splits' files
+    are copied as they are; other train files (train.parquet, ...) are left out, since the loader
+    prefers them to train.tsv and would train on the whole split."""
     with open(source / "train.tsv", encoding="utf-8") as f:
         header, *lines = f.readlines()
     if rows > len(lines):
@@ -42,7 +44,7 @@ def sample_train_rows(source: Path, dest: Path, rows: int, seed: int = 0) -> Pat
     keep = sorted(random.Random(seed).sample(range(len(lines)), rows))
     dest.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
-        if path.is_file() and path.name != "train.tsv":
+        if path.is_file() and path.stem != "train":
             shutil.copyfile(path, dest / path.name)
     (dest / "train.tsv").write_text(header + "".join(lines[i] for i in keep), encoding="utf-8")
     return dest

@@ -89,9 +89,13 @@ def test_train_rows_are_a_seeded_sample_in_file_order_with_the_other_splits_copi
     rows = [f"sentence {i}\t{i % 2}\n" for i in range(10)]
     (source / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows))
     (source / "dev.tsv").write_text("sentence\tlabel\nx\t1\n")
+    # the whole split in a hub-layout file as well, as ../shared/datasets/rte has it: pkdpipe's
+    # loader prefers it to train.tsv, so a copy of it would train on all 10 rows
+    (source / "train.jsonl").write_text("".join(f'{{"sentence": "s{i}", "label": 0}}\n' for i in range(10)))
 
     sample = _benchmark_module().sample_train_rows
     dest = sample(source, tmp_path / "a", 4)
+    assert sorted(p.name for p in dest.iterdir()) == ["dev.tsv", "train.tsv"]
     header, *kept = (dest / "train.tsv").read_text().splitlines(keepends=True)
     assert header == "sentence\tlabel\n" and len(kept) == 4
     assert kept == sorted(kept, key=rows.index) and set(kept) <= set(rows)
