@@ -24,8 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig
+from pkdpipe.data import load_split
 from pkdpipe.demo import default_model
 from pkdpipe.evaluate import evaluate
+from pkdpipe.metrics import majority_baseline
+from pkdpipe.tasks import get_task
 from pkdpipe.teacher import cache_teacher
 from pkdpipe.train import distill, finetune
 
@@ -164,11 +167,14 @@ def main() -> None:
         )
     }
     metric = next(iter(reports[str(teacher)].metrics))
+    task = get_task(args.task)
+    majority = majority_baseline(task, load_split(task, args.eval_split, data_dir).labels).get(metric)
     lines = [
         f"{args.task} ({args.eval_split}, {metric}), "
         f"teacher {reports[str(teacher)].metrics[metric] * 100:.2f}, "
         f"students K={args.layers}, seeds {args.seeds}"
-        + (f", trained on {args.train_rows} sampled train rows" if args.train_rows else ""),
+        + (f", trained on {args.train_rows} sampled train rows" if args.train_rows else "")
+        + (f"; always answering the majority class: {majority * 100:.2f}" if majority is not None else ""),
         "",
         "| row | mean | spread (sd) | per seed | train time per run |",
         "|---|---|---|---|---|",
@@ -179,9 +185,12 @@ def main() -> None:
         sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
         mean_time = statistics.mean(r["train_seconds"] for r in runs)
         table[row] = {"mean": statistics.mean(scores), "sd": sd, "scores": scores, "train_seconds": mean_time}
+        flagged = sum(bool(reports[r["folder"]].warnings) for r in runs)  # no better than the majority
+        table[row]["no_better_than_majority"] = flagged
         lines.append(
-            f"| {row} | {statistics.mean(scores):.2f} | {sd:.2f} | {', '.join(f'{s:.1f}' for s in scores)} "
-            f"| {mean_time:.0f} s |"
+            f"| {row} | {statistics.mean(scores):.2f} | {sd:.2f} | {', '.join(f'{s:.1f}' for s in scores)}"
+            + (f" ({flagged} of {len(runs)} no better than the majority class)" if flagged else "")
+            + f" | {mean_time:.0f} s |"
         )
     for row, best in tuned.items():
         score = reports[best["folder"]].metrics[metric] * 100

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,13 @@ from pkdpipe import cards, progress
 from pkdpipe.config import EvaluateConfig
 from pkdpipe.data import load_split
 from pkdpipe.errors import DataError
-from pkdpipe.metrics import compute_metrics, predictions_from_logits
+from pkdpipe.metrics import (
+    compute_metrics,
+    learned_nothing,
+    majority_baseline,
+    majority_warning,
+    predictions_from_logits,
+)
 from pkdpipe.models import (
     autocast,
     check_max_seq_len,
@@ -82,6 +88,7 @@ class ModelReport:
     speedup: float  # against the first model: the median of the per-round ratios, not a ratio of
     # the examples_per_s column (the rounds' medians may come from different rounds)
     speedup_range: tuple[float, float] = (1.0, 1.0)  # lowest and highest per-round ratio
+    warnings: list[str] = field(default_factory=list)  # e.g. no better than the majority class
 
 
 def evaluate(config: EvaluateConfig) -> list[ModelReport]:
@@ -97,6 +104,7 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
     torch.set_grad_enabled(False)
     scored, timed = [], []
     sample = np.sort(np.random.default_rng(0).permutation(len(examples))[: config.timing_rows])
+    baseline = majority_baseline(task, examples.labels)
     try:
         for name in config.models:
             model = load_classifier(name, config.trust_remote_code).to(device).eval()
@@ -135,7 +143,12 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
         else:
             speed = speedup = math.nan
             spread = (math.nan, math.nan)
-        reports.append(ModelReport(str(name), metrics, parameters, speed, speedup, spread))
+        warnings = (
+            [majority_warning(task, metrics, baseline, config.split)]
+            if learned_nothing(task, metrics, baseline)
+            else []
+        )
+        reports.append(ModelReport(str(name), metrics, parameters, speed, speedup, spread, warnings))
     return reports
 
 

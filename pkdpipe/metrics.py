@@ -26,6 +26,9 @@ class Task(Protocol):
     @property
     def num_labels(self) -> int: ...
 
+    @property
+    def main_metric(self) -> str: ...
+
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of predicted label indices equal to the gold ones."""
@@ -143,3 +146,26 @@ def predictions_from_logits(task: Task, logits: np.ndarray) -> np.ndarray:
             f"logits must have shape (n, {task.num_labels}) for task {task.name}, got {logits.shape}"
         )
     return np.argmax(logits, axis=1).astype(np.int64)
+
+
+def majority_baseline(task: Task, labels: np.ndarray | None) -> dict[str, float]:
+    """The metrics of always answering the most frequent label ({} for regression or no labels)."""
+    if task.is_regression or labels is None or not len(labels):
+        return {}
+    majority = int(np.bincount(np.asarray(labels, dtype=np.int64), minlength=task.num_labels).argmax())
+    return compute_metrics(task, np.full(len(labels), majority), labels)
+
+
+def learned_nothing(task: Task, metrics: dict[str, float], baseline: dict[str, float]) -> bool:
+    """True when the main metric is no better than always answering the majority class."""
+    main = task.main_metric
+    return bool(baseline and metrics) and metrics[main] <= baseline[main] + 1e-9
+
+
+def majority_warning(task: Task, metrics: dict[str, float], baseline: dict[str, float], where: str) -> str:
+    """The one line that says a model learned nothing (`where`: e.g. "best dev", "test")."""
+    main = task.main_metric
+    return (
+        f"the {where} {main} ({metrics[main]:.4f}) is no better than always answering the "
+        f"majority class ({baseline[main]:.4f}): the model learned nothing"
+    )

@@ -25,7 +25,7 @@ from pkdpipe.data import load_split
 from pkdpipe.errors import CacheError, ModelError
 from pkdpipe.evaluate import predict_logits, score
 from pkdpipe.loop import EvalFn, EvalHook, TrainResult, fit, resume_settings
-from pkdpipe.metrics import compute_metrics
+from pkdpipe.metrics import learned_nothing, majority_baseline, majority_warning
 from pkdpipe.models import (
     FINETUNE_RECORD,
     autocast,
@@ -227,23 +227,13 @@ def _save_model(model, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def majority_baseline(task: Task, labels: np.ndarray | None) -> dict[str, float]:
-    """The dev metrics of always answering the most frequent label ({} for regression or no labels)."""
-    if task.is_regression or labels is None or not len(labels):
-        return {}
-    majority = int(np.bincount(labels.astype(np.int64), minlength=task.num_labels).argmax())
-    return compute_metrics(task, np.full(len(labels), majority), labels)
-
-
 def check_learned(task: Task, result: TrainResult, baseline: dict[str, float]) -> None:
     """Warn, in the result (and so in metrics.json, the card and the CLI summary), when the best dev
     metric is no better than always answering the majority class: such a model learned nothing."""
-    main = task.main_metric
-    if baseline and result.metrics and result.metrics[main] <= baseline[main] + 1e-9:
+    if learned_nothing(task, result.metrics, baseline):
         result.warnings.append(
-            f"the best dev {main} ({result.metrics[main]:.4f}) is no better than always answering the "
-            f"majority class ({baseline[main]:.4f}): the model learned nothing; try a higher --lr or "
-            "more --epochs"
+            majority_warning(task, result.metrics, baseline, "best dev")
+            + "; try a higher --lr or more --epochs"
         )
 
 

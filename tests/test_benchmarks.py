@@ -64,6 +64,15 @@ def test_reproduce_trains_the_four_rows_from_one_cache_and_tabulates_them(tiny, 
     assert set(results["times"]) == {"teacher finetune", "cache-teacher"}
     table = (out / "results.md").read_text()
     assert "| skip |" in table and str(SCRIPT.name) in results["command"]
+    # the table says what learning nothing would score, and counts the runs that scored no more
+    from pkdpipe.data import load_split
+    from pkdpipe.tasks import get_task
+
+    labels = load_split(get_task(tiny["task"]), "dev", tiny["data"]).labels
+    majority = 100 * max(labels.count(label) for label in set(labels)) / len(labels)
+    assert f"always answering the majority class: {majority:.2f}" in table.splitlines()[0]
+    for row in results["rows"].values():
+        assert row["no_better_than_majority"] == sum(s <= majority + 1e-7 for s in row["scores"])
     # each student was distilled from the one cache, with its row's strategy and seed
     caches = set()
     for row in ("ft", "kd", "last", "skip"):

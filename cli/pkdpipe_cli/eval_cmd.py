@@ -56,6 +56,9 @@ def print_reports(reports, title: str) -> None:
             _speedup(r),
         )
     console.print(table)
+    for r in reports:
+        for warning in r.warnings:
+            console.print(f"[yellow]warning:[/yellow] {r.model}: {warning}")
 
 
 def _speedup(report) -> str:

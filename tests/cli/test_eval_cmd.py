@@ -22,6 +22,37 @@ def test_evaluate_prints_the_comparison_table(tiny):
         assert text in result.output, text
 
 
+def test_a_model_that_always_answers_the_majority_class_is_flagged(tiny, tmp_path):
+    """Accuracy alone hides it: on a skewed split a model that learned nothing can look fine."""
+    import numpy as np
+    import torch
+
+    from pkdpipe.data import load_split
+    from pkdpipe.models import load_classifier, load_tokenizer
+    from pkdpipe.tasks import get_task
+
+    labels = np.asarray(load_split(get_task(tiny["task"]), "dev").labels)
+    majority = int(np.bincount(labels).argmax())
+    model = load_classifier(str(tiny["teacher"]))
+    with torch.no_grad():  # a head that ignores its input and always answers the majority label
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(majority), 3).float())
+    constant = tmp_path / "constant"
+    model.save_pretrained(str(constant))
+    load_tokenizer(str(tiny["teacher"])).save_pretrained(str(constant))
+
+    result = runner.invoke(
+        app, ["evaluate", str(constant), "--task", tiny["task"], "--timing-rounds", "0", "--quiet"],
+        env={"COLUMNS": "300"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    share = (labels == majority).mean()
+    assert (
+        f"warning: {constant}: the dev accuracy ({share:.4f}) is no better than always answering the "
+        f"majority class ({share:.4f}): the model learned nothing"
+    ) in " ".join(result.output.split())
+
+
 def test_predict_writes_a_submission(tiny, tmp_path):
     output = tmp_path / "tiny.tsv"
     args = ["predict", str(tiny["teacher"]), "--task", tiny["task"], "--output", str(output), "--quiet"]
