@@ -35,21 +35,29 @@ from pkdpipe.train import distill, finetune
 ROWS = ("ft", "kd", "last", "skip")
 
 
-def sample_train_rows(source: Path, dest: Path, rows: int, seed: int = 0) -> Path:
-    """A copy of a GLUE folder (train.tsv: a header line, then one example a line) whose train.tsv
-    keeps `rows` rows drawn at random with `seed`, in their original order. The other splits' files
-    are copied as they are; other train files (train.parquet, ...) are left out, since the loader
+def sample_train_rows(source: Path, dest: Path, rows: int, seed: int = 0, task: str = "sst2") -> Path:
+    """A copy of a data folder whose train file keeps `rows` examples drawn at random with `seed`,
+    in their original order (one example a line: GLUE's train.tsv and BANKING77's train.csv after
+    a header line, TREC's train_5500.label without one). The other splits' files are copied as they
+    are; a GLUE folder's other train files (train.parquet, ...) are left out, since the loader
     prefers them to train.tsv and would train on the whole split."""
-    with open(source / "train.tsv", encoding="utf-8") as f:
-        header, *lines = f.readlines()
+    spec = get_task(task)
+    name = spec.file_for("train") if spec.source in ("files", "trec") else "train.tsv"
+    suffix = Path(name).suffix.lower()
+    if suffix in (".parquet", ".json"):
+        sys.exit(f"--train-rows: {source / name} does not hold one example a line; sample it yourself")
+    headed = spec.source != "trec" and suffix != ".jsonl"
+    lines = (source / name).read_bytes().splitlines(keepends=True)  # bytes: TREC is latin-1
+    header, lines = (lines[:1], lines[1:]) if headed else ([], lines)
     if rows > len(lines):
-        sys.exit(f"--train-rows {rows}: {source / 'train.tsv'} has only {len(lines)} rows")
+        sys.exit(f"--train-rows {rows}: {source / name} has only {len(lines)} rows")
     keep = sorted(random.Random(seed).sample(range(len(lines)), rows))
     dest.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
-        if path.is_file() and path.stem != "train":
+        left_out = path.name == name or (spec.source == "glue" and path.stem == "train")
+        if path.is_file() and not left_out:
             shutil.copyfile(path, dest / path.name)
-    (dest / "train.tsv").write_text(header + "".join(lines[i] for i in keep), encoding="utf-8")
+    (dest / name).write_bytes(b"".join(header + [lines[i] for i in keep]))
     return dest
 
 
@@ -67,7 +75,7 @@ def main() -> None:
         "--train-rows",
         type=int,
         default=0,
-        help="train on this many rows of train.tsv drawn at random (seeded); 0 = all (classic GLUE TSV)",
+        help="train on this many examples of the train file drawn at random (seeded); 0 = all",
     )
     p.add_argument("--eval-split", default="dev", help="dev, or test for tasks with a labelled test split")
     p.add_argument("--max-seq-len", type=int, default=128)
@@ -106,7 +114,7 @@ def main() -> None:
 
     data_dir = Path(args.data_dir)
     if args.train_rows:
-        data_dir = sample_train_rows(data_dir, out / "data", args.train_rows)
+        data_dir = sample_train_rows(data_dir, out / "data", args.train_rows, task=args.task)
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
     if not (teacher / "model.safetensors").is_file():
         t0 = time.time()

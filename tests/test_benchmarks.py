@@ -114,6 +114,19 @@ def test_train_rows_are_a_seeded_sample_in_file_order_with_the_other_splits_copi
         sample(source, tmp_path / "c", 11)
 
 
+def test_train_rows_sample_trec_s_headerless_latin_1_file(tmp_path):
+    source = tmp_path / "trec"
+    source.mkdir()
+    rows = [f"DESC:def What is caf\xe9 {i} ?\n".encode("latin-1") for i in range(10)]
+    (source / "train_5500.label").write_bytes(b"".join(rows))
+    (source / "TREC_10.label").write_bytes(b"NUM:date When ?\n")
+
+    dest = _benchmark_module().sample_train_rows(source, tmp_path / "a", 4, task="trec")
+    kept = (dest / "train_5500.label").read_bytes().splitlines(keepends=True)
+    assert len(kept) == 4 and kept == sorted(kept, key=rows.index) and set(kept) <= set(rows)
+    assert (dest / "TREC_10.label").read_bytes() == b"NUM:date When ?\n"
+
+
 def test_reproduce_tunes_each_row_over_the_fields_it_uses(tiny, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "--task", tiny["task"], "--data-dir", str(tiny["data"]),
