@@ -24,10 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig
-from pkdpipe.data import load_split
 from pkdpipe.demo import default_model
 from pkdpipe.evaluate import evaluate
-from pkdpipe.metrics import majority_baseline
 from pkdpipe.tasks import get_task
 from pkdpipe.teacher import cache_teacher
 from pkdpipe.train import distill, finetune
@@ -175,8 +173,7 @@ def main() -> None:
         )
     }
     metric = next(iter(reports[str(teacher)].metrics))
-    task = get_task(args.task)
-    majority = majority_baseline(task, load_split(task, args.eval_split, data_dir).labels).get(metric)
+    majority = reports[str(teacher)].majority.get(metric)
     lines = [
         f"{args.task} ({args.eval_split}, {metric}), "
         f"teacher {reports[str(teacher)].metrics[metric] * 100:.2f}, "

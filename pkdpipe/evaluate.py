@@ -89,6 +89,8 @@ class ModelReport:
     # the examples_per_s column (the rounds' medians may come from different rounds)
     speedup_range: tuple[float, float] = (1.0, 1.0)  # lowest and highest per-round ratio
     warnings: list[str] = field(default_factory=list)  # e.g. no better than the majority class
+    majority: dict[str, float] = field(default_factory=dict)  # the split's score of always answering
+    # its majority class, the floor the warnings compare against (empty for an unlabelled split)
 
 
 def evaluate(config: EvaluateConfig) -> list[ModelReport]:
@@ -148,7 +150,9 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
             if learned_nothing(task, metrics, baseline)
             else []
         )
-        reports.append(ModelReport(str(name), metrics, parameters, speed, speedup, spread, warnings))
+        reports.append(
+            ModelReport(str(name), metrics, parameters, speed, speedup, spread, warnings, baseline)
+        )
     return reports
 
 
