@@ -141,7 +141,7 @@ def main() -> None:
             quiet=True,
         )
     )
-    times["cache-teacher" if not cache.hit else "cache-teacher (reused, nothing built)"] = time.time() - t0
+    times["cache-teacher (reused, nothing built)" if cache.hit else "cache-teacher"] = time.time() - t0
 
     results = {}
     for row in args.rows.split(","):
