@@ -8,6 +8,7 @@ through the logits (KD), so the teacher's top layer N is never in a map either.
     skip      2,4,6,8,10      4,8    2,4   3      every (N/K)-th layer
     last      7,8,9,10,11     10,11  4,5   5      the K-1 layers just below the top
     kd, ft    (none)                              no patient loss
+    auto      the K-1 layers whose normalised [CLS] varies most between examples (by_signal)
 
 Each strategy in `pkdpipe.strategies` names its picker; `strategies.layer_map` applies it.
 
@@ -65,3 +66,18 @@ def check_explicit(layers: list[int], n: int, k: int) -> list[int]:
         shown = ",".join(map(str, layers))
         raise ConfigError(f"--teacher-layers must be strictly increasing with no repeats, got {shown}")
     return layers
+
+
+def by_signal(shares: dict[int, float], n: int, k: int) -> list[int]:
+    """`--teacher-layers auto`: the K-1 layers of 1..N-1 (among those in `shares`) whose varying
+    share (`pkdpipe.cache.stats.LayerStats.varying_share`) is largest, in depth order; on a tie
+    the deeper layer. In the encoders at hand most intermediate layers' normalised [CLS] is one
+    direction for every example, and the paper's maps point at such layers."""
+    candidates = sorted(layer for layer in shares if 1 <= layer < n)
+    if len(candidates) < k - 1:
+        raise ConfigError(
+            f"--teacher-layers auto needs {k - 1} cached teacher layers in 1..{n - 1}; the cache has "
+            f"{len(candidates)} ({', '.join(map(str, candidates)) or 'none'})"
+        )
+    ranked = sorted(candidates, key=lambda layer: (shares[layer], layer), reverse=True)
+    return sorted(ranked[: k - 1])

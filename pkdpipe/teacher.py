@@ -129,6 +129,7 @@ def cache_teacher(
         hidden_dtype=config.dtype,
         regression=task.is_regression,
         with_token_types=uses_token_type_ids(tokenizer),
+        with_stats=True,
     )
     with _build_lock(folder, config.quiet) as already_built:
         if already_built and not config.force:
@@ -208,7 +209,7 @@ def _cache_split(split, encoded: Encoded, model, tokenizer, layout, folder, conf
         path = folder / mf.shard_name(split, index, n_shards)
         plan.append({"file": path.name, "rows": int(len(rows))})
         mine = index % distributed.world_size() == distributed.rank()
-        if mine and not _finished(path, encoded.ids[rows]):
+        if mine and not _finished(path, encoded.ids[rows], layout):
             todo.append((path, rows))
     total = sum(len(rows) for _, rows in todo)
     with progress.bar(f"teacher {split}", total, quiet=config.quiet) as bar:
@@ -229,15 +230,18 @@ def _cache_split(split, encoded: Encoded, model, tokenizer, layout, folder, conf
     return {"examples": len(order), "shards": plan}
 
 
-def _finished(path: Path, ids: np.ndarray) -> bool:
-    """True when `path` is a finished shard holding exactly these example ids, in this order.
+def _finished(path: Path, ids: np.ndarray, layout: schema.Layout) -> bool:
+    """True when `path` is a finished shard holding exactly these example ids, in this order, and
+    every dataset the layout names.
 
     A shard from an interrupted run with another --shard-size can have the same name but other
-    rows (the shard size is not part of the key: it does not change the values); it is rewritten."""
+    rows (the shard size is not part of the key: it does not change the values), and one left by
+    an older pkdpipe has no per-layer statistics; either is rewritten."""
     if not path.is_file():
         return False
+    extra = [schema.cls_stats(layer) for layer in layout.layers] if layout.with_stats else []
     try:
-        return np.array_equal(read_shard(path, schema.EXAMPLE_ID)[schema.EXAMPLE_ID], ids)
+        return np.array_equal(read_shard(path, schema.EXAMPLE_ID, *extra)[schema.EXAMPLE_ID], ids)
     except CacheError:
         return False
 
@@ -312,6 +316,7 @@ def _manifest(config, task, teacher_name, model, key, inputs: KeyInputs, layout,
         "logits_dtype": inputs.logits_dtype,
         "precision": inputs.precision,
         "splits": splits_info,
+        "cls_stats": layout.with_stats,
         "teacher_metrics": _teacher_metrics(folder, task, splits_info),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__,

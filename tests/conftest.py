@@ -204,16 +204,47 @@ def tiny(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_cache(tiny, tmp_path_factory) -> Path:
     """A complete cache of the tiny teacher over train and dev (built once per session; read-only)."""
-    from pkdpipe.config import CacheConfig
     from pkdpipe.teacher import cache_teacher
 
-    root = tmp_path_factory.mktemp("cache-root")
-    result = cache_teacher(
-        CacheConfig(
-            task=tiny["task"], teacher=str(tiny["teacher"]), cache_dir=root, shard_size=40, batch_size=16
-        )
+    return cache_teacher(_tiny_cache_config(tiny, tmp_path_factory.mktemp("cache-root"))).path
+
+
+def _tiny_cache_config(tiny: dict, root: Path):
+    """cache-teacher's settings for the tiny teacher: shards of 40 rows (train 96 -> 3 shards)."""
+    from pkdpipe.config import CacheConfig
+
+    return CacheConfig(
+        task=tiny["task"],
+        teacher=str(tiny["teacher"]),
+        cache_dir=root,
+        shard_size=40,
+        batch_size=16,
+        quiet=True,
     )
-    return result.path
+
+
+PLANTED_LAYER, PLANTED_DIM, PLANTED_VALUE = 2, 5, 1000.0
+
+
+def _plant(model):
+    """A forward hook on the teacher's layer 2: dimension 5 of every token's output += 1000, as
+    one outlier dimension dominates the [CLS] vectors of real encoders' intermediate layers."""
+
+    def add(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[..., PLANTED_DIM] += PLANTED_VALUE
+        return output
+
+    model.base_model.encoder.layer[PLANTED_LAYER - 1].register_forward_hook(add)
+
+
+@pytest.fixture(scope="session")
+def planted_cache(tiny, tmp_path_factory) -> Path:
+    """A cache of the tiny teacher whose layer 2 [CLS] is dominated by one constant dimension."""
+    from pkdpipe.teacher import cache_teacher
+
+    config = _tiny_cache_config(tiny, tmp_path_factory.mktemp("planted"))
+    return cache_teacher(config, teacher_hook=_plant).path
 
 
 def shared_dataset(name: str) -> Path:

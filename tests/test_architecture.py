@@ -53,7 +53,9 @@ def test_the_example_strategy_registers_and_builds():
         strategies._REGISTRY.pop("mine", None)
 
 
-@pytest.mark.parametrize("module", ["reader", "writer", "verify", "local", "store", "manifest", "schema"])
+@pytest.mark.parametrize(
+    "module", ["reader", "writer", "verify", "local", "store", "manifest", "schema", "stats"]
+)
 def test_the_cache_package_imports_no_model_code(module):
     code = (
         f"import sys, pkdpipe.cache.{module}; "

@@ -160,6 +160,101 @@ def verify(
         console.print(f"OK: {figures}", soft_wrap=True)
 
 
+@cache_app.command("stats")
+def stats(
+    path: str = typer.Argument(..., help="Cache folder or key."),
+    cache_dir: Path = typer.Option(None),
+    split: str = typer.Option("train", help="Split whose rows the statistics cover."),
+    layers: str = typer.Option(
+        None, help="Student depths K whose layer maps to show, e.g. 3,6. Default: 2..N-1."
+    ),
+    top: int = typer.Option(3, help="Dimensions to name per layer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    plot: Path = typer.Option(None, help="Also draw the varying share per layer into this PNG."),
+):
+    """What each cached [CLS] layer can teach: the share of it that differs between examples.
+
+    The patient loss compares L2-normalised [CLS] vectors. Where one outlier dimension dominates
+    them, the normalised vector is nearly the same for every example and the loss teaches one
+    direction, not the input. Per layer: the varying share (mean over rows of |n - mean(n)|^2 for the
+    normalised vectors n), the dimensions that hold most of the vector and most of what varies, and
+    the maps of PKD-Skip, PKD-Last and --teacher-layers auto for each student depth."""
+    from pkdpipe.cache.local import resolve_cache
+    from pkdpipe.cache.reader import open_cache
+    from pkdpipe.layer_signal import plot as draw
+    from pkdpipe.layer_signal import signal_report
+
+    depths = list(int_list(layers, "--layers")) if layers else None
+    with open_cache(resolve_cache(path, cache_dir)) as cache:
+        report = signal_report(cache, split, depths, top)
+    if plot:
+        draw(report, plot, depths[0] if depths else max(2, report.teacher_layers // 2))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    _print_signal(report)
+    if plot:
+        console.print(f"plot: {plot}", soft_wrap=True, markup=False, highlight=False)
+
+
+def _pct(share: float) -> str:
+    return "0%" if share < 1e-12 else f"{100 * share:.3g}%"
+
+
+def _print_signal(report) -> None:
+    float16 = report.hidden_dtype == "float16"
+    mapped: dict[int, list[str]] = {}
+    for k, maps in report.maps.items():
+        for name, chosen in maps.items():
+            for layer in chosen:
+                mapped.setdefault(layer, []).append(f"{name}-{k}")
+    table = Table(
+        title=f"{report.task} cache {report.key}: [CLS] per layer over {report.rows:,} {report.split} rows"
+    )
+    table.add_column("layer", justify="right")
+    table.add_column("varying share", justify="right")
+    table.add_column("dims holding the vector")
+    table.add_column("dims holding what varies")
+    if float16:
+        table.add_column("fp16 rounding, standardised", justify="right")
+    table.add_column("mapped by")
+    for r in report.layers:
+        row = [
+            str(r.layer),
+            _pct(r.varying_share),
+            ", ".join(f"{d} ({_pct(s)})" for d, s in r.dominant),
+            ", ".join(f"{d} ({_pct(s)})" for d, s in r.varying_dims) or "-",
+        ]
+        if float16:  # a constant layer has nothing to standardise
+            row.append(_pct(r.rounding_share) if r.varying_dims else "-")
+        table.add_row(*row, " ".join(mapped.get(r.layer, [])) or "-")
+    console.print(table)
+    maps = Table(title="teacher layers each map would name (their varying shares)")
+    maps.add_column("student K", justify="right")
+    names = sorted({name for m in report.maps.values() for name in m}, key=["skip", "last", "auto"].index)
+    for name in names:
+        maps.add_column(name)
+    for k, chosen in report.maps.items():
+        maps.add_row(
+            str(k),
+            *(
+                ", ".join(f"{x} ({_pct(report.share(x))})" for x in chosen[name]) if name in chosen else "-"
+                for name in names
+            ),
+        )
+    console.print(maps)
+    low = sorted({x for m in report.maps.values() for c in m.values() for x in c if report.share(x) < 0.01})
+    if low:
+        console.print(
+            f"Layers {', '.join(map(str, low))} vary by under 1%: as targets of the paper's patient loss "
+            "(--pt-space raw) they teach one direction shared by every example. Try --pt-space "
+            "standardized, or --teacher-layers auto.",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+
+
 from pkdpipe_cli import store_cmd  # noqa: E402  (ls, push, pull, rm, gc join the `cache` group)
 
 store_cmd.register(cache_app)

@@ -137,6 +137,7 @@ class Manifest(Mapping):
     command: str
     config: dict
     timings: dict = field(default_factory=dict)
+    cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as written
 
     # the JSON, read like a dict

@@ -20,15 +20,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pkdpipe import distributed
 from pkdpipe.batching import plan_epoch, rank_rows
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
 from pkdpipe.cache.local import resolve_cache
+from pkdpipe.cache.stats import LayerStats, merge_all
 from pkdpipe.errors import CacheError
 
 READ_BATCHES = 50  # batches whose rows are gathered in one read: 12 MB for 5 layers x 768 x fp16
+STATS_BLOCK = 8192  # rows per read when an older cache's statistics are computed: 12 MB at H = 768
 
 
 class TeacherCache:
@@ -121,6 +122,8 @@ class TeacherCache:
         instead of once per rank, and a node with its own copy checks all of it. Then all ranks
         agree: if any shard fails anywhere, every rank stops with an error. One process: nothing
         to share; shards are checked lazily when first opened."""
+        from pkdpipe import distributed  # torch: not for the reader's numpy-only users (cache stats)
+
         if distributed.world_size() == 1:
             return
         rank, ranks_here = distributed.node_rank_and_size()
@@ -206,6 +209,32 @@ class TeacherCache:
         if not parts:
             raise CacheError(f"cache {self.key}: split {split!r} holds no rows")
         return _concat(parts)
+
+    # -- what each layer carries ------------------------------------------------------------
+    def layer_stats(self, split: str = "train", layers: Sequence[int] | None = None) -> dict[int, LayerStats]:
+        """Per-dimension statistics of each layer's [CLS] vectors over a split (`pkdpipe.cache.stats`):
+        read from the shards where they store them, else computed in one pass of `STATS_BLOCK` rows
+        at a time (bounded memory whatever the cache's size)."""
+        layers = self.layers if layers is None else list(layers)
+        self.check_layers(layers)
+        shards = [s for s in self._split(split).shards if s.rows]
+        out = {}
+        for layer in layers:
+            if self.manifest.cls_stats:
+                parts = (
+                    LayerStats.from_array(s.rows, self.shard(s.file)[schema.cls_stats(layer)][:])
+                    for s in shards
+                )
+            else:
+                parts = (
+                    LayerStats.of(self.shard(s.file)[schema.hidden(layer)][start : start + STATS_BLOCK])
+                    for s in shards
+                    for start in range(0, s.rows, STATS_BLOCK)
+                )
+            out[layer] = merge_all(parts)
+        if any(stats is None for stats in out.values()):
+            raise CacheError(f"cache {self.key}: split {split!r} holds no rows")
+        return out
 
     # -- streaming for training ------------------------------------------------------------
     def lengths(self, split: str) -> np.ndarray:

@@ -9,6 +9,8 @@ One HDF5 file per shard, n rows, T tokens in all (docs/cache-format.md has the s
     offsets          (n + 1,)  int64      row r's tokens are input_ids[offsets[r]:offsets[r + 1]]
     input_ids        (T,)      int32      token ids, unpadded, concatenated (vocabularies outgrow uint16)
     token_type_ids   (T,)      uint8      segment ids, only for models that use them
+    cls_stats/<i>    (4, H)    float64    layer i's per-dimension statistics over the shard's rows
+                                          (`pkdpipe.cache.stats`); in caches made since pkdpipe 0.3
 
 Every dataset is contiguous (no chunks, no filters): training reads rows in a random order, and
 h5py reads scattered rows of a contiguous dataset 10-15x faster than of one chunked by rows.
@@ -27,11 +29,17 @@ OFFSETS = "offsets"
 INPUT_IDS = "input_ids"
 TOKEN_TYPE_IDS = "token_type_ids"
 HIDDEN = "hidden"  # the group of the [CLS] vectors, one dataset per stored layer
+CLS_STATS = "cls_stats"  # the group of their per-dimension statistics, one dataset per stored layer
 
 
 def hidden(layer: int) -> str:
     """The dataset of layer `layer`'s [CLS] vectors."""
     return f"{HIDDEN}/{layer}"
+
+
+def cls_stats(layer: int) -> str:
+    """The dataset of layer `layer`'s per-dimension statistics: rows `pkdpipe.cache.stats.STAT_ROWS`."""
+    return f"{CLS_STATS}/{layer}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Layout:
     hidden_dtype: str
     regression: bool
     with_token_types: bool
+    with_stats: bool = False  # each shard stores cls_stats/<layer> (caches made since pkdpipe 0.3)
 
     @classmethod
     def of(cls, manifest) -> Layout:
@@ -55,6 +64,7 @@ class Layout:
             hidden_dtype=manifest.hidden_dtype,
             regression=manifest.label_names is None,
             with_token_types=manifest.uses_token_type_ids,
+            with_stats=manifest.cls_stats,
         )
 
     def datasets(self, rows: int, tokens: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -70,6 +80,8 @@ class Layout:
             shapes[TOKEN_TYPE_IDS] = ((tokens,), np.uint8)
         for layer in self.layers:
             shapes[hidden(layer)] = ((rows, self.hidden_size), np.dtype(self.hidden_dtype))
+            if self.with_stats:
+                shapes[cls_stats(layer)] = ((4, self.hidden_size), np.float64)
         return {name: (shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
 
     def nbytes(self, rows: int, tokens: int) -> int:
@@ -81,6 +93,8 @@ class Layout:
     def create(self, f, ids: np.ndarray, offsets: np.ndarray) -> None:
         """Every dataset of a new shard, contiguous and sized; `example_id` and `offsets` filled."""
         f.create_group(HIDDEN)
+        if self.with_stats:
+            f.create_group(CLS_STATS)
         for name, (shape, dtype) in self.datasets(len(ids), int(offsets[-1])).items():
             if name == EXAMPLE_ID:
                 f.create_dataset(name, data=ids.astype(dtype))

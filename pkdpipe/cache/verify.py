@@ -2,7 +2,8 @@
 
 Checks, per shard: the file exists (a regular file, not a link), its sha256 matches the manifest,
 it opens as HDF5, every dataset of `pkdpipe.cache.schema` is there with the shape and dtype the
-manifest implies, and no logit or hidden vector is NaN or inf. Per split: example ids are unique and as
+manifest implies, no logit or hidden vector is NaN or inf, and each layer's stored statistics
+(`cls_stats/<layer>`) are those of its vectors. Per split: example ids are unique and as
 many as the manifest says. The manifest itself is checked against its schema, and its key against
 its inputs, when it is read.
 """
@@ -18,6 +19,7 @@ import numpy as np
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
+from pkdpipe.cache.stats import LayerStats
 from pkdpipe.errors import CacheError
 
 
@@ -92,10 +94,18 @@ def _check_arrays(f: h5py.File, name: str, rows: int, layout: schema.Layout, rep
     offsets = f[schema.OFFSETS][:]
     if offsets[-1] != tokens or np.any(np.diff(offsets) <= 0):
         report.problems.append(f"{name}: token offsets do not match input_ids")
+    non_finite = set()
     for dataset in [schema.LOGITS, *(schema.hidden(layer) for layer in layout.layers)]:
         for start in range(0, rows, 4096):  # bounded memory on big shards
             if not np.isfinite(f[dataset][start : start + 4096]).all():
                 report.problems.append(f"{name}: {dataset} holds NaN or inf")
+                non_finite.add(dataset)
                 break
+    if layout.with_stats:  # a layer with NaN is reported once, above
+        for layer in (layer for layer in layout.layers if schema.hidden(layer) not in non_finite):
+            stored = f[schema.cls_stats(layer)][:]
+            if not np.allclose(stored, LayerStats.of(f[schema.hidden(layer)][:]).to_array(), 1e-6, 1e-9):
+                wrong = schema.cls_stats(layer)
+                report.problems.append(f"{name}: {wrong} is not the statistics of its vectors")
     report.rows_checked += rows
     return f[schema.EXAMPLE_ID][:]

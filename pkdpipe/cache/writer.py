@@ -20,6 +20,7 @@ import numpy as np
 
 from pkdpipe import files
 from pkdpipe.cache import schema
+from pkdpipe.cache.stats import LayerStats
 from pkdpipe.errors import CacheError
 
 
@@ -33,6 +34,7 @@ class ShardWriter:
         self._offsets = offsets
         self._row = 0
         self._layers = layout.layers
+        self._with_stats = layout.with_stats
         self._file = h5py.File(final_path.name, "w", driver="core", backing_store=False)
         layout.create(self._file, ids, offsets)
 
@@ -57,6 +59,10 @@ class ShardWriter:
         if self._row != len(self._offsets) - 1:
             self.abort()
             raise CacheError(f"{self.final_path.name}: wrote {self._row} of {len(self._offsets) - 1} rows")
+        if self._with_stats:
+            for layer in self._layers:  # from the stored (rounded) values, as verify recomputes them
+                stats = LayerStats.of(self._file[schema.hidden(layer)][:])
+                self._file[schema.cls_stats(layer)][:] = stats.to_array()
         self._file.flush()
         image = self._file.id.get_file_image()
         self._file.close()

@@ -158,7 +158,11 @@ def test_shard_datasets_shapes_and_dtypes(tiny_cache):
                     "offsets",
                     "input_ids",
                     "token_type_ids",
+                    "cls_stats",
                 }
+                assert sorted(f["cls_stats"], key=int) == ["0", "1", "2", "3", "4"]
+                for layer in f["cls_stats"].values():
+                    assert (layer.shape, layer.dtype) == ((4, 32), np.float64)
                 assert (f["example_id"].shape, f["example_id"].dtype) == ((n,), np.int64)
                 assert (f["labels"].shape, f["labels"].dtype) == ((n,), np.int64)
                 assert (f["logits"].shape, f["logits"].dtype) == ((n, 3), np.float32)
@@ -256,7 +260,11 @@ def test_verify_catches_a_flipped_byte(cache_copy):
 
     report = verify_cache(cache_copy)
     assert not report.ok
-    assert report.problems == ["train-00001-of-00003.h5: checksum mismatch (corrupted or truncated)"]
+    assert report.problems == [
+        "train-00001-of-00003.h5: checksum mismatch (corrupted or truncated)",
+        # the layer's stored statistics no longer fit its vectors: a second witness, without the sha256
+        "train-00001-of-00003.h5: cls_stats/4 is not the statistics of its vectors",
+    ]
     with open_cache(cache_copy) as cache, pytest.raises(CacheError, match="checksum mismatch"):
         cache.read("train")  # the reader refuses it too, so distill never trains on it
 

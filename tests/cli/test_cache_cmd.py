@@ -137,6 +137,45 @@ def test_help_lists_every_command():
     assert group.exit_code == 0 and "info" in group.output and "verify" in group.output
 
 
+# --- stats --------------------------------------------------------------------------------------------
+
+
+def test_cache_stats_names_the_constant_layer_its_dimension_and_the_maps(planted_cache, tmp_path):
+    from conftest import PLANTED_DIM
+
+    result = invoke("cache", "stats", planted_cache, "--layers", "2,3", "--plot", tmp_path / "signal.png")
+    assert result.exit_code == 0, result.output
+    layers_table, maps_table = result.output.split("teacher layers each map would name")
+    rows = {line.split("│")[1].strip(): line for line in layers_table.splitlines() if line.startswith("│")}
+    dims = rows["2"].split("│")[3]
+    assert dims.strip().startswith(f"{PLANTED_DIM} (100%)")  # one dimension holds the vector
+    assert "skip-2" in rows["2"] and "last-3" in rows["2"]  # the paper's maps point at layer 2
+    assert "auto" not in rows["2"] and "auto-3" in rows["1"]  # the signal-aware map does not
+    (k3,) = [line for line in maps_table.splitlines() if line.startswith("│         3 │")]
+    maps = [[part.split(" (")[0] for part in cell.strip().split("), ")] for cell in k3.split("│")[2:5]]
+    assert maps == [["1", "3"], ["2", "3"], ["1", "3"]]  # skip, last, auto
+    assert "vary by under 1%" in result.output and "--pt-space standardized" in result.output
+    assert (tmp_path / "signal.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cache_stats_as_json_gives_the_figures(planted_cache):
+    from conftest import PLANTED_DIM, PLANTED_LAYER
+
+    result = invoke("cache", "stats", planted_cache, "--json", "--layers", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["rows"] == 96 and [r["layer"] for r in report["layers"]] == [0, 1, 2, 3, 4]
+    planted = report["layers"][PLANTED_LAYER]
+    assert planted["dominant_dims"][0]["dim"] == PLANTED_DIM and planted["dominant_dims"][0]["share"] > 0.999
+    assert planted["varying_share"] < report["layers"][1]["varying_share"] / 100
+    assert report["maps"]["3"]["skip"]["layers"] == [1, 3] and report["maps"]["3"]["last"]["layers"] == [2, 3]
+    assert report["maps"]["3"]["auto"]["layers"] == [1, 3]
+
+
+def test_cache_stats_refuses_a_student_as_deep_as_the_teacher(planted_cache):
+    assert_user_error(invoke("cache", "stats", planted_cache, "--layers", "4"), "must be shallower")
+
+
 # --- verify -------------------------------------------------------------------------------------------
 
 
@@ -154,14 +193,14 @@ def test_verify_ok(cache_copy):
 
 
 def test_the_light_cache_commands_never_load_torch(cache_copy):
-    """cache ls, info and verify read HDF5 and JSON only: loading torch and transformers would turn
+    """cache ls, info, verify and stats read HDF5 and JSON only: loading torch and transformers would turn
     a 0.1 s check into seconds of start-up (about 3 s here)."""
     root = cache_copy.parent.parent
     script = (
         "import sys\n"
         "from pkdpipe_cli.main import app\n"
         "for args in (['cache', 'ls', '--cache-dir', sys.argv[1]], ['cache', 'info', sys.argv[2]],\n"
-        "             ['cache', 'verify', sys.argv[2]]):\n"
+        "             ['cache', 'verify', sys.argv[2]], ['cache', 'stats', sys.argv[2]]):\n"
         "    try:\n"
         "        app(args)\n"
         "    except SystemExit as stop:\n"
