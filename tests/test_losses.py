@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkdpipe.errors import ConfigError
-from pkdpipe.losses import ce_loss, convert_authors_hparams, kd_loss, patient_loss, pkd_loss
+from pkdpipe.losses import (
+    VAR_FLOOR,
+    ce_loss,
+    convert_authors_hparams,
+    kd_loss,
+    patient_loss,
+    patient_space,
+    pkd_loss,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +51,34 @@ def _pt_loop(s, t, normalize):
                 tv = [x / t_norm for x in tv]
             total += sum((x - y) ** 2 for x, y in zip(sv, tv, strict=True))
     return total / (batch * layers)
+
+
+def _standardized_loop(s, t, mean, std, space):
+    """The patient spaces by hand, one number at a time: both sides moved, then `_pt_loop`'s distance."""
+    batch, layers, hidden = s.shape
+    s, t = s.double().tolist(), t.double().tolist()
+    mean, std = mean.double().tolist(), std.double().tolist()
+
+    def floored(variances):
+        ordered = sorted(variances)
+        median = ordered[(len(ordered) - 1) // 2]  # torch.median: the lower of the two middle values
+        return [math.sqrt(v + VAR_FLOOR * median + 1e-12) for v in variances]
+
+    s_out = [[[0.0] * hidden for _ in range(layers)] for _ in range(batch)]
+    t_out = [[[0.0] * hidden for _ in range(layers)] for _ in range(batch)]
+    for m in range(layers):
+        t_std = floored([x * x for x in std[m]])
+        s_mean = [sum(s[b][m][d] for b in range(batch)) / batch for d in range(hidden)]
+        s_var = [sum((s[b][m][d] - s_mean[d]) ** 2 for b in range(batch)) / batch for d in range(hidden)]
+        s_std = floored(s_var)
+        for b in range(batch):
+            for d in range(hidden):
+                t_out[b][m][d] = (t[b][m][d] - mean[m][d]) / (1.0 if space == "centered" else t_std[d])
+                if space == "standardized-teacher":
+                    s_out[b][m][d] = (s[b][m][d] - mean[m][d]) / t_std[d]
+                else:
+                    s_out[b][m][d] = (s[b][m][d] - s_mean[d]) / (1.0 if space == "centered" else s_std[d])
+    return torch.tensor(s_out), torch.tensor(t_out)
 
 
 # ---- kd_loss
@@ -203,6 +239,85 @@ def test_patient_refuses_mismatched_shapes():
         patient_loss(torch.randn(2, 3, 8), torch.randn(2, 2, 8))
     with pytest.raises(ValueError, match=r"\(batch, M, hidden\)"):
         patient_loss(torch.randn(2, 8), torch.randn(2, 8))
+
+
+# ---- the patient spaces: where examples differ
+
+
+def _layer_stats(t):
+    """A teacher layer's train statistics as the cache has them: (M, hidden) mean and std."""
+    return t.mean(dim=0), t.std(dim=0, unbiased=False)
+
+
+@pytest.mark.parametrize("space", ["centered", "standardized", "standardized-teacher"])
+def test_each_patient_space_equals_its_formula_by_hand(space):
+    s = torch.randn(6, 2, 5) + torch.tensor([4.0, 0, 0, 0, 0])
+    t = torch.randn(6, 2, 5) * torch.tensor([0.01, 1, 2, 0.5, 1]) + torch.tensor([30.0, 0, 0, 0, 0])
+    mean, std = _layer_stats(torch.randn(50, 2, 5) * 2 + 1)  # statistics of other rows than the batch
+    s_ref, t_ref = _standardized_loop(s, t, mean, std, space)
+    s_got, t_got = patient_space(s, t, space, mean, std)
+    torch.testing.assert_close(s_got, s_ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t_got, t_ref.float(), rtol=1e-5, atol=1e-5)
+    expected = _pt_loop(s_ref, t_ref, normalize=True)
+    assert float(patient_loss(s, t, True, space, mean, std)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_standardised_target_keeps_what_differs_between_examples():
+    """The case of the encoders at hand: one large dimension shared by every example hides the
+    rest. The paper's loss sees nearly one target; the standardised loss sees the examples apart."""
+    base = torch.randn(64, 1, 16)
+    teacher = base.clone()
+    teacher[..., 0] = 400.0  # the outlier dimension, the same for every row
+    mean, std = _layer_stats(teacher)
+    raw_targets = F.normalize(teacher, dim=-1)
+    assert float((raw_targets - raw_targets.mean(0)).pow(2).sum(-1).mean()) < 2e-3
+    student = base.clone()
+    student[..., 0] = -3.0  # a student whose [CLS] varies as the teacher's, with its own constant part
+    assert float(patient_loss(student, teacher, True, "standardized", mean, std)) < 1e-3
+    shuffled = student[torch.randperm(64)]  # the same vectors, paired with the wrong examples
+    assert float(patient_loss(shuffled, teacher, True, "standardized", mean, std)) > 1.0
+    assert float(patient_loss(shuffled, teacher)) > 1.0  # raw: the outlier is missing on the student side
+    anchored = shuffled.clone()
+    anchored[..., 0] = 400.0  # ... and once the student carries it, raw cannot tell examples apart
+    assert float(patient_loss(anchored, teacher)) < 2e-3
+
+
+def test_standardised_loss_ignores_the_students_offsets_and_scales():
+    t = torch.randn(16, 2, 8)
+    mean, std = _layer_stats(t)
+    s = t * torch.linspace(0.1, 10, 8) + 50.0  # another offset and scale per dimension, same pattern
+    assert float(patient_loss(s, t, True, "standardized", mean, std)) < 1e-4
+    assert float(patient_loss(s, t, True, "raw")) > 0.5
+
+
+def test_a_constant_dimension_stays_near_zero_when_standardised():
+    t = torch.randn(32, 1, 4)
+    t[..., 2] = 7.0  # never varies: its std is 0
+    mean, std = _layer_stats(t)
+    s = torch.randn(32, 1, 4, requires_grad=True)
+    s_space, t_space = patient_space(s, t, "standardized", mean, std)
+    assert t_space[..., 2].abs().max() == 0 and torch.isfinite(s_space).all()
+    loss = patient_loss(s, t, True, "standardized", mean, std)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+def test_a_batch_of_one_centres_to_zero_without_nan():
+    s, t = torch.randn(1, 2, 8, requires_grad=True), torch.randn(1, 2, 8)
+    mean, std = _layer_stats(torch.randn(10, 2, 8))
+    loss = patient_loss(s, t, True, "standardized", mean, std)
+    loss.backward()
+    assert float(loss) == pytest.approx(1.0) and torch.isfinite(s.grad).all()  # |0 - t/|t||^2 = 1
+
+
+def test_patient_spaces_refuse_what_they_cannot_use():
+    s, t = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    with pytest.raises(ConfigError, match="unknown patient space 'whitened'"):
+        patient_loss(s, t, space="whitened")
+    with pytest.raises(ValueError, match="needs the teacher layers' mean and std"):
+        patient_loss(s, t, space="standardized")
+    with pytest.raises(ValueError, match="do not fit"):
+        patient_loss(s, t, True, "centered", torch.zeros(3, 8), torch.ones(3, 8))
 
 
 # ---- pkd_loss

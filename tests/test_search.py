@@ -24,12 +24,14 @@ def test_a_search_space_from_options():
     assert parse_param("temperature", "5,10,20").choices == (5.0, 10.0, 20.0)
     assert parse_param("strategy", "skip,last").choices == ("skip", "last")
     assert parse_param("layers", "2,3").choices == (2, 3)
+    assert parse_param("pt_space", "raw,standardized").choices == ("raw", "standardized")
     for name, text, message in (
         ("layers", "3.7", "takes whole numbers"),
         ("lr", "1e-3:1e-5", "is empty"),
         ("lr", "0:1e-3:log", "is empty"),
         ("dropout", "0.1", "cannot search over 'dropout'"),
         ("strategy", "a:b", "LOW:HIGH"),
+        ("pt_space", "raw:centered", "LOW:HIGH"),
     ):
         with pytest.raises(ConfigError, match=message):
             parse_param(name, text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pkdpipe_cli.main import app
@@ -37,6 +38,25 @@ def test_run_names_differ_for_different_settings():
     }
     assert run_name(a) == "skip-3_a0.5_b0.1_t5_lr5e-05_s1"
     assert run_name({**a, "beta": 1.0}) != run_name(a)
+    # the paper's patient space keeps the names runs had before there were others
+    assert run_name({**a, "pt_space": "raw"}) == run_name(a)
+    assert run_name({**a, "pt_space": "standardized"}) == "skip-3_a0.5_b0.1_t5_lr5e-05_s1_standardized"
+
+
+def test_a_sweep_over_patient_spaces_through_the_cli(planted_cache, tmp_path, one_thread):
+    from pkdpipe_cli.main import app
+    from typer.testing import CliRunner
+
+    args = ["sweep", "--cache", str(planted_cache), "--strategy", "last", "--layers", "3", "--max-steps", "2",
+            "--pt-space", "raw,standardized", "--teacher-layers", "auto", "--output", str(tmp_path / "sw"),
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "sw" / "sweep_results.json").read_text())["runs"]
+    assert sorted(r["pt_space"] for r in runs) == ["raw", "standardized"]
+    for r in runs:
+        meta = json.loads((Path(r["output"]) / "pkdpipe_config.json").read_text())
+        assert meta["config"]["pt_space"] == r["pt_space"] and meta["layer_map"]["teacher"] == [1, 3]
 
 
 def test_sweep_trains_each_run_once_and_sorts_by_dev_metric(tiny_cache, tmp_path, distill_config, one_thread):

@@ -528,3 +528,95 @@ def test_evaluate_record_adds_a_split_to_the_card(skip_run, tiny, tmp_path):
     assert json.loads((student / "eval_results.json").read_text()) == {"test": report.metrics}
     card = (student / "README.md").read_text()
     assert f"| test | {100 * report.metrics['accuracy']:.2f} |" in card and "name: test accuracy" in card
+
+
+# -- the patient loss where examples differ -------------------------------------------------------
+def test_a_raw_map_onto_layers_that_barely_vary_is_flagged(planted_cache, tmp_path, distill_config):
+    """Layer 2 of the planted cache is one vector for every example: the paper's patient loss
+    there teaches nothing about the input, and the run says so, with the figure and what to try."""
+    output = tmp_path / "raw"
+    result = distill(distill_config(planted_cache, output, strategy="skip", layers=2, max_steps=2))
+    (warning,) = [w for w in result.warnings if "little to teach" in w]
+    assert "teacher layer(s) 2: " in warning and "--pt-space standardized" in warning
+    assert planted_cache.name in warning  # the cache stats command to run names this cache
+    assert warning in json.loads((output / "metrics.json").read_text())["warnings"]
+    signal = json.loads((output / "pkdpipe_config.json").read_text())["layer_signal"]
+    assert list(signal) == ["2"] and signal["2"] < 1e-4
+    card = (output / "README.md").read_text()
+    assert "per-example share of the mapped teacher layers' normalised [CLS] (train): layer 2: " in card
+
+
+def test_a_standardised_patient_loss_trains_from_the_cache_and_is_recorded(
+    planted_cache, tmp_path, distill_config
+):
+    output = tmp_path / "standardized"
+    config = distill_config(
+        planted_cache, output, strategy="skip", layers=2, pt_space="standardized", max_steps=4
+    )
+    result = distill(config)
+    assert not [w for w in result.warnings if "little to teach" in w]
+    meta = json.loads((output / "pkdpipe_config.json").read_text())
+    assert meta["config"]["pt_space"] == "standardized"
+    assert "| pt_space | standardized |" in (output / "README.md").read_text()
+    (last,) = [r for r in _train_lines(output) if r["step"] == 4]
+    # the planted dimension is gone from the target: PT is no longer a near-match of one direction
+    assert 0.5 < last["pt"] < 4
+
+
+def test_the_step_standardises_the_target_with_the_caches_statistics(planted_cache, tmp_path, distill_config):
+    """The step's PT equals patient_loss with the cache's train mean and std of the mapped layer."""
+    from pkdpipe.losses import patient_loss
+    from pkdpipe.models import cls_vectors
+    from pkdpipe.strategies import StepSpec, get
+
+    config = distill_config(
+        planted_cache, tmp_path / "unused", strategy="skip", layers=2, pt_space="standardized"
+    )
+    with open_cache(planted_cache) as cache:
+        stats = cache.layer_stats("train", [2])
+        student, _ = _student(str(cache.manifest.teacher.pretrained_from), config, cache, [2])
+        batch = next(cache.stream("train", 8, [2], epoch=0, seed=1))
+    tensors = {
+        "input_ids": torch.nn.utils.rnn.pad_sequence(
+            [torch.as_tensor(x).long() for x in batch["input_ids"]], True
+        ),
+        "labels": torch.as_tensor(batch["labels"]),
+        "teacher_logits": torch.as_tensor(batch["logits"]),
+        "teacher_cls": torch.as_tensor(batch["hidden"]),
+    }
+    tensors["attention_mask"] = (tensors["input_ids"] != 0).long()
+    student.eval()
+    step = get("skip").make_step(StepSpec(config, False, [2], [1], stats))
+    terms = step(student, tensors)
+    out = student(
+        input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"], output_hidden_states=True
+    )
+    mean = torch.from_numpy(stats[2].mean).float()[None]
+    std = torch.from_numpy(stats[2].std).float()[None]
+    expected = patient_loss(
+        cls_vectors(out.hidden_states, [1]), tensors["teacher_cls"], True, "standardized", mean, std
+    )
+    torch.testing.assert_close(terms["pt"], expected)
+
+
+def test_an_auto_map_takes_the_layers_that_vary_most(planted_cache, tmp_path, distill_config):
+    with open_cache(planted_cache) as cache:
+        shares = {layer: s.varying_share for layer, s in cache.layer_stats("train", [1, 2, 3]).items()}
+    assert min(shares, key=shares.get) == 2  # the planted layer
+    output = tmp_path / "auto"
+    distill(
+        distill_config(planted_cache, output, strategy="last", layers=3, teacher_layers="auto", max_steps=2)
+    )
+    meta = json.loads((output / "pkdpipe_config.json").read_text())
+    assert meta["layer_map"] == {"student": [1, 2], "teacher": [1, 3]}  # PKD-Last would take 2, 3
+    assert meta["config"]["teacher_layers"] == "auto"
+    assert "1<-1, 2<-3" in (output / "README.md").read_text()
+
+
+def test_patient_settings_are_refused_where_they_do_not_fit(tiny_cache, tmp_path, distill_config):
+    with pytest.raises(ConfigError, match="--pt-space must be one of raw, centered"):
+        distill_config(tiny_cache, tmp_path / "a", pt_space="whitened")
+    with pytest.raises(ConfigError, match="--teacher-layers takes layer numbers like 2,4 or auto"):
+        distill_config(tiny_cache, tmp_path / "b", teacher_layers="best")
+    with pytest.raises(ConfigError, match="only applies to the"):
+        distill(distill_config(tiny_cache, tmp_path / "c", strategy="kd", teacher_layers="auto"))

@@ -50,6 +50,13 @@ def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
         raise ConfigError(f"{flag} takes comma-separated integers like 2,4,6; got {text!r}") from None
 
 
+def layer_list(text: str | None) -> tuple[int, ...] | str | None:
+    """--teacher-layers: '2,4,6' -> (2, 4, 6), 'auto' stays 'auto', None stays None."""
+    if text is not None and text.strip() == "auto":
+        return "auto"
+    return int_list(text, "--teacher-layers")
+
+
 def str_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 

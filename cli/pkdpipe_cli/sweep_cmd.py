@@ -10,7 +10,7 @@ from rich.table import Table
 
 from pkdpipe.config import DistillConfig, TrainConfig, help_of
 from pkdpipe.errors import ConfigError
-from pkdpipe_cli.common import command_line, config_from, console, int_list, option, str_list
+from pkdpipe_cli.common import command_line, config_from, console, int_list, layer_list, option, str_list
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +29,9 @@ def grid_option(name: str):
     """A swept setting: comma-separated values (with --search asha also a range LOW:HIGH[:log]), by
     default DistillConfig's one value."""
     field = next(f for f in dataclasses.fields(DistillConfig) if f.name == name)
-    ranges = "" if name == "strategy" else " With --search asha also a range LOW:HIGH or LOW:HIGH:log."
+    ranges = " With --search asha also a range LOW:HIGH or LOW:HIGH:log."
+    if name in ("strategy", "pt_space"):
+        ranges = ""
     return typer.Option(
         str(field.default), help=f"Comma-separated values.{ranges} {help_of(DistillConfig, name)}"
     )
@@ -46,6 +48,8 @@ def sweep(
     temperature: str = grid_option("temperature"),
     lr: str = grid_option("lr"),
     seed: str = grid_option("seed"),
+    pt_space: str = grid_option("pt_space"),
+    teacher_layers: str = option(DistillConfig, "teacher_layers"),
     student_init: str = option(DistillConfig, "student_init"),
     normalize: bool = option(DistillConfig, "normalize"),
     epochs: int = option(TrainConfig, "epochs"),
@@ -95,10 +99,11 @@ def sweep(
         raise ConfigError(f"--search is grid or asha; got {search!r}")
     if search == "asha":
         texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
-                 "temperature": temperature, "lr": lr, "seed": seed}  # fmt: skip
+                 "temperature": temperature, "lr": lr, "seed": seed, "pt_space": pt_space}  # fmt: skip
         settings = {
             k: v for k, v in locals().items() if k not in GRID_FIELDS and k not in ("output", "texts")
         }
+        settings["teacher_layers"] = layer_list(teacher_layers)
         return _search(settings, texts, trials, study, storage, space, output, store)
 
     values = {
@@ -109,8 +114,10 @@ def sweep(
         "temperature": _floats(temperature, "--temperature"),
         "lr": _floats(lr, "--lr"),
         "seed": list(int_list(seed, "--seed")),
+        "pt_space": list(str_list(pt_space)),
     }
     settings = {k: v for k, v in locals().items() if k not in GRID_FIELDS and k != "output"}
+    settings["teacher_layers"] = layer_list(teacher_layers)
     base = _from_store(config_from(DistillConfig, settings, command=command_line()), store)
     runs = run(base, values, output)
     table = Table(title="sweep (best first)")

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig
-from pkdpipe_cli.common import command_line, config_from, console, fmt_metrics, int_list, option
+from pkdpipe_cli.common import command_line, config_from, console, fmt_metrics, layer_list, option
 
 
 def register(app: typer.Typer) -> None:
@@ -74,6 +74,7 @@ def distill(
     beta: float = option(DistillConfig, "beta"),
     temperature: float = option(DistillConfig, "temperature"),
     normalize: bool = option(DistillConfig, "normalize"),
+    pt_space: str = option(DistillConfig, "pt_space"),
     lr: float = option(TrainConfig, "lr"),
     epochs: int = option(TrainConfig, "epochs"),
     batch_size: int = option(TrainConfig, "batch_size"),
@@ -95,7 +96,7 @@ def distill(
     from pkdpipe import distributed
     from pkdpipe.train import distill as run
 
-    parsed = {"teacher_layers": int_list(teacher_layers, "--teacher-layers")}
+    parsed = {"teacher_layers": layer_list(teacher_layers)}
     result = run(config_from(DistillConfig, {**locals(), **parsed}, command=command_line()))
     if distributed.is_main():
         _summary(f"distill {strategy}-{layers}", result, {})
