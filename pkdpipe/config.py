@@ -233,7 +233,8 @@ class DistillConfig(TrainConfig):
     pt_space: str = setting(
         "raw",
         "Where the patient loss compares [CLS] vectors: raw (the paper), centered, standardized (by the "
-        "cache's per-dimension statistics; the student by its batch's), or standardized-teacher.",
+        "cache's per-dimension statistics; the student by its batch's), standardized-teacher, or "
+        "relational (how each pair of examples relates, in standardised coordinates).",
     )
 
     def __post_init__(self):

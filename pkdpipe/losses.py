@@ -44,8 +44,10 @@ intermediate layers, so the normalised teacher target is nearly one vector for e
 "centered" subtracts the per-dimension mean (the teacher's from the cache's train statistics, the
 student's over its batch), "standardized" also divides by the per-dimension standard deviation, and
 "standardized-teacher" standardises both sides with the teacher's cached statistics (the student in
-the teacher's coordinates). PT keeps its form and its [0, 4] range in every space, so beta keeps its
-meaning.
+the teacher's coordinates). "relational" compares, in standardised coordinates, how each pair of the
+batch's examples relates (the cosine between them) instead of the vectors themselves, so no
+coordinate of the student has to match the teacher's (as similarity-preserving KD, Tung and Mori
+2019). Every form stays in [0, 4].
 
 All inputs are upcast to at least float32 inside the functions (the cached teacher [CLS] vectors
 are float16, and a student under autocast yields float16 or bfloat16), so each loss is float32.
@@ -148,7 +150,8 @@ def patient_space(
         student_cls, teacher_cls: (batch, M, hidden).
         space: "raw" (as they are: the paper); "centered": t - mean_t and s - mean_batch(s);
             "standardized": (t - mean_t) / std_t and (s - mean_batch(s)) / std_batch(s);
-            "standardized-teacher": (t - mean_t) / std_t and (s - mean_t) / std_t.
+            "standardized-teacher": (t - mean_t) / std_t and (s - mean_t) / std_t;
+            "relational" is not a space of its own: `patient_loss` takes "standardized" for it.
         teacher_mean, teacher_std: (M, hidden), the teacher layers' per-dimension mean and standard
             deviation over the train split (the cache's statistics); needed by every space but raw.
 
@@ -156,7 +159,7 @@ def patient_space(
     batch this process sees (its rank's share under torchrun), population variance; a batch of one
     row centres to zero. The returned tensors keep the graph of `student_cls`.
     """
-    if space not in PT_SPACES:
+    if space not in PT_SPACES or space == "relational":
         raise ConfigError(f"unknown patient space {space!r}: choose one of {', '.join(PT_SPACES)}")
     s, t = _upcast(student_cls, teacher_cls)
     if space == "raw":
@@ -206,11 +209,30 @@ def patient_loss(
         )
     if student_cls.numel() == 0:
         return _upcast(student_cls)[0].new_zeros(())
-    s, t = patient_space(student_cls, teacher_cls, space, teacher_mean, teacher_std)
-    if normalize:
+    relational = space == "relational"
+    s, t = patient_space(
+        student_cls, teacher_cls, "standardized" if relational else space, teacher_mean, teacher_std
+    )
+    if normalize or relational:
         s = s / s.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         t = t / t.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    if relational:
+        return _pair_cosine_gap(s, t)
     return (s - t).pow(2).sum(dim=-1).mean()
+
+
+def _pair_cosine_gap(s: Tensor, t: Tensor) -> Tensor:
+    """Mean over the M layers and the batch's ordered pairs of distinct examples (i, j) of
+    (cos_s(i, j) - cos_t(i, j))^2, for unit vectors s, t of (batch, M, hidden): how each pair of
+    examples relates, compared between student and teacher (no coordinate of one need match the
+    other's). In [0, 4]; 0 for a batch of one row (no pairs)."""
+    batch = s.shape[0]
+    if batch < 2:
+        return s.sum() * 0.0  # keeps the graph, so backward runs whatever the batch
+    cos_s = torch.einsum("bmh,cmh->mbc", s, s)
+    cos_t = torch.einsum("bmh,cmh->mbc", t, t)
+    off = ~torch.eye(batch, dtype=torch.bool, device=s.device)
+    return (cos_s - cos_t).pow(2)[:, off].mean()
 
 
 def pkd_loss(

@@ -310,6 +310,42 @@ def test_a_batch_of_one_centres_to_zero_without_nan():
     assert float(loss) == pytest.approx(1.0) and torch.isfinite(s.grad).all()  # |0 - t/|t||^2 = 1
 
 
+def _pair_cosine_loop(s, t):
+    """Mean over layers and ordered pairs i != j of (cos(s_i, s_j) - cos(t_i, t_j))^2, by hand."""
+    batch, layers, _ = s.shape
+    total, count = 0.0, 0
+    for m in range(layers):
+        for i in range(batch):
+            for j in range(batch):
+                if i != j:
+                    cs = F.cosine_similarity(s[i, m].double(), s[j, m].double(), dim=0)
+                    ct = F.cosine_similarity(t[i, m].double(), t[j, m].double(), dim=0)
+                    total, count = total + float(cs - ct) ** 2, count + 1
+    return total / count
+
+
+def test_the_relational_loss_compares_how_examples_relate_by_hand():
+    s = torch.randn(6, 2, 5) + 3.0
+    t = torch.randn(6, 2, 5) * torch.tensor([0.01, 1, 2, 0.5, 1]) + 30.0
+    mean, std = _layer_stats(torch.randn(40, 2, 5) * 2 + 30)
+    s_std, t_std = _standardized_loop(s, t, mean, std, "standardized")  # the relational loss's coordinates
+    expected = _pair_cosine_loop(s_std, t_std)
+    assert float(patient_loss(s, t, True, "relational", mean, std)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_relational_loss_needs_no_coordinate_of_the_student_to_match_the_teachers():
+    t = torch.randn(32, 2, 16)
+    mean, std = _layer_stats(t)
+    permuted = t[..., torch.randperm(16)] * 5.0 - 2.0  # the same examples in other coordinates
+    assert float(patient_loss(permuted, t, True, "relational", mean, std)) < 1e-8
+    assert float(patient_loss(permuted, t, True, "standardized", mean, std)) > 1.0
+    shuffled = permuted[torch.randperm(32)]  # ... but paired with the wrong examples: relations differ
+    assert float(patient_loss(shuffled, t, True, "relational", mean, std)) > 1e-3
+    one = patient_loss(t[:1].requires_grad_(), t[:1], True, "relational", mean, std)
+    one.backward()
+    assert float(one) == 0.0  # a batch of one row has no pairs
+
+
 def test_patient_spaces_refuse_what_they_cannot_use():
     s, t = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
     with pytest.raises(ConfigError, match="unknown patient space 'whitened'"):
