@@ -8,6 +8,7 @@ own: `is_scratch` accepts the names `scratch`, `partial` and `superseded` give, 
 - A folder is written as `<name>.partial/` and swapped in with two renames, the previous version
   waiting as `<name>.old/` in between (`replace_dir`); `restore_dir` undoes a kill that fell
   between the renames, so at any moment there is a whole old or a whole new folder.
+- A folder is removed by renaming it to `<name>.deleting/` and deleting that (`remove_dir`).
 - `probe_writable` checks a folder by writing `.write-probe-<pid>.tmp` there (one per process, as
   torchrun ranks probe at once).
 - `exclusive_lock` is an flock on a lock file: one process works, the others wait (or skip).
@@ -29,6 +30,7 @@ from pkdpipe.errors import DiskFullError, PkdError
 TMP = ".tmp"  # a file being written: <name>.tmp
 PARTIAL = ".partial"  # a folder being written: <name>.partial/
 OLD = ".old"  # a folder's previous version while a new one is swapped in: <name>.old/
+DELETING = ".deleting"  # a folder being removed: renamed first, so no half of it keeps its name
 PROBE = ".write-probe-"  # .write-probe-<pid>.tmp: a write test, removed at once
 
 
@@ -48,8 +50,8 @@ def superseded(folder: Path) -> Path:
 
 
 def is_scratch(name: str) -> bool:
-    """True for a name that `scratch`, `partial`, `superseded` or `probe_writable` gives."""
-    return name.endswith((TMP, PARTIAL, OLD))
+    """True for a name that `scratch`, `partial`, `superseded`, `remove_dir` or `probe_writable` gives."""
+    return name.endswith((TMP, PARTIAL, OLD, DELETING))
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -160,8 +162,20 @@ def restore_dir(folder: Path) -> bool:
 
 
 def remove_dir(folder: Path) -> None:
-    """Delete `folder` and whatever `replace_dir` left of it on the way."""
-    for path in (folder, partial(folder), superseded(folder)):
+    """Delete `folder` and whatever `replace_dir` left of it on the way.
+
+    The folder is renamed to `<name>.deleting` first (one atomic step), then deleted: a kill during
+    the deletion leaves a scratch folder, never `folder` with some of its files gone (a checkpoint
+    missing only its "finished" marker would be resumed and train past the run's best model)."""
+    doomed = folder.with_name(folder.name + DELETING)
+    if folder.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            folder.rename(doomed)
+        except OSError:  # cannot be renamed (a read-only parent): delete what can be, in place
+            doomed = folder
+        faults.point(f"removing:{folder.name}")
+    for path in (doomed, folder, partial(folder), superseded(folder)):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pkdpipe import cards, checkpoint, distributed, files, progress, strategies
+from pkdpipe import cards, checkpoint, distributed, files, progress, runfolder, strategies
 from pkdpipe.cache.fingerprint import hash_tokenizer
 from pkdpipe.cache.reader import TeacherCache, open_cache
 from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
@@ -54,15 +55,39 @@ def _check_precision(config: TrainConfig) -> None:
     autocast(pick_device(config.device), config.precision)  # raises ModelError for fp16 on CPU
 
 
-def _prepare_output(output: Path, config: TrainConfig) -> None:
-    """A writable output folder; results recorded for an earlier model there are not this run's."""
+@contextmanager
+def _run_folder(
+    output: Path, stage: str, settings: dict, config: TrainConfig
+) -> Iterator[TrainResult | None]:
+    """Hold the output folder for the run (`pkdpipe.runfolder.claim`, on rank 0); yield the
+    recorded result when a finished run with these settings is already there, else None."""
+    with ExitStack() as held:
 
-    def on_main() -> None:
-        files.probe_writable(output, ModelError, what="output folder")
-        if not (config.resume and checkpoint.exists(output / "checkpoint")):
-            (output / cards.EVAL_RESULTS).unlink(missing_ok=True)
+        def on_main() -> dict | None:
+            claim = held.enter_context(runfolder.claim(output, stage, settings, config.resume))
+            if claim.done is None and not (config.resume and checkpoint.exists(output / "checkpoint")):
+                runfolder.start_fresh(output)
+            return claim.done
 
-    distributed.agree(on_main, main_only=True)
+        done = distributed.broadcast_object(distributed.agree(on_main, main_only=True))
+        if done is not None:
+            best = ", ".join(f"{k} {100 * v:.2f}" for k, v in done["dev"].items()) or "-"
+            progress.info(
+                f"{output} already holds this run, finished (best dev {best} at step "
+                f"{done['best_step']}): nothing to train; --no-resume trains it again",
+                config.quiet,
+            )
+            yield TrainResult(
+                output, done["dev"], done["best_step"], done["steps"], done["train_seconds"], done["warnings"]
+            )
+            return
+        yield None
+
+
+def _make_output(output: Path) -> None:
+    """The output folder, checked writable: once the run's inputs are known to be good, so that a
+    refused run leaves no folder behind."""
+    distributed.agree(lambda: files.probe_writable(output, ModelError, what="output folder"), main_only=True)
 
 
 # -- distill -------------------------------------------------------------------------------------
@@ -101,19 +126,36 @@ def distill(
         cache.check_rows(split)
     task = task_of(cache)
     teacher_map, teacher_stats = _layer_map(strategy, cache, config)
-    student_layers = list(range(1, config.layers)) if teacher_map else []
     signal = {layer: teacher_stats[layer].varying_share for layer in teacher_map}
     low_signal = _low_signal_warning(signal, config, cache.key)
     if low_signal:
         progress.info(f"warning: {low_signal}", config.quiet)
     teacher = cache.manifest.teacher
     init = config.student_init or teacher.pretrained_from or teacher.name_or_path
+    output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
+    settings = resume_settings(config, cache_key=cache.key, student_init=str(init))
+    try:
+        with _run_folder(output, "distill", settings, config) as done:
+            if done is not None:
+                return done
+            return _distill(config, cache, task, strategy, teacher_map, teacher_stats, init, output, settings,
+                            low_signal, source_hook, on_evaluate)  # fmt: skip
+    finally:
+        cache.close()
+
+
+def _distill(
+    config, cache, task, strategy, teacher_map, teacher_stats, init, output, settings, low_signal,
+    source_hook, on_evaluate,
+) -> TrainResult:  # fmt: skip
+    """distill's training, once its output folder is held."""
+    student_layers = list(range(1, config.layers)) if teacher_map else []
+    signal = {layer: teacher_stats[layer].varying_share for layer in teacher_map}
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
     student, tokenizer = _student(init, config, cache, teacher_map)
+    _make_output(output)
     if "dev" not in cache.splits:
         progress.info("the cache has no dev split: the last weights will be kept", config.quiet)
-    output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
-    _prepare_output(output, config)
     pad_id = pad_id_of(tokenizer)
     source = CacheSource(
         cache,
@@ -132,6 +174,7 @@ def distill(
     eval_fn = _eval_fn(task, dev, pad_id, config) if dev is not None and dev.labels is not None else None
     meta = {
         "stage": "distill",
+        "settings": settings,  # what a rerun must match to be this run (pkdpipe.runfolder)
         "config": to_dict(config),
         "cache": {"key": cache.key, "path": str(cache.path), "teacher": cache.manifest["teacher"]},
         "student_init": str(init),
@@ -153,23 +196,20 @@ def distill(
         _write_metrics(output, result, count_parameters(student), baseline, teacher_dev=teacher_dev)
         cards.write(output, task)
 
-    try:
-        return fit(
-            student,
-            source_hook(source) if source_hook else source,
-            step,
-            eval_fn,
-            config,
-            output,
-            task.main_metric if eval_fn else None,
-            save_final,
-            terms=strategy.terms,
-            settings=resume_settings(config, cache_key=cache.key, student_init=str(init)),
-            on_evaluate=on_evaluate,
-            write_files=write_files,
-        )
-    finally:
-        cache.close()
+    return fit(
+        student,
+        source_hook(source) if source_hook else source,
+        step,
+        eval_fn,
+        config,
+        output,
+        task.main_metric if eval_fn else None,
+        save_final,
+        terms=strategy.terms,
+        settings=settings,
+        on_evaluate=on_evaluate,
+        write_files=write_files,
+    )
 
 
 LOW_SIGNAL = 0.01
@@ -299,6 +339,16 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     distributed.init(config.device)
     _check_precision(config)
     task = get_task(config.task)
+    output = config.output or config.runs_dir / task.name / (
+        "teacher" if config.layers is None else f"ft-{config.layers}"
+    )
+    settings = resume_settings(config)
+    with _run_folder(output, "finetune", settings, config) as done:
+        return done if done is not None else _finetune(config, task, output, settings)
+
+
+def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict) -> TrainResult:
+    """finetune's training, once its output folder is held."""
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     overrides = label_config(task.labels)
     model_config = load_config(config.model, config.trust_remote_code)
@@ -316,10 +366,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         if "dev" in task.splits
         else None
     )
-    output = config.output or config.runs_dir / task.name / (
-        "teacher" if config.layers is None else f"ft-{config.layers}"
-    )
-    _prepare_output(output, config)
+    _make_output(output)
     pad_id = pad_id_of(tokenizer)
     source = EncodedSource(train, config.batch_size, config.seed, pad_id, config.group_by_length)
     eval_fn = _eval_fn(task, dev, pad_id, config) if dev is not None and dev.labels is not None else None
@@ -336,6 +383,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
             "task": task.name,
             "layers": config.layers,
             "dev": result.metrics,
+            "settings": settings,  # what a rerun must match to be this run (pkdpipe.runfolder)
             "config": to_dict(config),
             "command": config.command or " ".join(sys.argv),
         }
@@ -353,6 +401,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         task.main_metric if eval_fn else None,
         save_final,
         terms=strategies.FINETUNE_TERMS,
+        settings=settings,
         write_files=write_files,
     )
 

@@ -383,7 +383,8 @@ def test_fit_stops_when_ranks_disagree_about_the_checkpoint(
     from pkdpipe.errors import ConfigError
     from pkdpipe.train import distill
 
-    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: True)
+    # rank 0's "resuming?" is True; its other broadcasts (the run folder's state) go through as they are
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: True if isinstance(obj, bool) else obj)
     with pytest.raises(ConfigError, match="every node shares"):
         distill(distill_config(one_process_cache, tmp_path / "out", device="cpu"))
 

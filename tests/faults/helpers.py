@@ -13,11 +13,22 @@ import numpy as np
 from safetensors.torch import load_file
 
 
-def pkdpipe(*args, kill_at: str | None = None, file_limit: int | None = None, cwd: Path | None = None):
+def pkdpipe(
+    *args,
+    kill_at: str | None = None,
+    file_limit: int | None = None,
+    cwd: Path | None = None,
+    quiet: bool = True,
+):
     """`python -m pkdpipe ARGS` in a fresh process; PKDPIPE_KILL_AT=kill_at makes it SIGKILL itself
     at that point; file_limit caps the size of any file it writes (RLIMIT_FSIZE, SIGXFSZ ignored so a
-    write past it fails with EFBIG, as a full disk fails with ENOSPC)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PKDPIPE_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    write past it fails with EFBIG, as a full disk fails with ENOSPC); quiet=False keeps its
+    progress and information lines (on stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if quiet:
+        env["PKDPIPE_QUIET"] = "1"
+    else:
+        env.pop("PKDPIPE_QUIET", None)
     env.pop("PKDPIPE_KILL_AT", None)
     if kill_at:
         env["PKDPIPE_KILL_AT"] = kill_at
