@@ -370,7 +370,10 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     def students():
         torch.manual_seed(config.seed)
         model = load_classifier(
-            args.teacher or minilm_path(), num_hidden_layers=args.layers, **label_config(task.labels)
+            args.teacher or minilm_path(),
+            fresh_head=True,
+            num_hidden_layers=args.layers,
+            **label_config(task.labels),
         )
         model.train()
         optimizer = make_optimizer(model, config)

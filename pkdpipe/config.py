@@ -101,6 +101,9 @@ class CacheConfig:
     store: str | None = setting(None, "Shared store URL to look the key up in first (and to --push to).")
     push: bool = setting(False, "Publish the cache to --store after computing it.")
     runs_dir: Path = setting(Path("runs"), "Where finetune puts teachers (for the default teacher).")
+    untrained_head: bool = setting(
+        False, "Cache a teacher whose classification head was never trained (its logits mean nothing)."
+    )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
     quiet: bool = setting(False, "No progress bars or progress lines.")
     command: str | None = setting(None, "The command line, recorded in the manifest.")

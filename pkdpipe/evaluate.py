@@ -21,7 +21,7 @@ import torch
 from pkdpipe import cards, progress
 from pkdpipe.config import EvaluateConfig
 from pkdpipe.data import load_split
-from pkdpipe.errors import DataError
+from pkdpipe.errors import DataError, ModelError
 from pkdpipe.metrics import (
     compute_metrics,
     learned_nothing,
@@ -122,7 +122,8 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
                 precision=config.precision,
                 description=Path(name).name or name,
             )
-            metrics = score(task, run(encoded, quiet=config.quiet), encoded.labels)
+            order = task_columns(model, task, name)
+            metrics = score(task, run(encoded, quiet=config.quiet)[:, order], encoded.labels)
             if config.record and (Path(name) / "metrics.json").is_file():
                 cards.record_results(Path(name), config.split, metrics, task)
             scored.append((name, metrics, count_parameters(model)))
@@ -154,6 +155,27 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
             ModelReport(str(name), metrics, parameters, speed, speedup, spread, warnings, baseline)
         )
     return reports
+
+
+def task_columns(model, task, name: str) -> np.ndarray:
+    """The model's output columns in the task's label order, matched by label name: a model whose
+    labels are the task's in another order is scored by name, not by position. Models with unnamed
+    labels (LABEL_0, LABEL_1, ...) are taken in order; other names must be the task's."""
+    width = model.config.num_labels
+    if task.is_regression or task.labels is None:
+        return np.arange(width)
+    names = [str(model.config.id2label.get(i, f"LABEL_{i}")) for i in range(width)]
+    if width != len(task.labels):
+        raise ModelError(f"{name} has {width} outputs, task {task.name} has {len(task.labels)} labels")
+    if names == [f"LABEL_{i}" for i in range(width)]:
+        return np.arange(width)
+    if sorted(names) != sorted(task.labels):
+        other = sorted(set(names) - set(task.labels))
+        raise ModelError(
+            f"{name} predicts other labels than task {task.name} has ({', '.join(other[:3])} ...): "
+            "it was trained for another task"
+        )
+    return np.array([names.index(label) for label in task.labels])
 
 
 def subset(encoded: Encoded, rows: np.ndarray) -> Encoded:
@@ -189,7 +211,7 @@ def predict(model_dir: str, task_name: str, split: str, output: str | Path, data
         batch_size=kwargs.get("batch_size", 64),
         quiet=kwargs.get("quiet", False),
     )
-    preds = predictions_from_logits(task, logits)
+    preds = predictions_from_logits(task, logits[:, task_columns(model, task, model_dir)])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")

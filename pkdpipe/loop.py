@@ -154,10 +154,15 @@ class TrainingLog:
         self._sums, self._count, self._started = {}, 0, time.time()
 
     def record(self, record: dict) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one line (rank 0); a full disk stops every rank with one line, not a traceback."""
+        distributed.agree(lambda: self._write(record), main_only=True)
+
+    def _write(self, record: dict) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise files.write_error(self.path, err, ModelError, files.RESUMES) from None
         if self.writer is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch"):
@@ -430,8 +435,9 @@ class _Run:
         """The epoch's evaluation (unless --eval-every evaluates by steps) and checkpoint."""
         if not done:
             self.state.update(epoch=epoch + 1, skip=0)
-        metrics = self.evaluate() if not self.config.eval_every else {}
-        if metrics:
+        evaluated = self.eval_fn is not None and not self.config.eval_every  # alike on every rank
+        metrics = self.evaluate() if evaluated else {}  # {} on ranks other than 0
+        if evaluated:  # a collective: every rank takes part, rank 0 writes
             self.log.record({"step": self.state["step"], "epoch": epoch, **prefixed(metrics)})
         if not done:
             self.save_checkpoint()

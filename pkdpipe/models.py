@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -43,7 +44,12 @@ def _refuse_missing_folder(name: str) -> None:
 
 
 def _load_failed(what: str, name: str, err: Exception) -> ModelError:
-    if Path(name).exists():
+    folder = Path(name)
+    if folder.is_dir():  # transformers says "No such file" of a file it may not read
+        unreadable = sorted(p.name for p in folder.iterdir() if p.is_file() and not os.access(p, os.R_OK))
+        if unreadable:
+            return ModelError(f"cannot load {what} from {name}: permission denied: {', '.join(unreadable)}")
+    if folder.exists():
         return ModelError(f"cannot load {what} from {name}: {str(err).splitlines()[0]}")
     return ModelError(
         f"{what} not found: {name!r} is not a local folder and could not be loaded from the Hugging Face hub "
@@ -93,19 +99,46 @@ def load_config(name: str, trust_remote_code: bool = False):
         raise _load_failed("model", str(name), err) from None
 
 
-def load_classifier(name: str, trust_remote_code: bool = False, **config_overrides):
+def load_classifier(name: str, trust_remote_code: bool = False, fresh_head: bool = False, **config_overrides):
     """An `AutoModelForSequenceClassification`, optionally with config fields overridden
-    (num_labels, id2label, num_hidden_layers to keep only the first K layers)."""
+    (num_labels, id2label, num_hidden_layers to keep only the first K layers).
+
+    Every weight must come from the checkpoint, or the model is refused with one line: a teacher
+    whose config says 6 layers but whose weights hold 4 would otherwise run with 2 random layers.
+    `fresh_head=True` (a student, or a model about to be fine-tuned) lets the classification head,
+    and only the head, start new."""
     config = load_config(name, trust_remote_code)
     for key, value in config_overrides.items():
         setattr(config, key, value)
     try:
         with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(
-                str(name), config=config, trust_remote_code=trust_remote_code
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(name), config=config, trust_remote_code=trust_remote_code, output_loading_info=True
             )
     except Exception as err:
         raise _load_failed("model", str(name), err) from None
+    _check_loaded(model, sorted(info.get("missing_keys", ())), str(name), fresh_head)
+    return model
+
+
+def _is_head(model, key: str) -> bool:
+    """A parameter of the classification head (and the pooler that feeds it), which a pre-trained
+    encoder does not have: everything outside the base model."""
+    return not key.startswith(f"{model.base_model_prefix}.") or ".pooler." in key
+
+
+def _check_loaded(model, missing: list[str], name: str, fresh_head: bool) -> None:
+    body = [key for key in missing if not _is_head(model, key)]
+    if body:
+        raise ModelError(
+            f"{name} has no weights for {len(body)} parameter(s) of its encoder (e.g. {body[0]}): its "
+            "weights do not fit its config.json (fewer layers than num_hidden_layers?)"
+        )
+    if missing and not fresh_head:
+        raise ModelError(
+            f"{name} has no trained classification head ({', '.join(missing[:2])} missing): it is a "
+            "pre-trained encoder, not a fine-tuned classifier; fine-tune it first (pkdpipe finetune)"
+        )
 
 
 def label_config(labels: tuple[str, ...] | None) -> dict:

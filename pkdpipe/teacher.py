@@ -30,12 +30,13 @@ from pkdpipe.cache.reader import TeacherCache, read_shard
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import load_split
-from pkdpipe.errors import CacheError, ConfigError, DataError, DiskFullError, ModelError
+from pkdpipe.errors import CacheError, ConfigError, DataError, DiskFullError, ModelError, PkdError
 from pkdpipe.metrics import compute_metrics, predictions_from_logits
 from pkdpipe.models import (
     autocast,
     check_max_seq_len,
     hidden_size,
+    label_config,
     load_classifier,
     load_tokenizer,
     num_layers,
@@ -152,6 +153,7 @@ def cache_teacher(
         def write_manifest() -> None:
             _drop_unplanned_shards(folder, splits_info)
             manifest = _manifest(config, task, teacher_name, model, key, inputs, layout, splits_info, folder)
+            manifest["vocab_size"] = len(tokenizer)  # every cached token id is below it (verify checks)
             manifest["timings"] = {**timings, "total_s": round(time.time() - started, 2)}
             mf.write(folder, manifest)
 
@@ -167,7 +169,9 @@ def cache_teacher(
 def _load_teacher(teacher_name: str, task: Task, config: CacheConfig):
     """The teacher, its tokenizer and the hidden layers to store, checked against the task."""
     # the model first, so that a wrong --teacher reads "model not found", not "tokenizer not found"
-    model = load_classifier(teacher_name, config.trust_remote_code)
+    # a head that was never trained is made for the task's labels (its logits mean nothing either way)
+    head = label_config(task.labels) if config.untrained_head else {}
+    model = load_classifier(teacher_name, config.trust_remote_code, fresh_head=config.untrained_head, **head)
     tokenizer = load_tokenizer(teacher_name, config.trust_remote_code)
     if model.config.num_labels != task.num_labels:
         raise ModelError(
@@ -404,19 +408,32 @@ class RecomputeReport:
     logit_tolerance: float
     cosine_tolerance: float
     notes: list[str] = field(default_factory=list)  # e.g. the teacher's weights differ from the manifest's
+    data_checked: int = 0  # examples whose label and token ids were compared with the task's data
+    data_mismatches: list[str] = field(default_factory=list)  # "train example 12: label 2, the data says 0"
 
     @property
     def ok(self) -> bool:
-        return self.max_logit_diff <= self.logit_tolerance and self.min_cosine >= self.cosine_tolerance
+        close = self.max_logit_diff <= self.logit_tolerance and self.min_cosine >= self.cosine_tolerance
+        return close and not self.data_mismatches
 
 
 def recompute_check(
-    folder: str | Path, teacher: str, n: int, seed: int = 0, device: str = "auto", batch_size: int = 32
+    folder: str | Path,
+    teacher: str,
+    n: int,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 32,
+    data_dir: str | Path | None = None,
+    task: str | None = None,
 ) -> RecomputeReport:
     """Rerun `teacher` on `n` examples drawn at random (seeded) from all of the cache's splits, with
     the token ids stored in the cache, and compare its logits and stored layers' [CLS] vectors with
     the cached ones. `ok` is False past `RECOMPUTE_TOLERANCE`; this catches a cache made by another
-    teacher than the one it claims."""
+    teacher than the one it claims. With `data_dir` (the task's data), the same examples' gold labels
+    and token ids are also compared with the data, encoded by the teacher's tokenizer: a cache whose
+    labels were changed (checksums recomputed) passes every other check. `task` names the task (a
+    task file's path) when it is not one of pkdpipe's own."""
     if n < 1:
         raise CacheError(f"--recompute needs a positive number of examples; got {n}")
     cache = TeacherCache(folder)
@@ -444,11 +461,16 @@ def recompute_check(
     device_ = pick_device(device)
     model.to(device_).eval()
     max_logit, max_hidden, min_cos, worst_layer = 0.0, 0.0, 1.0, None
+    truth = _data_truth(cache, tokenizer, data_dir, task) if data_dir is not None else {}
+    checked, mismatches = 0, []
     with cache:
         for split, first, stop in zip(sizes, starts[:-1], starts[1:]):
             positions = picks[(picks >= first) & (picks < stop)] - first
             for start in range(0, len(positions), batch_size):
                 data = cache.rows(split, positions[start : start + batch_size], cache.layers)
+                if split in truth:
+                    checked += len(data["example_id"])
+                    mismatches += _against_data(split, data, truth[split])
                 batch = collate(data["input_ids"], data["token_type_ids"], pad_id)
                 with torch.inference_mode():
                     out = model(**{k: v.to(device_) for k, v in batch.items()}, output_hidden_states=True)
@@ -462,7 +484,54 @@ def recompute_check(
                     max_hidden = max(max_hidden, float(np.abs(fresh - cached).max()))
                     if cosine < min_cos:
                         min_cos, worst_layer = cosine, layer
-    return RecomputeReport(len(picks), max_logit, max_hidden, min_cos, worst_layer, logit_tol, cos_tol, notes)
+    return RecomputeReport(
+        len(picks),
+        max_logit,
+        max_hidden,
+        min_cos,
+        worst_layer,
+        logit_tol,
+        cos_tol,
+        notes,
+        checked,
+        mismatches,
+    )
+
+
+def _data_truth(
+    cache: TeacherCache, tokenizer, data_dir, task_name: str | None
+) -> dict[str, dict[int, tuple]]:
+    """{split: {example id: (token ids, label)}} of the task's data, encoded as the cache was."""
+    m = cache.manifest
+    try:
+        task = get_task(task_name or m.task)
+    except PkdError:
+        raise ConfigError(
+            f"the cache's task {m.task!r} is not one of pkdpipe's: pass --task TASK_FILE with --data-dir"
+        ) from None
+    if task.fingerprint_dict() != m.task_spec:
+        raise ConfigError(f"task {task.name} is not the task this cache was made for ({m.task})")
+    truth = {}
+    for split in cache.splits:
+        encoded = encode(load_split(task, split, data_dir), tokenizer, m.max_seq_len)
+        labels = encoded.labels if encoded.labels is not None else [None] * len(encoded.ids)
+        truth[split] = {int(i): (ids, label) for i, ids, label in zip(encoded.ids, encoded.input_ids, labels)}
+    return truth
+
+
+def _against_data(split: str, data: dict, truth: dict[int, tuple]) -> list[str]:
+    found = []
+    for k, example_id in enumerate(data["example_id"].tolist()):
+        if example_id not in truth:
+            found.append(f"{split} example {example_id} is not in the data")
+            continue
+        ids, label = truth[example_id]
+        cached = data["labels"][k]
+        if label is not None and not (cached == label or (np.isnan(cached) and np.isnan(label))):
+            found.append(f"{split} example {example_id}: label {cached}, the data says {label}")
+        if not np.array_equal(np.asarray(data["input_ids"][k]), np.asarray(ids)):
+            found.append(f"{split} example {example_id}: its token ids are not the data's")
+    return found
 
 
 __all__ = ["CacheResult", "RecomputeReport", "cache_teacher", "describe", "recompute_check"]

@@ -132,6 +132,11 @@ def distill(
         progress.info(f"warning: {low_signal}", config.quiet)
     teacher = cache.manifest.teacher
     init = config.student_init or teacher.pretrained_from or teacher.name_or_path
+    if not config.student_init:  # a manifest's field picks the model: say which
+        progress.info(
+            f"student init: {init} (the teacher's, as the cache records it; --student-init to choose)",
+            config.quiet,
+        )
     output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
     settings = resume_settings(config, cache_key=cache.key, student_init=str(init))
     try:
@@ -266,10 +271,22 @@ def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map:
     cache.check_layers(teacher_map)
     labels = tuple(cache.label_names) if cache.label_names is not None else None
     model = load_classifier(
-        init, config.trust_remote_code, num_hidden_layers=config.layers, **label_config(labels)
+        init,
+        config.trust_remote_code,
+        fresh_head=True,
+        num_hidden_layers=config.layers,
+        **label_config(labels),
     )
     if model.config.num_labels != cache.num_labels:
         raise ModelError(f"student has {model.config.num_labels} labels, the cache {cache.num_labels}")
+    vocab = model.get_input_embeddings().num_embeddings
+    for split in (s for s in ("train", "dev") if s in cache.splits):
+        low, high = cache.token_range(split)
+        if low < 0 or high >= vocab:  # a damaged cache, or one whose ids are not this tokenizer's
+            raise CacheError(
+                f"cache {cache.key}: split {split!r} holds token ids {low}..{high}, outside the student's "
+                f"vocabulary of {vocab}: cache verify names the shard"
+            )
     return model, tokenizer
 
 
@@ -359,7 +376,7 @@ def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict) 
             raise ModelError(f"{config.model} has {depth} layers; cannot keep {config.layers}")
         overrides["num_hidden_layers"] = config.layers
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
-    model = load_classifier(config.model, config.trust_remote_code, **overrides)
+    model = load_classifier(config.model, config.trust_remote_code, fresh_head=True, **overrides)
     train = encode(load_split(task, "train", config.data_dir), tokenizer, config.max_seq_len)
     dev = (
         encode(load_split(task, "dev", config.data_dir), tokenizer, config.max_seq_len)

@@ -158,7 +158,7 @@ def test_real_minilm_teacher_caches_banking77(tmp_path):
         )
     )
     folder = tmp_path / "teacher"
-    model = load_classifier(str(minilm.get_model_path()), **label_config(task.labels))
+    model = load_classifier(str(minilm.get_model_path()), fresh_head=True, **label_config(task.labels))
     model.save_pretrained(folder)
     from transformers import AutoTokenizer
 

@@ -25,7 +25,9 @@ def student(tiny, tmp_path_factory):
     """A 2-layer classifier cut from the tiny pre-trained encoder, saved like a distilled student."""
     folder = tmp_path_factory.mktemp("student")
     torch.manual_seed(3)
-    model = load_classifier(str(tiny["pretrained"]), num_hidden_layers=2, **label_config(tuple(LABELS)))
+    model = load_classifier(
+        str(tiny["pretrained"]), fresh_head=True, num_hidden_layers=2, **label_config(tuple(LABELS))
+    )
     model.save_pretrained(str(folder))
     load_tokenizer(str(tiny["pretrained"])).save_pretrained(str(folder))
     return folder

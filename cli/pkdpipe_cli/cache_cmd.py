@@ -44,6 +44,7 @@ def cache_teacher(
     store: str = option(CacheConfig, "store", envvar="PKDPIPE_STORE"),
     push: bool = option(CacheConfig, "push"),
     force: bool = option(CacheConfig, "force"),
+    untrained_head: bool = option(CacheConfig, "untrained_head"),
     trust_remote_code: bool = option(CacheConfig, "trust_remote_code"),
     quiet: bool = option(CacheConfig, "quiet"),
 ):
@@ -122,12 +123,19 @@ def verify(
     teacher: str = typer.Option(None, help="The teacher to recompute with (needed with --recompute)."),
     seed: int = typer.Option(0, help="Seed of the examples --recompute draws."),
     device: str = typer.Option("auto", help="Device for --recompute: cpu, cuda or auto."),
+    data_dir: Path = typer.Option(
+        None, help="With --recompute: also compare the examples' labels and token ids with this data."
+    ),
+    task: str = typer.Option(
+        None, help="With --data-dir: the task file, when the task is not pkdpipe's own."
+    ),
 ):
     """Check checksums, shapes, NaN/inf and example ids; exit 1 on any fault.
 
     With --recompute N --teacher PATH, also rerun the teacher on N examples: fail when a logit
     differs by more than 1e-2 or a [CLS] vector's cosine to the cached one is below 0.999
-    (0.1 and 0.99 for a cache made under bf16/fp16 autocast)."""
+    (0.1 and 0.99 for a cache made under bf16/fp16 autocast). With --data-dir, the same examples'
+    gold labels and token ids are compared with the task's data too."""
     from pkdpipe.cache.local import resolve_cache
     from pkdpipe.cache.verify import verify_cache
     from pkdpipe.errors import ConfigError
@@ -146,7 +154,7 @@ def verify(
     if recompute:
         from pkdpipe.teacher import recompute_check  # loads torch and transformers: only when asked
 
-        r = recompute_check(folder, teacher, recompute, seed=seed, device=device)
+        r = recompute_check(folder, teacher, recompute, seed, device, data_dir=data_dir, task=task)
         for note in r.notes:
             console.print(f"[yellow]note[/yellow] {note}", soft_wrap=True)
         figures = (
@@ -154,6 +162,12 @@ def verify(
             f"{r.logit_tolerance:g}), lowest [CLS] cosine {r.min_cosine:.6f} at layer {r.worst_layer} "
             f"(tolerance {r.cosine_tolerance:g}), max |[CLS] diff| {r.max_hidden_diff:.2e}"
         )
+        if data_dir is not None:
+            figures += (
+                f"; {r.data_checked} compared with the data in {data_dir}, {len(r.data_mismatches)} differ"
+            )
+        for mismatch in r.data_mismatches[:5]:
+            console.print(f"[red]FAIL[/red] {mismatch}", soft_wrap=True, highlight=False)
         if not r.ok:
             console.print(f"[red]FAIL[/red] {figures}: this cache was not made by {teacher}", soft_wrap=True)
             raise typer.Exit(1)

@@ -19,6 +19,10 @@ class PkdGroup(TyperGroup):
         except PkdError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
+        except PermissionError as err:  # an unreadable data file, task file, shard or folder: one line
+            where = err.filename or "a file pkdpipe needs"
+            typer.echo(f"error: permission denied: {where} (pkdpipe must read it, or write there)", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None

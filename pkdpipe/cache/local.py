@@ -43,7 +43,7 @@ def list_caches(cache_dir: str | Path | None = None) -> list[Path]:
 def latest_cache(cache_dir: str | Path | None = None, task: str | None = None) -> Path:
     """The most recently completed cache of `task` under the root. Without a task, the root must
     hold caches of one task only: the newest cache of another task is never taken silently."""
-    complete = [p for p in list_caches(cache_dir) if (p / mf.MANIFEST).is_file()]
+    complete = [p for p in list_caches(cache_dir) if (p / mf.MANIFEST).is_file() and _in_place(p)]
     if task:
         complete = [p for p in complete if p.parent.name == task]
     where = f"{root_of(cache_dir)}" + (f" for task {task}" if task else "")
@@ -56,6 +56,17 @@ def latest_cache(cache_dir: str | Path | None = None, task: str | None = None) -
             "pass --task NAME or --cache PATH_OR_KEY"
         )
     return max(complete, key=lambda p: (p / mf.MANIFEST).stat().st_mtime)
+
+
+def _in_place(folder: Path) -> bool:
+    """Whether the cache in `folder` is the one its place names, `<task>/<key>`: another task's cache
+    moved under this task's folder is not this task's newest cache (one that cannot be read is left
+    for the reader to name)."""
+    try:
+        m = mf.read(folder)
+    except CacheError:
+        return True
+    return m.task == folder.parent.name
 
 
 def resolve_cache(

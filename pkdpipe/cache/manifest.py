@@ -138,6 +138,7 @@ class Manifest(Mapping):
     config: dict
     timings: dict = field(default_factory=dict)
     cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
+    vocab_size: int | None = None  # token ids lie in 0..vocab_size-1 (caches made since pkdpipe 0.3)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as written
 
     # the JSON, read like a dict
@@ -175,7 +176,53 @@ def parse(data: object, where: Path | str) -> Manifest:
     names = [s.file for s in manifest.shards()]
     if len(set(names)) != len(names):
         raise CacheError(f"{where} lists a shard twice: refusing to read it")
+    _check_values(manifest, where)
     return manifest
+
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+_MAX_BYTES = 2**50  # a petabyte: no shard is larger
+_MAX_ROWS = 2**40
+
+
+def _check_values(m: Manifest, where) -> None:
+    """What the key does not cover must agree with what it does, or lie in range: a store's manifest
+    could otherwise swap the label names (a student's id2label), claim a teacher of 10^9 layers (its
+    layer maps), or sizes that no file has."""
+
+    def refuse(what: str) -> None:
+        raise CacheError(f"{where} is malformed: {what}")
+
+    spec_labels = m.task_spec.get("labels")
+    if m.label_names != spec_labels:
+        refuse("label_names are not the task's labels, which the key covers")
+    if m.num_labels != (len(m.label_names) if m.label_names is not None else 1):
+        refuse(f"num_labels {m.num_labels} does not fit {len(m.label_names or [])} label names")
+    t = m.teacher
+    if not 1 <= t.num_layers <= 1024 or not 1 <= t.hidden_size <= 65536:
+        refuse(f"teacher.num_layers {t.num_layers} or hidden_size {t.hidden_size} is out of range")
+    if (
+        not m.layers
+        or m.layers != sorted(set(m.layers))
+        or not 0 <= m.layers[0] <= m.layers[-1] <= t.num_layers
+    ):
+        refuse(f"layers {m.layers} are not distinct ascending layers of a {t.num_layers}-layer teacher")
+    if t.pretrained_from is not None and (
+        len(t.pretrained_from) > 4096 or not t.pretrained_from.isprintable()
+    ):
+        refuse("teacher.pretrained_from is not a model name or folder")
+    if not 1 <= m.max_seq_len <= 1_000_000:
+        refuse(f"max_seq_len {m.max_seq_len} is out of range")
+    if m.vocab_size is not None and not 1 <= m.vocab_size <= 100_000_000:
+        refuse(f"vocab_size {m.vocab_size} is out of range")
+    for split, info in m.splits.items():
+        if not 0 <= info.examples <= _MAX_ROWS or info.examples != sum(s.rows for s in info.shards):
+            refuse(f"split {split!r} holds {info.examples} examples, not the sum of its shards' rows")
+        for shard in info.shards:
+            if shard.rows < 0 or len(shard.sha256) != 64 or not _HEX.match(shard.sha256):
+                refuse(f"shard {shard.file} has a negative row count or a sha256 that is not 64 hex digits")
+            if shard.bytes is not None and not 0 < shard.bytes <= _MAX_BYTES:
+                refuse(f"shard {shard.file} claims {shard.bytes} bytes")
 
 
 def check_key(manifest: Manifest, where: Path | str) -> Manifest:
@@ -183,6 +230,8 @@ def check_key(manifest: Manifest, where: Path | str) -> Manifest:
     hand, or by a hostile store, to pass for another)."""
     if KeyInputs.of(manifest).key() != manifest.key:
         raise CacheError(f"{where}: its key {manifest.key} is not the hash of the inputs it records")
+    if manifest.task_spec.get("name") != manifest.task:
+        raise CacheError(f"{where}: task {manifest.task!r} is not the task its key covers")
     return manifest
 
 
@@ -246,7 +295,22 @@ def read(folder: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CacheError(f"cannot read {path}: {err}") from None
-    return check_key(parse(data, path), path)
+    return check_place(check_key(parse(data, path), path), folder)
+
+
+_KEY_NAME = re.compile(r"^[0-9a-f]{16}$")
+
+
+def check_place(manifest: Manifest, folder: Path) -> Manifest:
+    """A cache in a key-named folder (`<root>/<task>/<key>/`, where pkdpipe looks caches up) must be
+    the cache of that key: one copied under another key's name would be taken for it (a "cache hit"
+    for other settings). A folder named otherwise is a path the user gave."""
+    if _KEY_NAME.match(folder.name) and folder.name != manifest.key:
+        raise CacheError(
+            f"{folder} holds cache {manifest.task}/{manifest.key}, not the one its folder names: a cache "
+            f"is found only under its own key (move it to <root>/{manifest.task}/{manifest.key})"
+        )
+    return manifest
 
 
 def write(folder: Path, manifest: dict) -> None:

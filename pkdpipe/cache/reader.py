@@ -97,9 +97,16 @@ class TeacherCache:
         if name not in self._files:
             path = self._checksum(name) if name not in self._verified else mf.safe_file(self.path, name)
             try:
-                self._files[name] = h5py.File(path, "r")
+                opened = h5py.File(path, "r")
             except OSError as err:
                 raise CacheError(f"cannot open {path}: {err}") from None
+            elsewhere = schema.indirection(opened)
+            if elsewhere:
+                opened.close()
+                raise CacheError(
+                    f"{path}: {elsewhere}, whose bytes live outside the shard: refusing to read it"
+                )
+            self._files[name] = opened
         return self._files[name]
 
     def _checksum(self, name: str) -> Path:
@@ -140,9 +147,12 @@ class TeacherCache:
         self._verified.update(names)
 
     def check_rows(self, split: str) -> None:
-        """The split's shards hold as many rows as the manifest says, each example id once: a cache
-        with a shard listed twice or copied under another name would train on rows twice."""
-        ids = np.concatenate([self.shard(s.file)[schema.EXAMPLE_ID][:] for s in self._split(split).shards])
+        """The split's shards hold as many rows as the manifest says, each example id once (a cache
+        with a shard listed twice or copied under another name would train on rows twice), and gold
+        labels in the task's range (-1, no label, only outside train): one past it would end
+        training in an IndexError."""
+        shards = [self.shard(s.file) for s in self._split(split).shards]
+        ids = np.concatenate([f[schema.EXAMPLE_ID][:] for f in shards])
         if len(ids) != self.num_examples(split):
             raise CacheError(
                 f"cache {self.key}: split {split!r} holds {len(ids)} rows, the manifest says "
@@ -150,6 +160,14 @@ class TeacherCache:
             )
         if len(np.unique(ids)) != len(ids):
             raise CacheError(f"cache {self.key}: split {split!r} holds an example id twice (cache verify)")
+        labels = np.concatenate([f[schema.LABELS][:] for f in shards])
+        if self.label_names is not None and len(labels):
+            lowest = 0 if split == "train" else -1
+            if labels.min() < lowest or labels.max() >= self.num_labels:
+                raise CacheError(
+                    f"cache {self.key}: split {split!r} holds gold labels {labels.min()}..{labels.max()}, "
+                    f"outside {lowest}..{self.num_labels - 1} (cache verify names the shard)"
+                )
 
     def close(self) -> None:
         for f in self._files.values():
@@ -235,6 +253,11 @@ class TeacherCache:
         if any(stats is None for stats in out.values()):
             raise CacheError(f"cache {self.key}: split {split!r} holds no rows")
         return out
+
+    def token_range(self, split: str) -> tuple[int, int]:
+        """The smallest and largest token id of a split (a student's embeddings must cover them)."""
+        arrays = [self._tokens(s.file)[1] for s in self._split(split).shards if s.rows]
+        return min(int(a.min()) for a in arrays), max(int(a.max()) for a in arrays)
 
     # -- streaming for training ------------------------------------------------------------
     def lengths(self, split: str) -> np.ndarray:

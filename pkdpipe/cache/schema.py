@@ -14,6 +14,10 @@ One HDF5 file per shard, n rows, T tokens in all (docs/cache-format.md has the s
 
 Every dataset is contiguous (no chunks, no filters): training reads rows in a random order, and
 h5py reads scattered rows of a contiguous dataset 10-15x faster than of one chunked by rows.
+
+A shard holds its data itself: `indirection` finds what would make a reader fetch bytes from
+elsewhere (a dataset with external storage, a virtual dataset, a soft or external link), which a
+shard from a store could use to pass off any file on the reader's machine as its contents.
 """
 
 from __future__ import annotations
@@ -30,6 +34,32 @@ INPUT_IDS = "input_ids"
 TOKEN_TYPE_IDS = "token_type_ids"
 HIDDEN = "hidden"  # the group of the [CLS] vectors, one dataset per stored layer
 CLS_STATS = "cls_stats"  # the group of their per-dimension statistics, one dataset per stored layer
+
+
+def indirection(f) -> str | None:
+    """The first object of the open HDF5 file `f` whose bytes would come from outside its own
+    datasets: a link that is not a hard link, a dataset with external storage, a virtual dataset.
+    None when there is none (as in every shard pkdpipe writes)."""
+    import h5py
+
+    groups = [("", f)]
+    while groups:
+        prefix, group = groups.pop()
+        for name in group:
+            path = f"{prefix}/{name}"
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                return f"{path} is a {type(link).__name__}"
+            item = group[name]
+            if isinstance(item, h5py.Group):
+                groups.append((path, item))
+                continue
+            plist = item.id.get_create_plist()
+            if plist.get_external_count():
+                return f"{path} has external storage"
+            if plist.get_layout() == h5py.h5d.VIRTUAL:
+                return f"{path} is a virtual dataset"
+    return None
 
 
 def hidden(layer: int) -> str:

@@ -132,12 +132,13 @@ def push(folder: str | Path, url: str, quiet: bool = False, force: bool = False)
     """Publish the complete cache `folder` to the store `url`; return the cache's URL there,
     `<url>/<task>/<key>`.
 
-    The local shards are checked against the manifest first (a corrupted cache is never
-    published). Each shard goes to a temporary name and is then moved into place; shards already
-    in the store with the right size and sha256 are kept, so an interrupted push resumes. The
-    manifest goes last. A store that already holds a complete cache with this key is left as it is
-    (the key names the inputs, so either copy serves), unless `force`: then every shard in the store
-    is checked and those that do not match are uploaded again, which repairs a damaged copy.
+    The local shards are checked against the manifest first, and the cache must pass the checks
+    every pull makes (a corrupted cache, or one a pull would refuse, is never published). Each shard
+    goes to a temporary name and is then moved into place; shards already in the store with the
+    right size and sha256 are kept, so an interrupted push resumes. The manifest goes last. A store
+    that already holds a complete cache with this key is left as it is (the key names the inputs,
+    so either copy serves), unless `force`: then every shard in the store is checked and those that
+    do not match are uploaded again, which repairs a damaged copy.
     """
     folder = Path(folder)
     manifest = mf.read(folder)
@@ -148,6 +149,7 @@ def push(folder: str | Path, url: str, quiet: bool = False, force: bool = False)
             raise CacheError(f"cache {folder} is missing shard {shard.file}: not pushing it")
         if sha256_file(path) != shard.sha256:
             raise CacheError(f"checksum mismatch in {path}: the local cache is corrupted, not pushing it")
+    _check_before_push(folder)
     fs, base = _filesystem(url)
     task, key = manifest.task, manifest.key
     remote, dest = _join(base, task, key), _join(url, task, key)
@@ -176,6 +178,19 @@ def push(folder: str | Path, url: str, quiet: bool = False, force: bool = False)
         _upload(fs, folder / mf.MANIFEST, _join(remote, mf.MANIFEST), (folder / mf.MANIFEST).stat().st_size)
     progress.info(f"pushed {key}: {len(todo)} of {len(shards)} shard(s) uploaded to {dest}", quiet)
     return dest
+
+
+def _check_before_push(folder: Path) -> None:
+    """What every pull checks (datasets, NaN and inf, unique ids, labels, token ids, statistics),
+    before anything is published: a cache the teammates' pulls would refuse is not pushed."""
+    from pkdpipe.cache.verify import verify_cache
+
+    problems = verify_cache(folder, checksums=False).problems  # the checksums were matched above
+    if problems:
+        more = f" (and {len(problems) - 1} more; cache verify lists them)" if len(problems) > 1 else ""
+        raise CacheError(
+            f"cache {folder} would be refused by every pull: {problems[0]}{more}; not pushing it"
+        )
 
 
 def _upload(fs, local: Path, target: str, size: int) -> None:

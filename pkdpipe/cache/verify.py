@@ -1,9 +1,13 @@
 """`verify_cache`: check a cache end to end before trusting it.
 
 Checks, per shard: the file exists (a regular file, not a link), its sha256 matches the manifest,
-it opens as HDF5, every dataset of `pkdpipe.cache.schema` is there with the shape and dtype the
-manifest implies, no logit or hidden vector is NaN or inf, and each layer's stored statistics
-(`cls_stats/<layer>`) are those of its vectors. Per split: example ids are unique and as
+it opens as HDF5, nothing in it is a link or keeps its bytes elsewhere (external storage, a virtual
+dataset), every dataset of `pkdpipe.cache.schema` is there with the shape and dtype the
+manifest implies, no logit or hidden vector is NaN or inf, gold labels lie in the task's range and
+token ids in the tokenizer's (`vocab_size`, where the manifest records it), and each layer's
+stored statistics (`cls_stats/<layer>`) are those of its vectors. Per split: example ids are
+unique and as many as the manifest says, train is labelled throughout, another split wholly or
+not at all. Per split: example ids are unique and as
 many as the manifest says. The manifest itself is checked against its schema, and its key against
 its inputs, when it is read.
 """
@@ -44,20 +48,44 @@ def verify_cache(folder: str | Path, checksums: bool = True) -> VerifyReport:
     layout = schema.Layout.of(manifest)
     report = VerifyReport(folder)
     for split, info in manifest.splits.items():
-        ids = []
+        rows = []
         for shard in info.shards:
-            ids.append(_check_shard(folder, shard, layout, report, checksums))
+            rows.append(_check_shard(folder, shard, layout, manifest.vocab_size, report, checksums))
             report.shards_checked += 1
-        found = [i for i in ids if i is not None]
-        ids = np.concatenate(found) if found else np.array([])
+        found = [r for r in rows if r is not None]
+        ids = np.concatenate([r.ids for r in found]) if found else np.array([])
         if len(np.unique(ids)) != len(ids):
             report.problems.append(f"{split}: example ids are not unique")
         if len(ids) != info.examples:
             report.problems.append(f"{split}: found {len(ids)} rows, the manifest says {info.examples}")
+        unlabelled = sum(r.unlabelled for r in found)
+        if split == "train" and unlabelled:
+            report.problems.append(
+                f"train: {unlabelled} row(s) have no gold label: a student cannot learn from them"
+            )
+        elif 0 < unlabelled < len(ids):
+            report.problems.append(
+                f"{split}: {unlabelled} of {len(ids)} rows have no gold label (a split is labelled or not)"
+            )
     return report
 
 
-def _check_shard(folder: Path, shard: mf.Shard, layout: schema.Layout, report: VerifyReport, checksums: bool):
+@dataclass
+class _Rows:
+    """What a split's checks need of one shard."""
+
+    ids: np.ndarray
+    unlabelled: int  # rows whose label is -1 (NaN for regression): an unlabelled split, like GLUE's test
+
+
+def _check_shard(
+    folder: Path,
+    shard: mf.Shard,
+    layout: schema.Layout,
+    vocab: int | None,
+    report: VerifyReport,
+    checksums: bool,
+) -> _Rows | None:
     try:
         path = mf.safe_file(folder, shard.file)
     except CacheError as err:
@@ -73,13 +101,19 @@ def _check_shard(folder: Path, shard: mf.Shard, layout: schema.Layout, report: V
         report.problems.append(f"{path.name}: checksum mismatch (corrupted or truncated)")
     try:
         with h5py.File(path, "r") as f:
-            return _check_arrays(f, path.name, shard.rows, layout, report)
+            return _check_arrays(f, path.name, shard.rows, layout, vocab, report)
     except (OSError, KeyError, ValueError) as err:
         report.problems.append(f"{path.name}: unreadable ({str(err).splitlines()[0]})")
         return None
 
 
-def _check_arrays(f: h5py.File, name: str, rows: int, layout: schema.Layout, report: VerifyReport):
+def _check_arrays(
+    f: h5py.File, name: str, rows: int, layout: schema.Layout, vocab: int | None, report: VerifyReport
+):
+    elsewhere = schema.indirection(f)
+    if elsewhere:  # nothing of it is read: its bytes could be any file of this machine
+        report.problems.append(f"{name}: {elsewhere}, whose bytes live outside the shard")
+        return None
     before = len(report.problems)
     tokens = f[schema.INPUT_IDS].shape[0] if schema.INPUT_IDS in f else 0
     for dataset, (shape, dtype) in layout.datasets(rows, tokens).items():
@@ -107,5 +141,28 @@ def _check_arrays(f: h5py.File, name: str, rows: int, layout: schema.Layout, rep
             if not np.allclose(stored, LayerStats.of(f[schema.hidden(layer)][:]).to_array(), 1e-6, 1e-9):
                 wrong = schema.cls_stats(layer)
                 report.problems.append(f"{name}: {wrong} is not the statistics of its vectors")
+    unlabelled = _check_labels(f[schema.LABELS][:], name, layout, report)
+    tokens = f[schema.INPUT_IDS][:]
+    if len(tokens) and (tokens.min() < 0 or (vocab is not None and tokens.max() >= vocab)):
+        report.problems.append(
+            f"{name}: input_ids hold token ids outside 0..{vocab - 1 if vocab else 'the vocabulary'}"
+            f" ({tokens.min()} to {tokens.max()})"
+        )
     report.rows_checked += rows
-    return f[schema.EXAMPLE_ID][:]
+    return _Rows(f[schema.EXAMPLE_ID][:], unlabelled)
+
+
+def _check_labels(labels: np.ndarray, name: str, layout: schema.Layout, report: VerifyReport) -> int:
+    """Gold labels in range (a label past the task's would end training in an IndexError, and one
+    inside it but wrong can only be caught by `--recompute` against the data); the unlabelled count."""
+    if layout.regression:
+        if np.isinf(labels).any():
+            report.problems.append(f"{name}: labels hold inf")
+        return int(np.isnan(labels).sum())
+    bad = (labels < -1) | (labels >= layout.num_labels)
+    if bad.any():
+        example = int(labels[bad][0])
+        report.problems.append(
+            f"{name}: {int(bad.sum())} label(s) outside 0..{layout.num_labels - 1} (e.g. {example})"
+        )
+    return int((labels == -1).sum())

@@ -86,3 +86,35 @@ def arrays_by_id(cache_path: Path, split: str = "train") -> dict[int, tuple]:
         int(i): (data["logits"][k], data["hidden"][k], np.asarray(data["input_ids"][k]))
         for k, i in enumerate(data["example_id"])
     }
+
+
+def rewrite_shard(folder: Path, shard: str, edit) -> None:
+    """Change shard `shard` of the cache `folder` through HDF5 (`edit(h5py.File)`), then give the
+    manifest its new sha256 and size: what a careless or hostile teammate can do, so that only the
+    checks of the values themselves can catch it."""
+    import json
+
+    import h5py
+
+    from pkdpipe.cache.fingerprint import sha256_file
+
+    path = folder / shard
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    rewrite_manifest(folder, lambda m: _set_shard_sums(m, shard, sha256_file(path), path.stat().st_size))
+    json.loads((folder / "manifest.json").read_text())  # still JSON
+
+
+def rewrite_manifest(folder: Path, change) -> None:
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set_shard_sums(manifest: dict, shard: str, sha256: str, size: int) -> None:
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            if entry["file"] == shard:
+                entry["sha256"], entry["bytes"] = sha256, size
