@@ -40,7 +40,7 @@ ROWS = ("ft", "kd", "last", "skip")
 def row_settings(row: str) -> dict:
     """The DistillConfig fields of a row: 'skip' -> {strategy: skip}; 'skip+auto+standardized' ->
     {strategy: skip, teacher_layers: auto, pt_space: standardized}."""
-    from pkdpipe.strategies import PT_SPACES
+    from pkdpipe.losses import PT_SPACES
 
     strategy, *parts = row.split("+")
     settings = {"strategy": strategy}

@@ -7,22 +7,16 @@ Cross-field checks live in `__post_init__`, so a bad combination fails before an
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from pkdpipe import strategies
 from pkdpipe.batching import GROUP_BATCHES
 from pkdpipe.errors import ConfigError
+from pkdpipe.paths import check_local, check_task_path, default_cache_root
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 HIDDEN_DTYPES = ("float16", "float32")
-
-
-def default_cache_root() -> Path:
-    """`PKDPIPE_CACHE_DIR`, else `~/.cache/pkdpipe`."""
-    env = os.environ.get("PKDPIPE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pkdpipe"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -34,25 +28,6 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if value is None or value <= 0:
             raise ConfigError(f"{name.replace('_', '-')} must be positive; got {value}")
-
-
-def looks_local(name: str) -> bool:
-    """A model name that can only be a folder on this machine: it exists, is absolute or relative
-    (/, ., ~), or has more parts than a hub id (org/name). Such a name is never looked up on the hub."""
-    text = str(name)
-    return Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
-
-
-def check_local(flag: str, name: str | Path | None, what: str = "data dir") -> None:
-    """Refuse a local path that is not there, before anything is loaded or downloaded."""
-    if name is not None and looks_local(str(name)) and not Path(str(name)).expanduser().exists():
-        raise ConfigError(f"{flag}: {what} not found: {name}")
-
-
-def check_task_path(task: str) -> None:
-    """A task given as a file (.toml / .json) must be there."""
-    if str(task).endswith((".toml", ".json")) and not Path(task).expanduser().is_file():
-        raise ConfigError(f"--task: task file not found: {task}")
 
 
 def setting(default=MISSING, help: str = ""):  # noqa: A002 (the CLI's word for it)
@@ -258,7 +233,10 @@ class DistillConfig(TrainConfig):
                 )
         elif self.teacher_layers is not None:
             self.teacher_layers = tuple(self.teacher_layers)
-        _check_choice("--pt-space", self.pt_space, strategies.PT_SPACES)
+        if self.pt_space != "raw":  # the paper's needs no check, and no torch (losses imports it)
+            from pkdpipe.losses import PT_SPACES
+
+            _check_choice("--pt-space", self.pt_space, PT_SPACES)
 
 
 @dataclass

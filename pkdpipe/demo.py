@@ -155,136 +155,129 @@ def run_demo(config: DemoConfig) -> DemoResult:
     run_dir = config.run_dir
     if config.quick:
         data_dir = quick_sample(data_dir, run_dir / "quick-data")
-    reused: list[str] = []
-    seconds: dict[str, float] = {}
+    stages = _Stages(config.quiet)
     common = {
         "task": config.task,
         "batch_size": config.batch_size,
         "seed": config.seed,
         "device": config.device,
-        "quiet": config.quiet,
         "max_steps": config.max_train,
         "group_by_length": config.group_by_length,
     }
 
     teacher_dir = run_dir / "teacher"
-    teacher_settings = {
-        "model": model,
-        "data": str(data_dir),
-        "epochs": config.teacher_epochs,
-        "lr": config.teacher_lr,
-        "max_seq_len": config.max_seq_len,
-        **common,
-    }
-    teacher_settings.pop("quiet")
-    started = time.monotonic()
-    stage = _stage(teacher_dir, teacher_settings)
-    if stage == "done":
-        reused.append("teacher")
-        progress.info(f"[1/4] teacher: reused {teacher_dir}", config.quiet)
-    else:
-        shown = Path(model).name if config.model else "all-MiniLM-L6-v2"  # not the package's "model" folder
-        progress.info(f"[1/4] fine-tuning the teacher ({shown}) on {config.task}", config.quiet)
-        _mark(teacher_dir, teacher_settings, complete=False)
-        finetune(
+    teacher = {"model": model, "epochs": config.teacher_epochs, "lr": config.teacher_lr,
+               "max_seq_len": config.max_seq_len, **common}  # fmt: skip
+    shown = Path(model).name if config.model else "all-MiniLM-L6-v2"  # not the package's "model" folder
+    stages.train(
+        "teacher",
+        f"[1/4] fine-tuning the teacher ({shown}) on {config.task}",
+        teacher_dir,
+        {**teacher, "data": str(data_dir)},
+        lambda resume: finetune(
             FinetuneConfig(
-                model=model,
-                data_dir=data_dir,
-                output=teacher_dir,
-                epochs=config.teacher_epochs,
-                lr=config.teacher_lr,
-                max_seq_len=config.max_seq_len,
-                resume=stage == "resume",
-                **common,
+                data_dir=data_dir, output=teacher_dir, resume=resume, quiet=config.quiet, **teacher
             )
-        )
-        _mark(teacher_dir, teacher_settings, complete=True)
-    seconds["teacher"] = time.monotonic() - started
-
-    started = time.monotonic()
-    cache = cache_teacher(
-        CacheConfig(
-            task=config.task,
-            data_dir=data_dir,
-            teacher=str(teacher_dir),
-            cache_dir=config.cache_dir,
-            max_seq_len=config.max_seq_len,
-            device=config.device,
-            quiet=config.quiet,
-        )
+        ),
     )
-    seconds["cache"] = time.monotonic() - started
+
+    cache = stages.timed("cache", lambda: cache_teacher(_cache_config(config, data_dir, teacher_dir)))
     if cache.hit:
-        reused.append("cache")
+        stages.reused.append("cache")
     progress.info(f"[2/4] teacher cache: {'reused' if cache.hit else 'computed'} {cache.path}", config.quiet)
 
     student_dir = run_dir / f"student-{config.strategy}-{config.student_layers}"
-    student_settings = {
-        "cache": cache.key,
-        "strategy": config.strategy,
-        "layers": config.student_layers,
-        "epochs": config.student_epochs,
-        "lr": config.student_lr,
-        "alpha": config.alpha,
-        "beta": config.beta,
-        "temperature": config.temperature,
-        **common,
-    }
-    student_settings.pop("quiet")
-    started = time.monotonic()
-    stage = _stage(student_dir, student_settings)
-    if stage == "done":
-        reused.append("student")
-        progress.info(f"[3/4] student: reused {student_dir}", config.quiet)
-    else:
-        progress.info(
-            f"[3/4] distilling a {config.student_layers}-layer PKD-{config.strategy} student from the cache",
-            config.quiet,
-        )
-        _mark(student_dir, student_settings, complete=False)
-        distill(
+    student = {"strategy": config.strategy, "layers": config.student_layers, "epochs": config.student_epochs,
+               "lr": config.student_lr, "alpha": config.alpha, "beta": config.beta,
+               "temperature": config.temperature, **common}  # fmt: skip
+    stages.train(
+        "student",
+        f"[3/4] distilling a {config.student_layers}-layer PKD-{config.strategy} student from the cache",
+        student_dir,
+        {**student, "cache": cache.key},
+        lambda resume: distill(
             DistillConfig(
-                cache=str(cache.path),
-                strategy=config.strategy,
-                layers=config.student_layers,
-                output=student_dir,
-                epochs=config.student_epochs,
-                lr=config.student_lr,
-                alpha=config.alpha,
-                beta=config.beta,
-                temperature=config.temperature,
-                resume=stage == "resume",
-                **common,
+                cache=str(cache.path), output=student_dir, resume=resume, quiet=config.quiet, **student
             )
-        )
-        _mark(student_dir, student_settings, complete=True)
-    seconds["student"] = time.monotonic() - started
+        ),
+    )
 
     progress.info("[4/4] evaluating teacher and student on the test split", config.quiet)
-    started = time.monotonic()
-    reports = evaluate(
-        EvaluateConfig(
-            models=[str(teacher_dir), str(student_dir)],
-            task=config.task,
-            data_dir=data_dir,
-            split="test",
-            max_seq_len=config.max_seq_len,
-            device=config.device,
-            quiet=config.quiet,
-            record=True,  # the test accuracy goes into each model's card
-        )
+    reports = stages.timed(
+        "evaluate", lambda: evaluate(_test_config(config, data_dir, teacher_dir, student_dir))
     )
-    seconds["evaluate"] = time.monotonic() - started
     summary = {
         "config": to_dict(config),
         "model": model,
         "cache": str(cache.path),
-        "reused": reused,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "reused": stages.reused,
+        "seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
         "test": [vars(r) for r in reports],
         "warnings": _warnings({"teacher": teacher_dir, "student": student_dir}),
     }
     files.write_text(run_dir / "demo_results.json", json.dumps(summary, indent=2) + "\n")
     return DemoResult(
-        run_dir, teacher_dir, cache.path, student_dir, reports, reused, seconds, summary["warnings"]
+        run_dir,
+        teacher_dir,
+        cache.path,
+        student_dir,
+        reports,
+        stages.reused,
+        stages.seconds,
+        summary["warnings"],
+    )
+
+
+class _Stages:
+    """The demo's stages as they run: each one's wall time, and which were reused."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.reused: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def timed(self, name: str, work):
+        started = time.monotonic()
+        try:
+            return work()
+        finally:
+            self.seconds[name] = time.monotonic() - started
+
+    def train(self, name: str, header: str, folder: Path, settings: dict, run) -> None:
+        """Reuse `folder` when it holds this stage's output for `settings`; else train it with
+        `run(resume)`, resuming a run of these settings that was interrupted there."""
+        stage = _stage(folder, settings)
+        if stage == "done":
+            self.reused.append(name)
+            self.seconds[name] = 0.0
+            progress.info(f"{header.split(' ', 1)[0]} {name}: reused {folder}", self.quiet)
+            return
+        progress.info(header, self.quiet)
+        _mark(folder, settings, complete=False)
+        self.timed(name, lambda: run(stage == "resume"))
+        _mark(folder, settings, complete=True)
+
+
+def _cache_config(config: DemoConfig, data_dir: Path, teacher_dir: Path) -> CacheConfig:
+    return CacheConfig(
+        task=config.task,
+        data_dir=data_dir,
+        teacher=str(teacher_dir),
+        cache_dir=config.cache_dir,
+        max_seq_len=config.max_seq_len,
+        device=config.device,
+        quiet=config.quiet,
+    )
+
+
+def _test_config(config: DemoConfig, data_dir: Path, teacher_dir: Path, student_dir: Path) -> EvaluateConfig:
+    return EvaluateConfig(
+        models=[str(teacher_dir), str(student_dir)],
+        task=config.task,
+        data_dir=data_dir,
+        split="test",
+        max_seq_len=config.max_seq_len,
+        device=config.device,
+        quiet=config.quiet,
+        record=True,  # the test accuracy goes into each model's card
     )

@@ -60,7 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pkdpipe.errors import ConfigError
-from pkdpipe.strategies import PT_SPACES  # named there, torch-free, so configs can check the name
+
+PT_SPACES = ("raw", "centered", "standardized", "standardized-teacher", "relational")
+"""Where the patient loss compares [CLS] vectors (`patient_space`, `patient_loss`)."""
 
 NORM_EPS = 1e-6
 """Vectors shorter than this are divided by it instead of by their length when normalised: a zero

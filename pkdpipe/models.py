@@ -16,8 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from pkdpipe.config import looks_local
 from pkdpipe.errors import ModelError
+from pkdpipe.paths import looks_local
 
 FINETUNE_RECORD = "pkdpipe_finetune.json"  # written by `finetune`: the pre-trained model it started from
 

@@ -34,8 +34,6 @@ from pkdpipe import layermap
 from pkdpipe.errors import ConfigError
 
 # torch is imported when a step is built, not here: configs check strategy names before any heavy import
-# where the patient loss compares [CLS] vectors: pkdpipe.losses.patient_space and patient_loss
-PT_SPACES = ("raw", "centered", "standardized", "standardized-teacher", "relational")
 StepFn = Callable[[object, dict], dict]  # (model, batch on device) -> {"loss": tensor, term: tensor, ...}
 
 

@@ -295,9 +295,14 @@ def _carved_out(
 
 def _registry() -> dict[str, Task]:
     """Every built-in task by name."""
+    return {task.name: task for task in (*_glue_tasks(), *_other_tasks())}
+
+
+def _glue_tasks() -> list[Task]:
+    """The nine GLUE tasks, from the hub or a classic GLUE folder."""
     pair = ("sentence1", "sentence2")
     entailment = ("entailment", "not_entailment")
-    tasks = [
+    return [
         _glue(
             "cola",
             ("sentence",),
@@ -355,6 +360,12 @@ def _registry() -> dict[str, Task]:
             ("accuracy",),
             ClassicLayout("WNLI", _CLASSIC_FILES, pair, "label"),
         ),
+    ]
+
+
+def _other_tasks() -> list[Task]:
+    """Tasks read from their own files, with a dev split carved out of train."""
+    return [
         _carved_out(
             "banking77",
             "category",
@@ -386,7 +397,6 @@ def _registry() -> dict[str, Task]:
             attribution=TREC_ATTRIBUTION,
         ),
     ]
-    return {task.name: task for task in tasks}
 
 
 _TASKS = _registry()

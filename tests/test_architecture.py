@@ -63,3 +63,55 @@ def test_the_cache_package_imports_no_model_code(module):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """pkdpipe's modules and the pkdpipe modules each imports, at any depth of its code (an import
+    inside a function, made to dodge a circle, counts as much as one at the top)."""
+    import ast
+
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (REPO / "pkdpipe").rglob("*.py")}  # fmt: skip
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pkdpipe"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names}  # fmt: skip
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("pkdpipe.")}
+        graph[name] = {d for d in deps if d in files and d not in (name, "pkdpipe")}
+    return graph
+
+
+def test_the_import_graph_has_no_circle():
+    """Every module can be read bottom-up: none imports, even lazily, a module that imports it back."""
+    graph = _import_graph()
+    assert len(graph) > 30
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            pytest.fail("import circle: " + " -> ".join(path[path.index(module) :] + [module]))
+        if module in done:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_functions_stay_short():
+    """No function in pkdpipe/ or cli/ over 90 lines: a longer one does several things."""
+    import ast
+
+    long = []
+    for path in [*(REPO / "pkdpipe").rglob("*.py"), *(REPO / "cli").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if function and node.end_lineno - node.lineno + 1 > 90:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert long == [], long

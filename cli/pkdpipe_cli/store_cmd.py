@@ -46,7 +46,7 @@ def _ranges(layers: list[int]) -> str:
 def ls(cache_dir: Path = CacheDirOpt):
     """List the caches under the cache root: complete or not, what made them, size on disk."""
     from pkdpipe.cache.local import list_local
-    from pkdpipe.config import default_cache_root
+    from pkdpipe.paths import default_cache_root
 
     rows = list_local(cache_dir)
     root = cache_dir or default_cache_root()

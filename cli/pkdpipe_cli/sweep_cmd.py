@@ -93,31 +93,29 @@ def sweep(
     """Train a grid of students from one cache (finished runs are kept and skipped on restart), or
     search it with --search asha, which stops the trials that fall behind."""
     from pkdpipe.sweep import GRID_FIELDS
-    from pkdpipe.sweep import sweep as run
 
     if search not in ("grid", "asha"):
         raise ConfigError(f"--search is grid or asha; got {search!r}")
-    if search == "asha":
-        texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
-                 "temperature": temperature, "lr": lr, "seed": seed, "pt_space": pt_space}  # fmt: skip
-        settings = {
-            k: v for k, v in locals().items() if k not in GRID_FIELDS and k not in ("output", "texts")
-        }
-        settings["teacher_layers"] = layer_list(teacher_layers)
-        return _search(settings, texts, trials, study, storage, space, output, store)
-
-    values = {
-        "strategy": list(str_list(strategy)),
-        "layers": list(int_list(layers, "--layers")),
-        "alpha": _floats(alpha, "--alpha"),
-        "beta": _floats(beta, "--beta"),
-        "temperature": _floats(temperature, "--temperature"),
-        "lr": _floats(lr, "--lr"),
-        "seed": list(int_list(seed, "--seed")),
-        "pt_space": list(str_list(pt_space)),
-    }
-    settings = {k: v for k, v in locals().items() if k not in GRID_FIELDS and k != "output"}
+    texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
+             "temperature": temperature, "lr": lr, "seed": seed, "pt_space": pt_space}  # fmt: skip
+    settings = {k: v for k, v in locals().items() if k not in GRID_FIELDS and k not in ("output", "texts")}
     settings["teacher_layers"] = layer_list(teacher_layers)
+    if search == "asha":
+        return _search(settings, texts, trials, study, storage, space, output, store)
+    return _grid(settings, texts, output, store)
+
+
+def _grid(settings: dict, texts: dict, output: Path | None, store: str | None) -> None:
+    """`sweep` over a grid: every combination of the comma-separated values, best first."""
+    from pkdpipe.sweep import sweep as run
+
+    numbers = {"layers": "ints", "seed": "ints", "strategy": "names", "pt_space": "names"}
+    values = {
+        name: list(int_list(text, f"--{name}")) if numbers.get(name) == "ints"
+        else list(str_list(text)) if numbers.get(name) == "names"
+        else _floats(text, f"--{name}")
+        for name, text in texts.items()
+    }  # fmt: skip
     base = _from_store(config_from(DistillConfig, settings, command=command_line()), store)
     runs = run(base, values, output)
     table = Table(title="sweep (best first)")

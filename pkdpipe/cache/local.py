@@ -21,8 +21,8 @@ from pathlib import Path
 from pkdpipe import files, progress
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import KEY_LENGTH
-from pkdpipe.config import default_cache_root
 from pkdpipe.errors import CacheError, CacheNotFound
+from pkdpipe.paths import default_cache_root
 
 PARTIAL = files.PARTIAL  # the staging folder of a pull: <root>/<task>/.<key>.partial/
 
