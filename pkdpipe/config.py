@@ -30,10 +30,12 @@ def _check_positive(**values: float) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be positive; got {value}")
 
 
-def setting(default=MISSING, help: str = ""):  # noqa: A002 (the CLI's word for it)
+def setting(default=MISSING, help: str = "", cli: str | bool = True, words: tuple[str, ...] = ()):  # noqa: A002
     """A config field with its help text: the CLI builds each option from the field's default and
-    this text (`pkdpipe_cli.common.option`), so neither is written twice."""
-    return field(default=default, metadata={"help": help})
+    this text (`pkdpipe_cli.common.config_options`), so neither is written twice. `cli` says how a
+    list is typed on the command line ("ints": 2,4,6; "names": train,dev; "ints-or-all"), or False
+    for a field that is not an option; `words` are values taken as they are ("auto")."""
+    return field(default=default, metadata={"help": help, "cli": cli, "words": words})
 
 
 def help_of(config_class, name: str) -> str:
@@ -59,7 +61,7 @@ class CacheConfig:
     teacher: str | None = setting(
         None, "Fine-tuned classifier folder or hub name. Default: runs/TASK/teacher."
     )
-    splits: tuple[str, ...] = setting(("train", "dev"), "Comma-separated splits to cache.")
+    splits: tuple[str, ...] = setting(("train", "dev"), "Comma-separated splits to cache.", cli="names")
     cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
     max_seq_len: int = setting(128, "Truncate inputs to this many tokens (longest_first for pairs).")
     batch_size: int = setting(64, "Teacher batch size (length-sorted, padded per batch).")
@@ -67,7 +69,7 @@ class CacheConfig:
         "float16", "Storage dtype of the [CLS] vectors: float16 or float32 (logits: float32)."
     )
     layers: tuple[int, ...] | None = setting(
-        None, "Hidden layers to store: all, or a list like 0,2,4,6 (0 = embeddings)."
+        None, "Hidden layers to store: all, or a list like 0,2,4,6 (0 = embeddings).", cli="ints-or-all"
     )
     shard_size: int = setting(8192, "Rows per shard: the unit of resume and of parallel writing.")
     device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
@@ -81,7 +83,7 @@ class CacheConfig:
     )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
     quiet: bool = setting(False, "No progress bars or progress lines.")
-    command: str | None = setting(None, "The command line, recorded in the manifest.")
+    command: str | None = setting(None, "The command line, recorded in the manifest.", cli=False)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir) if self.data_dir else None
@@ -143,7 +145,7 @@ class TrainConfig:
     )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
     quiet: bool = setting(False, "No progress bars or progress lines.")
-    command: str | None = setting(None, "The command line, recorded next to the output.")
+    command: str | None = setting(None, "The command line, recorded next to the output.", cli=False)
 
     def __post_init__(self):
         self.output = Path(self.output) if self.output else None
@@ -200,6 +202,8 @@ class DistillConfig(TrainConfig):
         None,
         "Explicit map for student layers 1..K-1, e.g. 2,4,6,8,10; or auto: the K-1 layers whose "
         "[CLS] varies most between examples (see `pkdpipe cache stats`).",
+        cli="ints",
+        words=("auto",),
     )
     student_init: str | None = setting(
         None, "Pre-trained model to take the first K layers from. Default: the teacher's pre-trained model."

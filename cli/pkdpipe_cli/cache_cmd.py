@@ -10,14 +10,16 @@ from rich.table import Table
 
 from pkdpipe.config import CacheConfig
 from pkdpipe_cli.common import (
+    CACHE_ARG,
+    CACHE_DIR,
     command_line,
     config_from,
+    config_options,
     console,
     fmt_metrics,
     human_bytes,
     int_list,
     option,
-    str_list,
 )
 
 cache_app = typer.Typer(help="Inspect, verify and share teacher caches.", no_args_is_help=True)
@@ -28,35 +30,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(cache_app, name="cache")
 
 
-def cache_teacher(
-    task: str = option(CacheConfig, "task", "--task"),
-    data_dir: Path = option(CacheConfig, "data_dir"),
-    teacher: str = option(CacheConfig, "teacher"),
-    splits: str = option(CacheConfig, "splits"),
-    cache_dir: Path = option(CacheConfig, "cache_dir"),
-    max_seq_len: int = option(CacheConfig, "max_seq_len"),
-    batch_size: int = option(CacheConfig, "batch_size"),
-    dtype: str = option(CacheConfig, "dtype"),
-    layers: str = option(CacheConfig, "layers"),
-    shard_size: int = option(CacheConfig, "shard_size"),
-    device: str = option(CacheConfig, "device"),
-    precision: str = option(CacheConfig, "precision"),
-    store: str = option(CacheConfig, "store", envvar="PKDPIPE_STORE"),
-    push: bool = option(CacheConfig, "push"),
-    force: bool = option(CacheConfig, "force"),
-    untrained_head: bool = option(CacheConfig, "untrained_head"),
-    trust_remote_code: bool = option(CacheConfig, "trust_remote_code"),
-    quiet: bool = option(CacheConfig, "quiet"),
-):
+@config_options(CacheConfig)
+def cache_teacher(store: str = option(CacheConfig, "store", envvar="PKDPIPE_STORE"), **values):
     """Run the teacher once over a task's splits and cache its logits and every layer's [CLS] vector."""
     from pkdpipe.teacher import cache_teacher as run
     from pkdpipe.teacher import describe
 
-    parsed = {
-        "splits": str_list(splits),
-        "layers": None if layers in (None, "all") else int_list(layers, "--layers"),
-    }
-    config = config_from(CacheConfig, {**locals(), **parsed}, command=command_line())
+    config = config_from(CacheConfig, {**values, "store": store}, command=command_line())
     result = run(config)
     from pkdpipe import distributed
 
@@ -81,7 +61,7 @@ def cache_teacher(
 
 
 @cache_app.command("info")
-def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = typer.Option(None)):
+def info(path: str = CACHE_ARG, cache_dir: Path = CACHE_DIR):
     """Show a cache's manifest as a table."""
     from pkdpipe.cache import manifest
     from pkdpipe.cache.local import resolve_cache
@@ -117,8 +97,8 @@ def info(path: str = typer.Argument(..., help="Cache folder or key."), cache_dir
 
 @cache_app.command("verify")
 def verify(
-    path: str = typer.Argument(..., help="Cache folder or key."),
-    cache_dir: Path = typer.Option(None),
+    path: str = CACHE_ARG,
+    cache_dir: Path = CACHE_DIR,
     recompute: int = typer.Option(0, help="Also rerun the teacher on N random cached examples and compare."),
     teacher: str = typer.Option(None, help="The teacher to recompute with (needed with --recompute)."),
     seed: int = typer.Option(0, help="Seed of the examples --recompute draws."),
@@ -176,8 +156,8 @@ def verify(
 
 @cache_app.command("stats")
 def stats(
-    path: str = typer.Argument(..., help="Cache folder or key."),
-    cache_dir: Path = typer.Option(None),
+    path: str = CACHE_ARG,
+    cache_dir: Path = CACHE_DIR,
     split: str = typer.Option("train", help="Split whose rows the statistics cover."),
     layers: str = typer.Option(
         None, help="Student depths K whose layer maps to show, e.g. 3,6. Default: 2..N-1."

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import shlex
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -35,9 +38,92 @@ def option(config_class, name: str, *flags: str, required: bool = False, **kwarg
 
 
 def config_from(config_class, values: dict, **overrides):
-    """`config_class` from a command's parameters (those that are its fields), plus `overrides`."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in values.items() if k in names}, **overrides)
+    """`config_class` from a command's parameters (those that are its fields, list-valued ones parsed
+    as `parse_cli` says), plus `overrides`."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    typed = {k: parse_cli(fields[k], v) for k, v in values.items() if k in fields}
+    return config_class(**typed, **overrides)
+
+
+def parse_cli(field: dataclasses.Field, value):
+    """A field's value as typed on the command line: '2,4,6' for a tuple of ints, 'train,dev' for a
+    tuple of names, 'auto' or 'all' where the field's `cli` metadata allows it."""
+    kind = field.metadata.get("cli")
+    if not isinstance(value, str) or kind not in LIST_KINDS:
+        return value
+    flag = "--" + field.name.replace("_", "-")
+    if kind == "names":
+        return str_list(value)
+    if value.strip() in field.metadata.get("words", ()):
+        return value.strip()
+    if value.strip() == "all" and kind == "ints-or-all":
+        return None
+    return int_list(value, flag)
+
+
+_CLI_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "Path": Path}
+LIST_KINDS = ("ints", "names", "ints-or-all")  # a field's `cli` metadata for a list typed with commas
+
+
+def _cli_type(field: dataclasses.Field):
+    """The type typer parses a field's option as: its own, or str for a list typed with commas."""
+    if field.metadata.get("cli") in LIST_KINDS:
+        return str
+    return next((t for name, t in _CLI_TYPES.items() if str(field.type).split(" |")[0] == name), str)
+
+
+def _own_fields_first(config_class) -> list[dataclasses.Field]:
+    """A config's fields, those it declares itself before those it inherits (distill's --strategy
+    before the training loop's --lr), so that --help reads from the particular to the general."""
+    own = set(config_class.__dict__.get("__annotations__", {}))
+    fields = dataclasses.fields(config_class)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
+def config_options(config_class, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()):
+    """Give a command one option per field of `config_class` (its default and help text from the
+    field, `option`), after the command's own parameters: the command is declared with those alone
+    and `**values`, and gets every option's value in `values`. Fields marked `cli=False` (the
+    recorded command line) and those in `skip` (the command's own, or not for this command) are
+    left out. One declaration per setting, for every command that takes it."""
+
+    def decorate(command):
+        own = inspect.signature(command)
+        mine = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+        taken = {p.name for p in mine} | set(skip)
+        fields = [
+            f
+            for f in _own_fields_first(config_class)
+            if f.name not in taken and f.metadata.get("cli") is not False
+        ]
+        options = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(f),
+                              default=option(config_class, f.name, required=f.name in required))
+            for f in fields
+        ]  # fmt: skip
+
+        @functools.wraps(command)
+        def run(**values):
+            return command(**values)
+
+        run.__signature__ = own.replace(parameters=[*mine, *options])
+        return run
+
+    return decorate
+
+
+def _shared_options():
+    """Options and arguments that several commands take alike, declared once."""
+    from pkdpipe.config import CacheConfig
+
+    return (
+        typer.Argument(..., help="Cache folder or key (its first hex digits are enough)."),
+        option(CacheConfig, "cache_dir"),
+        option(CacheConfig, "quiet"),
+    )
+
+
+CACHE_ARG, CACHE_DIR, QUIET = _shared_options()
 
 
 def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from pkdpipe.config import EvaluateConfig
-from pkdpipe_cli.common import config_from, console, option
+from pkdpipe_cli.common import config_from, config_options, console, option
 
 
 def register(app: typer.Typer) -> None:
@@ -17,20 +17,10 @@ def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
 
 
+@config_options(EvaluateConfig, required=("task",))
 def evaluate(
     models: list[str] = typer.Argument(..., help="Model folders; the first is the baseline for speed-up."),
-    task: str = option(EvaluateConfig, "task", "--task", required=True),
-    data_dir: Path = option(EvaluateConfig, "data_dir"),
-    split: str = option(EvaluateConfig, "split"),
-    batch_size: int = option(EvaluateConfig, "batch_size"),
-    max_seq_len: int = option(EvaluateConfig, "max_seq_len"),
-    device: str = option(EvaluateConfig, "device"),
-    precision: str = option(EvaluateConfig, "precision"),
-    timing_rows: int = option(EvaluateConfig, "timing_rows"),
-    timing_rounds: int = option(EvaluateConfig, "timing_rounds"),
-    trust_remote_code: bool = option(EvaluateConfig, "trust_remote_code"),
-    record: bool = option(EvaluateConfig, "record"),
-    quiet: bool = option(EvaluateConfig, "quiet"),
+    **values,
 ):
     """Metrics, parameters, examples/s and speed-up of each model on one split.
 
@@ -38,8 +28,8 @@ def evaluate(
     ratios to the first model, with the lowest and highest in brackets."""
     from pkdpipe.evaluate import evaluate as run
 
-    config = config_from(EvaluateConfig, locals())
-    print_reports(run(config), f"{task} {split}")
+    config = config_from(EvaluateConfig, {**values, "models": models})
+    print_reports(run(config), f"{config.task} {config.split}")
 
 
 def print_reports(reports, title: str) -> None:

@@ -11,11 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pkdpipe_cli.common import console, human_bytes
-
-CacheDirOpt = typer.Option(
-    None, "--cache-dir", help="Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe."
-)
+from pkdpipe_cli.common import CACHE_ARG, CACHE_DIR, QUIET, console, human_bytes
 
 
 def register(cache_app: typer.Typer) -> None:
@@ -43,7 +39,7 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(parts)
 
 
-def ls(cache_dir: Path = CacheDirOpt):
+def ls(cache_dir: Path = CACHE_DIR):
     """List the caches under the cache root: complete or not, what made them, size on disk."""
     from pkdpipe.cache.local import list_local
     from pkdpipe.paths import default_cache_root
@@ -72,15 +68,15 @@ def ls(cache_dir: Path = CacheDirOpt):
 
 
 def push(
-    path: str = typer.Argument(..., help="Cache folder or key."),
+    path: str = CACHE_ARG,
     url: str = typer.Argument(
         ..., help="Store URL: a shared folder, file://, s3://, gs://, hf://, memory://"
     ),
-    cache_dir: Path = CacheDirOpt,
+    cache_dir: Path = CACHE_DIR,
     force: bool = typer.Option(
         False, "--force", help="Check every shard already in the store and upload the damaged ones again."
     ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = QUIET,
 ):
     """Publish a complete cache to a store as URL/TASK/KEY (shards first, manifest last; resumes)."""
     from pkdpipe.cache.local import resolve_cache
@@ -92,9 +88,9 @@ def push(
 
 def pull(
     url_or_key: str = typer.Argument(..., help="A cache's URL (STORE/TASK/KEY), or its key with --store."),
-    cache_dir: Path = CacheDirOpt,
+    cache_dir: Path = CACHE_DIR,
     store: str = typer.Option(None, envvar="PKDPIPE_STORE", help="Store URL to look a key up in."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = QUIET,
 ):
     """Download a cache into the cache root; every checksum is verified before it becomes visible."""
     from pkdpipe.cache.store import pull as run
@@ -103,7 +99,7 @@ def pull(
     _plain(f"cache: {folder}")
 
 
-def rm(path_or_key: str = typer.Argument(..., help="Cache folder or key."), cache_dir: Path = CacheDirOpt):
+def rm(path_or_key: str = CACHE_ARG, cache_dir: Path = CACHE_DIR):
     """Delete one local cache."""
     from pkdpipe.cache.local import remove
 
@@ -111,7 +107,7 @@ def rm(path_or_key: str = typer.Argument(..., help="Cache folder or key."), cach
     _plain(f"removed {folder} ({human_bytes(freed)})")
 
 
-def gc(cache_dir: Path = CacheDirOpt):
+def gc(cache_dir: Path = CACHE_DIR):
     """Remove incomplete leftovers: interrupted pulls and builds, stray temporary files."""
     from pkdpipe.cache.local import gc as run
 

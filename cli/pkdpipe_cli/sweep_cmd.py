@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pkdpipe.config import DistillConfig, TrainConfig, help_of
+from pkdpipe.config import DistillConfig, help_of
 from pkdpipe.errors import ConfigError
-from pkdpipe_cli.common import command_line, config_from, console, int_list, layer_list, option, str_list
+from pkdpipe_cli.common import command_line, config_from, config_options, console, int_list, str_list
 
 
 def register(app: typer.Typer) -> None:
@@ -37,10 +37,8 @@ def grid_option(name: str):
     )
 
 
+@config_options(DistillConfig, skip=("resume", "report_to"))
 def sweep(
-    cache: str = option(DistillConfig, "cache"),
-    cache_dir: Path = option(DistillConfig, "cache_dir"),
-    task: str = option(DistillConfig, "task", "--task"),
     strategy: str = grid_option("strategy"),
     layers: str = grid_option("layers"),
     alpha: str = grid_option("alpha"),
@@ -49,20 +47,6 @@ def sweep(
     lr: str = grid_option("lr"),
     seed: str = grid_option("seed"),
     pt_space: str = grid_option("pt_space"),
-    teacher_layers: str = option(DistillConfig, "teacher_layers"),
-    student_init: str = option(DistillConfig, "student_init"),
-    normalize: bool = option(DistillConfig, "normalize"),
-    epochs: int = option(TrainConfig, "epochs"),
-    batch_size: int = option(TrainConfig, "batch_size"),
-    warmup: float = option(TrainConfig, "warmup"),
-    weight_decay: float = option(TrainConfig, "weight_decay"),
-    eval_every: int = option(TrainConfig, "eval_every"),
-    checkpoint_every: int = option(TrainConfig, "checkpoint_every"),
-    precision: str = option(TrainConfig, "precision"),
-    device: str = option(TrainConfig, "device"),
-    max_steps: int = option(TrainConfig, "max_steps"),
-    group_by_length: bool = option(TrainConfig, "group_by_length"),
-    trust_remote_code: bool = option(TrainConfig, "trust_remote_code"),
     output: Path = typer.Option(None, help="Sweep folder. Default: runs/TASK/sweep."),
     search: str = typer.Option(
         "grid",
@@ -88,18 +72,14 @@ def sweep(
         help="Team store URL: a --cache KEY that no local cache has is pulled from it first "
         "(checksums verified). Ignored without --cache.",
     ),
-    quiet: bool = option(TrainConfig, "quiet"),
+    **settings,
 ):
     """Train a grid of students from one cache (finished runs are kept and skipped on restart), or
     search it with --search asha, which stops the trials that fall behind."""
-    from pkdpipe.sweep import GRID_FIELDS
-
     if search not in ("grid", "asha"):
         raise ConfigError(f"--search is grid or asha; got {search!r}")
     texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
              "temperature": temperature, "lr": lr, "seed": seed, "pt_space": pt_space}  # fmt: skip
-    settings = {k: v for k, v in locals().items() if k not in GRID_FIELDS and k not in ("output", "texts")}
-    settings["teacher_layers"] = layer_list(teacher_layers)
     if search == "asha":
         return _search(settings, texts, trials, study, storage, space, output, store)
     return _grid(settings, texts, output, store)

@@ -204,3 +204,35 @@ def test_every_option_of_every_command_says_what_it_does():
     assert (
         "the [CLS] vectors" in runner.invoke(app, ["cache-teacher", "--help"], env={"COLUMNS": "200"}).output
     )
+
+
+def test_every_setting_is_one_option_declared_once():
+    """The commands' options come from the config dataclasses: every field but the recorded command
+    line is an option of its command, with the field's help text, and no option line is written
+    twice anywhere in cli/."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    import click
+    from pkdpipe_cli.main import app
+
+    from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig
+
+    group = typer.main.get_command(app)
+    commands = {"distill": DistillConfig, "finetune": FinetuneConfig, "cache-teacher": CacheConfig,
+                "evaluate": EvaluateConfig}  # fmt: skip
+    for name, config in commands.items():
+        params = {p.name: p for p in group.get_command(click.Context(group), name).params}
+        for field in dataclasses.fields(config):
+            if field.name in ("command", "models"):
+                continue
+            assert field.name in params, (name, field.name)
+            assert params[field.name].help == field.metadata["help"], (name, field.name)
+    lines = [
+        line.strip()
+        for path in (Path(__file__).resolve().parents[2] / "cli").rglob("*.py")
+        for line in path.read_text().splitlines()
+        if re.search(r"\boption\(", line) and "def option" not in line
+    ]
+    assert len(lines) == len(set(lines)), sorted({line for line in lines if lines.count(line) > 1})
