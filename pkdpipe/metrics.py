@@ -1,7 +1,12 @@
 """Evaluation metrics for classification and regression tasks, in plain numpy.
 
 Every metric takes two 1-D arrays of the same length (predictions, gold labels) and returns a
-Python float. Accuracy and F1 are fractions in [0, 1], not percentages. Where a metric is undefined
+Python float. Accuracy and F1 are fractions in [0, 1], not percentages.
+
+One unit rule: the numbers a program reads (metrics.json, eval_results.json, the card's model-index,
+train_log.jsonl) hold fractions, as computed here; everything a person reads (summaries, warnings,
+`cache info`, tables, reports, the card's tables) shows percent with two decimals, through
+`percent` and `format_metrics`, so 0.5183 is printed as 51.83 everywhere. Where a metric is undefined
 (Matthews or a correlation with a constant input, F1 with no positive in either array) it is 0.0,
 never NaN, so that picking the best checkpoint by comparing scores always works.
 """
@@ -162,10 +167,24 @@ def learned_nothing(task: Task, metrics: dict[str, float], baseline: dict[str, f
     return bool(baseline and metrics) and metrics[main] <= baseline[main] + 1e-9
 
 
+METRIC_SCALE = "fraction"
+"""metrics.json says so in its `metric_scale` field: its accuracy 0.5183 is printed as 51.83."""
+
+
+def percent(value: float) -> str:
+    """A metric as a person reads it: 0.5183 -> '51.83' (see the module's unit rule)."""
+    return f"{100 * value:.2f}"
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """'accuracy 51.83, f1 47.10' ('-' when empty): metrics in percent for summaries and warnings."""
+    return ", ".join(f"{name} {percent(value)}" for name, value in metrics.items()) if metrics else "-"
+
+
 def majority_warning(task: Task, metrics: dict[str, float], baseline: dict[str, float], where: str) -> str:
     """The one line that says a model learned nothing (`where`: e.g. "best dev", "test")."""
     main = task.main_metric
     return (
-        f"the {where} {main} ({metrics[main]:.4f}) is no better than always answering the "
-        f"majority class ({baseline[main]:.4f}): the model learned nothing"
+        f"the {where} {main} ({percent(metrics[main])}) is no better than always answering the "
+        f"majority class ({percent(baseline[main])}): the model learned nothing"
     )

@@ -49,9 +49,11 @@ def parse_cli(field: dataclasses.Field, value):
     """A field's value as typed on the command line: '2,4,6' for a tuple of ints, 'train,dev' for a
     tuple of names, 'auto' or 'all' where the field's `cli` metadata allows it."""
     kind = field.metadata.get("cli")
-    if not isinstance(value, str) or kind not in LIST_KINDS:
+    if not isinstance(value, str) or kind not in (*LIST_KINDS, "number"):
         return value
     flag = "--" + field.name.replace("_", "-")
+    if kind == "number":
+        return number_or_word(value, flag, field.metadata.get("words", ()))
     if kind == "names":
         return str_list(value)
     if value.strip() in field.metadata.get("words", ()):
@@ -67,7 +69,7 @@ LIST_KINDS = ("ints", "names", "ints-or-all")  # a field's `cli` metadata for a 
 
 def _cli_type(field: dataclasses.Field):
     """The type typer parses a field's option as: its own, or str for a list typed with commas."""
-    if field.metadata.get("cli") in LIST_KINDS:
+    if field.metadata.get("cli") in (*LIST_KINDS, "number"):
         return str
     return next((t for name, t in _CLI_TYPES.items() if str(field.type).split(" |")[0] == name), str)
 
@@ -136,6 +138,17 @@ def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
         raise ConfigError(f"{flag} takes comma-separated integers like 2,4,6; got {text!r}") from None
 
 
+def number_or_word(text: str, flag: str, words: tuple[str, ...]) -> float | str:
+    """'3e-4' -> 0.0003; a word the option takes ('auto') stays as it is."""
+    if text.strip() in words:
+        return text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        also = "".join(f" or {w}" for w in words)
+        raise ConfigError(f"{flag} takes a number like 3e-4{also}; got {text!r}") from None
+
+
 def layer_list(text: str | None) -> tuple[int, ...] | str | None:
     """--teacher-layers: '2,4,6' -> (2, 4, 6), 'auto' stays 'auto', None stays None."""
     if text is not None and text.strip() == "auto":
@@ -156,4 +169,7 @@ def human_bytes(n: float) -> str:
 
 
 def fmt_metrics(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) if metrics else "-"
+    """Metrics as a person reads them: percent (`pkdpipe.metrics.format_metrics`, the unit rule)."""
+    from pkdpipe.metrics import format_metrics
+
+    return format_metrics(metrics)

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from pkdpipe.config import EvaluateConfig
+from pkdpipe.metrics import percent
 from pkdpipe_cli.common import config_from, config_options, console, option
 
 
@@ -32,15 +33,15 @@ def evaluate(
     print_reports(run(config), f"{config.task} {config.split}")
 
 
-def print_reports(reports, title: str) -> None:
-    table = Table(title=title)
+def print_reports(reports, title: str, caption: str | None = None) -> None:
+    table = Table(title=title, caption=caption, caption_justify="left")
     metric_names = list(reports[0].metrics)
     for column in ["model", *metric_names, "parameters", "examples/s", "speed-up"]:
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for r in reports:
         table.add_row(
             r.model,
-            *(f"{100 * r.metrics[m]:.2f}" for m in metric_names),
+            *(percent(r.metrics[m]) for m in metric_names),
             f"{r.parameters / 1e6:.1f}M",
             "-" if math.isnan(r.examples_per_s) else f"{r.examples_per_s:,.0f}",
             _speedup(r),

@@ -48,8 +48,8 @@ def test_a_model_that_always_answers_the_majority_class_is_flagged(tiny, tmp_pat
     assert result.exit_code == 0, result.output
     share = (labels == majority).mean()
     assert (
-        f"warning: {constant}: the dev accuracy ({share:.4f}) is no better than always answering the "
-        f"majority class ({share:.4f}): the model learned nothing"
+        f"warning: {constant}: the dev accuracy ({100 * share:.2f}) is no better than always answering "
+        f"the majority class ({100 * share:.2f}): the model learned nothing"
     ) in " ".join(result.output.split())
 
 
