@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import shutil
 import statistics
@@ -30,7 +29,6 @@ from pathlib import Path
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig
 from pkdpipe.demo import default_model
 from pkdpipe.evaluate import evaluate
-from pkdpipe.tasks import get_task
 from pkdpipe.teacher import cache_teacher
 from pkdpipe.train import distill, finetune
 
@@ -54,32 +52,6 @@ def row_settings(row: str) -> dict:
     return settings
 
 
-def sample_train_rows(source: Path, dest: Path, rows: int, seed: int = 0, task: str = "sst2") -> Path:
-    """A copy of a data folder whose train file keeps `rows` examples drawn at random with `seed`,
-    in their original order (one example a line: GLUE's train.tsv and BANKING77's train.csv after
-    a header line, TREC's train_5500.label without one). The other splits' files are copied as they
-    are; a GLUE folder's other train files (train.parquet, ...) are left out, since the loader
-    prefers them to train.tsv and would train on the whole split."""
-    spec = get_task(task)
-    name = spec.file_for("train") if spec.source in ("files", "trec") else "train.tsv"
-    suffix = Path(name).suffix.lower()
-    if suffix in (".parquet", ".json"):
-        sys.exit(f"--train-rows: {source / name} does not hold one example a line; sample it yourself")
-    headed = spec.source != "trec" and suffix != ".jsonl"
-    lines = (source / name).read_bytes().splitlines(keepends=True)  # bytes: TREC is latin-1
-    header, lines = (lines[:1], lines[1:]) if headed else ([], lines)
-    if rows > len(lines):
-        sys.exit(f"--train-rows {rows}: {source / name} has only {len(lines)} rows")
-    keep = sorted(random.Random(seed).sample(range(len(lines)), rows))
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        left_out = path.name == name or (spec.source == "glue" and path.stem == "train")
-        if path.is_file() and not left_out:
-            shutil.copyfile(path, dest / path.name)
-    (dest / name).write_bytes(b"".join(header + [lines[i] for i in keep]))
-    return dest
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True)
@@ -94,7 +66,8 @@ def main() -> None:
         "--train-rows",
         type=int,
         default=0,
-        help="train on this many examples of the train file drawn at random (seeded); 0 = all",
+        help="train on this many examples of the train split drawn at random (seeded, as finetune and "
+        "cache-teacher --train-rows); 0 = all",
     )
     p.add_argument("--eval-split", default="dev", help="dev, or test for tasks with a labelled test split")
     p.add_argument("--max-seq-len", type=int, default=128)
@@ -131,9 +104,7 @@ def main() -> None:
     command = shlex.join(["python", *sys.argv])
     times: dict[str, float] = {}
 
-    data_dir = Path(args.data_dir)
-    if args.train_rows:
-        data_dir = sample_train_rows(data_dir, out / "data", args.train_rows, task=args.task)
+    data_dir = Path(args.data_dir)  # --train-rows: pkdpipe's own seeded sample (pkdpipe.data.sample_rows)
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
     if not (teacher / "model.safetensors").is_file():
         t0 = time.time()
@@ -147,6 +118,7 @@ def main() -> None:
                 lr=args.teacher_lr,
                 batch_size=args.batch_size,
                 max_seq_len=args.max_seq_len,
+                train_rows=args.train_rows,
                 quiet=True,
             )
         )
@@ -159,6 +131,7 @@ def main() -> None:
             teacher=str(teacher),
             cache_dir=out / "cache",
             max_seq_len=args.max_seq_len,
+            train_rows=args.train_rows,
             quiet=True,
         )
     )

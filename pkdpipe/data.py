@@ -31,11 +31,13 @@ import csv
 import hashlib
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pkdpipe.errors import ConfigError, DataError
+from pkdpipe.paths import hub_unreachable
 from pkdpipe.tables import Table, read_delimited, read_table, value_text
 
 if TYPE_CHECKING:
@@ -92,15 +94,39 @@ class Examples:
         }
 
 
-def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Examples:
-    """Read `split` of `task` from `data_dir`, or from the hub / the task file's folder when None."""
+def load_split(task: Task, split: str, data_dir: str | Path | None = None, train_rows: int = 0) -> Examples:
+    """Read `split` of `task` from `data_dir`, or from the hub / the task file's folder when None.
+    `train_rows` N > 0 keeps a seeded sample of N rows of the train split (`sample_rows`)."""
     if split not in task.splits:
         raise ConfigError(f"task '{task.name}' has no split '{split}' (splits: {', '.join(task.splits)})")
     if task.dev_fraction is None or split not in ("train", "dev"):
-        return _read_split(task, split, data_dir)
-    full_train = _read_split(task, "train", data_dir)
-    dev_ids = _carve_out_dev_ids(task, full_train)
-    return _subset(full_train, split, dev_ids, inside=split == "dev")
+        examples = _read_split(task, split, data_dir)
+    else:
+        full_train = _read_split(task, "train", data_dir)
+        dev_ids = _carve_out_dev_ids(task, full_train)
+        examples = _subset(full_train, split, dev_ids, inside=split == "dev")
+    return sample_rows(examples, train_rows) if split == "train" and train_rows else examples
+
+
+SAMPLE_SEED = 0
+"""The seed of every `--train-rows` sample: finetune and cache-teacher draw the same rows, so a
+teacher fine-tuned on a sample is cached on that sample."""
+
+
+def sample_positions(total: int, rows: int, seed: int = SAMPLE_SEED) -> list[int]:
+    """`rows` positions of `total` drawn at random with `seed`, in increasing order: the one rule
+    behind `--train-rows` (finetune, cache-teacher, benchmarks/reproduce.py)."""
+    if not 0 < rows <= total:
+        raise ConfigError(f"--train-rows {rows}: the train split has {total} rows; take 1 to {total}")
+    return sorted(random.Random(seed).sample(range(total), rows))
+
+
+def sample_rows(examples: Examples, rows: int, seed: int = SAMPLE_SEED) -> Examples:
+    """A seeded sample of `rows` examples, in their original order, keeping their ids (so a cache of
+    it hashes differently from the full split's). Taken after the dev carve-out: dev stays whole,
+    and a sample run's dev scores compare with the full run's."""
+    keep = sample_positions(len(examples), rows, seed)
+    return _subset(examples, examples.split, {examples.ids[i] for i in keep}, inside=True)
 
 
 # --- which reader ------------------------------------------------------------------------------------
@@ -153,14 +179,21 @@ def _from_hub(task: Task, split: str) -> Examples:
 
         dataset = datasets.load_dataset(task.hub_name, task.hub_config, split=hub_split)
     except Exception as e:  # connection, offline mode, missing dataset: all mean "no hub data here"
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise DataError(
-            f"could not load {source} from the Hugging Face hub ({type(e).__name__}: {reason}); "
-            "pass --data-dir DIR with a local copy of the data"
+            f"could not load {source}: {_hub_words(e)}; set HF_HUB_OFFLINE=1 (no minute of retries) "
+            "and pass --data-dir DIR with a local copy of the data"
         ) from e
     wanted = [c for c in (*task.text_fields, task.label_field) if c in dataset.column_names]
     table = Table(source, dataset.select_columns(wanted).to_dict(), lines=None)
     return _build_examples(task, split, table, task.text_fields, task.label_field, hub_style=True)
+
+
+def _hub_words(err: Exception) -> str:
+    """'the Hugging Face hub is unreachable' when the exception says so, else its first line."""
+    reason = (str(err).strip().splitlines() or [""])[0][:200]
+    if hub_unreachable(err):
+        return f"the Hugging Face hub is unreachable ({type(err).__name__})"
+    return f"the Hugging Face hub gave {type(err).__name__}: {reason}"
 
 
 def _from_glue_folder(task: Task, split: str, base: Path) -> Examples:

@@ -92,41 +92,6 @@ def test_reproduce_trains_the_four_rows_from_one_cache_and_tabulates_them(tiny, 
     }
 
 
-def test_train_rows_are_a_seeded_sample_in_file_order_with_the_other_splits_copied(tmp_path):
-    source = tmp_path / "glue"
-    source.mkdir()
-    rows = [f"sentence {i}\t{i % 2}\n" for i in range(10)]
-    (source / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows))
-    (source / "dev.tsv").write_text("sentence\tlabel\nx\t1\n")
-    # the whole split in a hub-layout file as well, as ../shared/datasets/rte has it: pkdpipe's
-    # loader prefers it to train.tsv, so a copy of it would train on all 10 rows
-    (source / "train.jsonl").write_text("".join(f'{{"sentence": "s{i}", "label": 0}}\n' for i in range(10)))
-
-    sample = _benchmark_module().sample_train_rows
-    dest = sample(source, tmp_path / "a", 4)
-    assert sorted(p.name for p in dest.iterdir()) == ["dev.tsv", "train.tsv"]
-    header, *kept = (dest / "train.tsv").read_text().splitlines(keepends=True)
-    assert header == "sentence\tlabel\n" and len(kept) == 4
-    assert kept == sorted(kept, key=rows.index) and set(kept) <= set(rows)
-    assert (dest / "dev.tsv").read_text() == (source / "dev.tsv").read_text()
-    assert (sample(source, tmp_path / "b", 4) / "train.tsv").read_text() == (dest / "train.tsv").read_text()
-    with pytest.raises(SystemExit, match="has only 10 rows"):
-        sample(source, tmp_path / "c", 11)
-
-
-def test_train_rows_sample_trec_s_headerless_latin_1_file(tmp_path):
-    source = tmp_path / "trec"
-    source.mkdir()
-    rows = [f"DESC:def What is caf\xe9 {i} ?\n".encode("latin-1") for i in range(10)]
-    (source / "train_5500.label").write_bytes(b"".join(rows))
-    (source / "TREC_10.label").write_bytes(b"NUM:date When ?\n")
-
-    dest = _benchmark_module().sample_train_rows(source, tmp_path / "a", 4, task="trec")
-    kept = (dest / "train_5500.label").read_bytes().splitlines(keepends=True)
-    assert len(kept) == 4 and kept == sorted(kept, key=rows.index) and set(kept) <= set(rows)
-    assert (dest / "TREC_10.label").read_bytes() == b"NUM:date When ?\n"
-
-
 def test_reproduce_tunes_each_row_over_the_fields_it_uses(tiny, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "--task", tiny["task"], "--data-dir", str(tiny["data"]),

@@ -88,7 +88,8 @@ def info(path: str = CACHE_ARG, cache_dir: Path = CACHE_DIR):
         )
     for split, metrics in m.teacher_metrics.items():
         table.add_row(f"teacher on {split}", fmt_metrics(metrics))
-    table.add_row("dataset", m.dataset.source)
+    sample = f" (a seeded sample of {m.dataset.train_rows:,} train rows)" if m.dataset.train_rows else ""
+    table.add_row("dataset", m.dataset.source + sample)
     table.add_row("created", f"{m.created} by pkdpipe {m.tool_version}")
     table.add_row("command", m.command)
     table.add_row("timings", json.dumps(m.timings))

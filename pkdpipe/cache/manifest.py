@@ -73,6 +73,7 @@ class Teacher:
 class Dataset:
     source: str
     sha256: dict[str, str]  # per split
+    train_rows: int | None = None  # a seeded sample of the train split (--train-rows); None: all of it
 
 
 @dataclass(frozen=True)
