@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from pkdpipe.errors import ModelError
-from pkdpipe.paths import looks_local
+from pkdpipe.paths import hub_unreachable, looks_local
 
 FINETUNE_RECORD = "pkdpipe_finetune.json"  # written by `finetune`: the pre-trained model it started from
 
@@ -51,9 +51,20 @@ def _load_failed(what: str, name: str, err: Exception) -> ModelError:
             return ModelError(f"cannot load {what} from {name}: permission denied: {', '.join(unreadable)}")
     if folder.exists():
         return ModelError(f"cannot load {what} from {name}: {str(err).splitlines()[0]}")
-    return ModelError(
-        f"{what} not found: {name!r} is not a local folder and could not be loaded from the Hugging Face hub "
-        f"({type(err).__name__}); pass a folder that has config.json and the weights"
+    return ModelError(f"{what} {name!r} is not a local folder, and {hub_failure(err)}")
+
+
+def hub_failure(err: Exception) -> str:
+    """Why the hub gave nothing, in words, with what to do offline: the exception says whether the
+    hub could not be reached (no network, HF_HUB_OFFLINE) or had no such name."""
+    if hub_unreachable(err):
+        return (
+            "the Hugging Face hub is unreachable from here: set HF_HUB_OFFLINE=1 (no minute of retries) "
+            "and pass a local folder instead (one with config.json and the weights, e.g. a finetune output)"
+        )
+    return (
+        f"the Hugging Face hub has no such model ({type(err).__name__}); pass a local folder with "
+        "config.json and the weights (offline: set HF_HUB_OFFLINE=1)"
     )
 
 

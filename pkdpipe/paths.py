@@ -5,9 +5,14 @@ and model loading can both ask without importing each other."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pkdpipe.errors import ConfigError
+
+M = TypeVar("M")
+D = TypeVar("D")
 
 
 def default_cache_root() -> Path:
@@ -33,3 +38,24 @@ def check_task_path(task: str) -> None:
     """A task given as a file (.toml / .json) must be there."""
     if str(task).endswith((".toml", ".json")) and not Path(task).expanduser().is_file():
         raise ConfigError(f"--task: task file not found: {task}")
+
+
+HUB_DOWN_WORDS = ("connect", "offline", "resolve", "timed out", "timeout", "network", "max retries")
+
+
+def hub_unreachable(err: Exception) -> bool:
+    """Whether a failed hub call says the hub could not be reached (no network, HF_HUB_OFFLINE=1),
+    rather than that it has no such name: the two want different advice."""
+    text = f"{type(err).__name__} {err}".lower()
+    return any(word in text for word in HUB_DOWN_WORDS)
+
+
+def local_first(model: str, load_model: Callable[[], M], load_data: Callable[[], D]) -> tuple[M, D]:
+    """(load_model(), load_data()), run in the order that asks the hub last: a model in a local
+    folder is read first (its own checks, say a label count, come at once), a model by hub name after
+    the data, so a wrong data folder is one line at once, not after a minute of hub retries."""
+    if Path(str(model)).expanduser().is_dir():
+        loaded = load_model()
+        return loaded, load_data()
+    data = load_data()
+    return load_model(), data

@@ -29,7 +29,7 @@ from pkdpipe.cache.manifest import KeyInputs
 from pkdpipe.cache.reader import TeacherCache, read_shard
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.config import CacheConfig, to_dict
-from pkdpipe.data import load_split
+from pkdpipe.data import Examples, load_split
 from pkdpipe.errors import CacheError, ConfigError, DataError, DiskFullError, ModelError, PkdError
 from pkdpipe.metrics import compute_metrics, predictions_from_logits
 from pkdpipe.models import (
@@ -43,6 +43,7 @@ from pkdpipe.models import (
     pick_device,
     pretrained_origin,
 )
+from pkdpipe.paths import local_first
 from pkdpipe.tasks import Task, get_task
 from pkdpipe.text import (
     TRUNCATION,
@@ -90,13 +91,11 @@ def cache_teacher(
         if split not in task.splits:
             raise ConfigError(f"task {task.name} has no split {split!r}; it has {', '.join(task.splits)}")
     teacher_name = resolve_teacher(config, task)
-    model, tokenizer, layers = _load_teacher(teacher_name, task, config)
+    (model, tokenizer, layers), examples = local_first(
+        teacher_name, lambda: _load_teacher(teacher_name, task, config), lambda: _examples(config, task)
+    )
     if teacher_hook is not None:
         teacher_hook(model)
-    examples = {split: load_split(task, split, config.data_dir) for split in config.splits}
-    for split, ex in examples.items():
-        if not len(ex):
-            raise DataError(f"split {split!r} of task {task.name} has no examples: nothing to cache")
     inputs = KeyInputs(
         task=task.fingerprint_dict(),
         teacher_weights=hash_weights(model),
@@ -164,6 +163,16 @@ def cache_teacher(
 
         push(folder, config.store, quiet=config.quiet)
     return result
+
+
+def _examples(config: CacheConfig, task: Task) -> dict[str, Examples]:
+    """Each split to cache; a --train-rows sample hashes differently from the full split (its ids
+    and texts), so it names its own key."""
+    examples = {split: load_split(task, split, config.data_dir, config.train_rows) for split in config.splits}
+    for split, ex in examples.items():
+        if not len(ex):
+            raise DataError(f"split {split!r} of task {task.name} has no examples: nothing to cache")
+    return examples
 
 
 def _load_teacher(teacher_name: str, task: Task, config: CacheConfig):
@@ -311,6 +320,7 @@ def _manifest(config, task, teacher_name, model, key, inputs: KeyInputs, layout,
         "dataset": {
             "source": str(config.data_dir or (task.task_dir if task.hub_name is None else "huggingface-hub")),
             "sha256": inputs.datasets,
+            "train_rows": config.train_rows or None,  # a seeded sample of the train split (None: all)
         },
         "max_seq_len": inputs.max_seq_len,
         "truncation": inputs.truncation,
