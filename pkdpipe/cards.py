@@ -94,7 +94,8 @@ def render(folder: Path, task: Task) -> str:
     best, steps = metrics.get("best_step"), metrics.get("steps")
     lines += ["", f"Metrics in %; dev is the best dev checkpoint (step {best} of {steps})."]
     lines += [f"\n**Warning**: {w}" for w in metrics.get("warnings", [])]
-    lines += ["", "## Training", "", *_training(distilled, config), "", "## Data", "", *_data(task)]
+    lines += ["", "## Training", "", *_training(distilled, config), *_lr_rule(record)]
+    lines += ["", "## Data", "", *_data(task)]
     lines += ["", "## Usage", "", "```python", "from transformers import pipeline",
               'classifier = pipeline("text-classification", model="path/to/this/folder")',
               f'classifier("{_example(task)}")', "```", ""]  # fmt: skip
@@ -168,6 +169,12 @@ def _training(distilled: bool, config: dict) -> list[str]:
             *rows,
         ]
     return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _lr_rule(record: dict) -> list[str]:
+    """How the lr was chosen when the run was left to `--lr auto` (`pkdpipe.learning_rate`)."""
+    rule = record.get("lr_rule")
+    return ["", f"lr: {rule}."] if rule else []
 
 
 def _data(task: Task) -> list[str]:

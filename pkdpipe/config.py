@@ -30,10 +30,16 @@ def _check_positive(**values: float) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be positive; got {value}")
 
 
+def _check_rows(rows: int) -> None:
+    if rows < 0:
+        raise ConfigError(f"--train-rows must be 0 (all) or more; got {rows}")
+
+
 def setting(default=MISSING, help: str = "", cli: str | bool = True, words: tuple[str, ...] = ()):  # noqa: A002
     """A config field with its help text: the CLI builds each option from the field's default and
     this text (`pkdpipe_cli.common.config_options`), so neither is written twice. `cli` says how a
-    list is typed on the command line ("ints": 2,4,6; "names": train,dev; "ints-or-all"), or False
+    list is typed on the command line ("ints": 2,4,6; "names": train,dev; "ints-or-all"; "number":
+    one float or one of `words`), or False
     for a field that is not an option; `words` are values taken as they are ("auto")."""
     return field(default=default, metadata={"help": help, "cli": cli, "words": words})
 
@@ -62,6 +68,9 @@ class CacheConfig:
         None, "Fine-tuned classifier folder or hub name. Default: runs/TASK/teacher."
     )
     splits: tuple[str, ...] = setting(("train", "dev"), "Comma-separated splits to cache.", cli="names")
+    train_rows: int = setting(
+        0, "Use a seeded sample of N rows of the train split (0 = all); the sample names the cache."
+    )
     cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
     max_seq_len: int = setting(128, "Truncate inputs to this many tokens (longest_first for pairs).")
     batch_size: int = setting(64, "Teacher batch size (length-sorted, padded per batch).")
@@ -98,6 +107,7 @@ class CacheConfig:
         if self.layers is not None:
             self.layers = tuple(sorted(set(self.layers)))
         _check_positive(max_seq_len=self.max_seq_len, batch_size=self.batch_size, shard_size=self.shard_size)
+        _check_rows(self.train_rows)
         _check_choice("--dtype", self.dtype, HIDDEN_DTYPES)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--device", self.device, ("auto", "cpu", "cuda"))
@@ -110,14 +120,23 @@ class TrainConfig:
     """What every training run shares: optimisation, schedule, evaluation, precision.
 
     Defaults follow the PKD paper (Sun et al. 2019, after BERT): batch 32, 4 epochs, 10% linear
-    warm-up, weight decay 0.01; lr from the paper's grid {1e-5, 2e-5, 5e-5}.
+    warm-up, weight decay 0.01; except the lr: `auto` picks it from the trained model's depth and
+    width (`pkdpipe.learning_rate`), since the paper's 5e-5 is BERT-base's and left every small
+    student of this project's measurements far behind.
     """
 
     task: str = setting(
         "", "Task name or task file (distill: the task whose newest cache to take when --cache is not given)."
     )
     output: Path | None = setting(None, "Output folder. Default: a folder under runs/TASK/.")
-    lr: float = setting(5e-5, "Peak learning rate (AdamW); the paper's grid is 1e-5, 2e-5, 5e-5.")
+    lr: float | str = setting(
+        "auto",
+        "Peak learning rate (AdamW), or auto: chosen from the trained model's depth and width by a rule "
+        "resting on this project's measurements (3-layer students 3e-4 to 5e-4, BERT-base 5e-5); the "
+        "run's settings and card record the number and the rule.",
+        cli="number",
+        words=("auto",),
+    )
     epochs: int = setting(4, "Epochs over the training set.")
     batch_size: int = setting(32, "Global batch size (split across ranks under torchrun).")
     warmup: float = setting(0.1, "Fraction of the steps with linear warm-up, then linear decay to 0.")
@@ -150,7 +169,9 @@ class TrainConfig:
     def __post_init__(self):
         self.output = Path(self.output) if self.output else None
         self.runs_dir = Path(self.runs_dir)
-        _check_positive(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size)
+        if self.lr != "auto":
+            _check_positive(lr=self.lr)
+        _check_positive(epochs=self.epochs, batch_size=self.batch_size)
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup is a fraction of the steps in [0, 1); got {self.warmup}")
         _check_choice("--precision", self.precision, PRECISIONS)
@@ -169,10 +190,14 @@ class FinetuneConfig(TrainConfig):
     )
     layers: int | None = setting(None, "Keep only the first K layers (a fine-tuned-only student baseline).")
     max_seq_len: int = setting(128, "Truncate inputs to this many tokens.")
+    train_rows: int = setting(
+        0, "Use a seeded sample of N rows of the train split (0 = all); the sample names the cache."
+    )
 
     def __post_init__(self):
         super().__post_init__()
         self.data_dir = Path(self.data_dir) if self.data_dir else None
+        _check_rows(self.train_rows)
         if not self.task:
             raise ConfigError("finetune needs --task")
         if not self.model:
@@ -256,7 +281,11 @@ class EvaluateConfig:
     )
     split: str = setting("dev", "Split to evaluate on.")
     batch_size: int = setting(64, "Inference batch size (length-sorted, padded per batch).")
-    max_seq_len: int = setting(128, "Truncate inputs to this many tokens.")
+    max_seq_len: int | None = setting(
+        None,
+        "Truncate inputs to this many tokens. Default: the length each model was trained at (its "
+        "recorded settings; 128 for a model that records none).",
+    )
     device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
     precision: str = setting("fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU).")
     timing_rows: int = setting(512, "Examples of the split each model is timed on (the same for all).")
@@ -280,11 +309,9 @@ class EvaluateConfig:
             check_local("evaluate", model, "model folder")
         check_task_path(self.task)
         check_local("--data-dir", self.data_dir)
-        _check_positive(
-            batch_size=self.batch_size,
-            max_seq_len=self.max_seq_len,
-            timing_rows=self.timing_rows,
-        )
+        _check_positive(batch_size=self.batch_size, timing_rows=self.timing_rows)
+        if self.max_seq_len is not None:
+            _check_positive(max_seq_len=self.max_seq_len)
         if self.timing_rounds < 0:
             raise ConfigError(f"--timing-rounds must be 0 (no timing) or more; got {self.timing_rounds}")
         _check_choice("--precision", self.precision, PRECISIONS)

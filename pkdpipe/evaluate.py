@@ -9,6 +9,7 @@ split's own order.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pkdpipe.metrics import (
     predictions_from_logits,
 )
 from pkdpipe.models import (
+    FINETUNE_RECORD,
     autocast,
     check_max_seq_len,
     count_parameters,
@@ -110,9 +112,10 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
     try:
         for name in config.models:
             model = load_classifier(name, config.trust_remote_code).to(device).eval()
-            check_max_seq_len(model.config, config.max_seq_len, name)
+            length = config.max_seq_len or trained_length(name)
+            check_max_seq_len(model.config, length, name)
             tokenizer = load_tokenizer(name, config.trust_remote_code)
-            encoded = encode(examples, tokenizer, config.max_seq_len)
+            encoded = encode(examples, tokenizer, length)
             run = partial(
                 predict_logits,
                 model,
@@ -155,6 +158,24 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
             ModelReport(str(name), metrics, parameters, speed, speedup, spread, warnings, baseline)
         )
     return reports
+
+
+DEFAULT_MAX_SEQ_LEN = 128
+"""The length a model is scored at when it records none (not a pkdpipe model): finetune's default."""
+
+
+def trained_length(model_dir: str | Path) -> int:
+    """The --max-seq-len a pkdpipe model was trained at, from its recorded settings (distill: the
+    cache's length; finetune: its own), so that evaluate scores it as training's dev did; the
+    default for a model that records none."""
+    for record in (cards.DISTILL_RECORD, FINETUNE_RECORD):
+        path = Path(model_dir) / record
+        if path.is_file():
+            data = json.loads(path.read_text())
+            length = data.get("max_seq_len") or data.get("config", {}).get("max_seq_len")
+            if isinstance(length, int) and length > 0:
+                return length
+    return DEFAULT_MAX_SEQ_LEN
 
 
 def task_columns(model, task, name: str) -> np.ndarray:
@@ -202,8 +223,9 @@ def predict(model_dir: str, task_name: str, split: str, output: str | Path, data
     examples = load_split(task, split, data_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir).to(pick_device(kwargs.get("device", "auto")))
-    check_max_seq_len(model.config, kwargs.get("max_seq_len", 128), model_dir)
-    encoded = encode(examples, tokenizer, kwargs.get("max_seq_len", 128))
+    length = kwargs.get("max_seq_len") or trained_length(model_dir)
+    check_max_seq_len(model.config, length, model_dir)
+    encoded = encode(examples, tokenizer, length)
     logits = predict_logits(
         model,
         encoded,

@@ -89,7 +89,7 @@ def parse_param(name: str, text: str) -> Param:
 
 
 def _typed(name: str, value: str):
-    if name in CHOICE_FIELDS:
+    if name in CHOICE_FIELDS or (name == "lr" and value == "auto"):  # --lr auto: the default rule's
         return value
     try:
         if name in INT_FIELDS:

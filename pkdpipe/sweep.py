@@ -42,7 +42,8 @@ def run_name(settings: dict) -> str:
     """A folder name from the settings that vary, e.g. skip-3_a0.5_b0.1_t5_lr5e-05_s42 (and
     `_standardized` at the end for a patient space other than the paper's raw one)."""
     s = settings
-    hyper = f"a{s['alpha']:g}_b{s['beta']:g}_t{s['temperature']:g}_lr{s['lr']:g}"
+    lr = s["lr"] if isinstance(s["lr"], str) else f"{s['lr']:g}"  # "auto": the default rule's lr
+    hyper = f"a{s['alpha']:g}_b{s['beta']:g}_t{s['temperature']:g}_lr{lr}"
     space = s.get("pt_space", "raw")
     return f"{s['strategy']}-{s['layers']}_{hyper}_s{s['seed']}" + ("" if space == "raw" else f"_{space}")
 

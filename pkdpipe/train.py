@@ -9,7 +9,9 @@ teacher: its targets stream from the cache's shards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkdpipe import cards, checkpoint, distributed, files, progress, runfolder, strategies
+from pkdpipe import cards, checkpoint, distributed, files, learning_rate, progress, runfolder, strategies
 from pkdpipe.cache.fingerprint import hash_tokenizer
 from pkdpipe.cache.reader import TeacherCache, open_cache
 from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
-from pkdpipe.data import load_split
+from pkdpipe.data import Examples, load_split
 from pkdpipe.errors import CacheError, ModelError
 from pkdpipe.evaluate import predict_logits, score
 from pkdpipe.loop import EvalFn, EvalHook, TrainResult, fit, resume_settings
-from pkdpipe.metrics import learned_nothing, majority_baseline, majority_warning
+from pkdpipe.metrics import METRIC_SCALE, learned_nothing, majority_baseline, majority_warning
 from pkdpipe.models import (
     FINETUNE_RECORD,
     autocast,
@@ -41,6 +43,7 @@ from pkdpipe.models import (
     pick_device,
     quiet_transformers,
 )
+from pkdpipe.paths import local_first
 from pkdpipe.sources import BatchSource, CacheSource, EncodedSource
 from pkdpipe.tasks import Task, get_task
 from pkdpipe.text import Encoded, encode, pad_id_of
@@ -138,20 +141,22 @@ def distill(
             config.quiet,
         )
     output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
+    width = hidden_size(load_config(str(init), config.trust_remote_code))
+    config, lr_rule = resolve_lr(config, config.layers, width)
     settings = resume_settings(config, cache_key=cache.key, student_init=str(init))
     try:
         with _run_folder(output, "distill", settings, config) as done:
             if done is not None:
                 return done
             return _distill(config, cache, task, strategy, teacher_map, teacher_stats, init, output, settings,
-                            low_signal, source_hook, on_evaluate)  # fmt: skip
+                            low_signal, source_hook, on_evaluate, lr_rule)  # fmt: skip
     finally:
         cache.close()
 
 
 def _distill(
     config, cache, task, strategy, teacher_map, teacher_stats, init, output, settings, low_signal,
-    source_hook, on_evaluate,
+    source_hook, on_evaluate, lr_rule,
 ) -> TrainResult:  # fmt: skip
     """distill's training, once its output folder is held."""
     student_layers = list(range(1, config.layers)) if teacher_map else []
@@ -181,6 +186,8 @@ def _distill(
         "stage": "distill",
         "settings": settings,  # what a rerun must match to be this run (pkdpipe.runfolder)
         "config": to_dict(config),
+        "lr_rule": lr_rule,  # how --lr auto chose config's lr (None: the user gave it)
+        "max_seq_len": cache.manifest.max_seq_len,  # the length it trained at: evaluate's default
         "cache": {"key": cache.key, "path": str(cache.path), "teacher": cache.manifest["teacher"]},
         "student_init": str(init),
         "layer_map": {"student": student_layers, "teacher": teacher_map},
@@ -193,7 +200,7 @@ def _distill(
     baseline = majority_baseline(task, dev.labels if dev is not None else None)
 
     def write_files(result: TrainResult) -> None:
-        check_learned(task, result, baseline)
+        check_learned(task, result, baseline, config, config.layers, hidden_size(student.config))
         if low_signal:
             result.warnings.append(low_signal)
         files.write_text(output / "pkdpipe_config.json", json.dumps(meta, indent=2) + "\n")
@@ -325,14 +332,83 @@ def _save_model(model, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def check_learned(task: Task, result: TrainResult, baseline: dict[str, float]) -> None:
+def resolve_lr(config: TrainConfig, layers: int, hidden: int) -> tuple[TrainConfig, str | None]:
+    """`config` with the number it trains at in place of `--lr auto` (`pkdpipe.learning_rate`), and
+    the rule that chose it (None for a number the user gave): settings, checkpoints and the card
+    then all record the number, so a run is named by what it did, not by a word."""
+    lr, rule = learning_rate.resolve(config.lr, layers, hidden)
+    if rule:
+        progress.info(rule, config.quiet)
+    return dataclasses.replace(config, lr=lr), rule
+
+
+def check_learned(task: Task, result: TrainResult, baseline: dict[str, float], config: TrainConfig,
+                  layers: int, hidden: int) -> None:  # fmt: skip
     """Warn, in the result (and so in metrics.json, the card and the CLI summary), when the best dev
-    metric is no better than always answering the majority class: such a model learned nothing."""
+    metric is no better than always answering the majority class: such a model learned nothing. The
+    warning says the likely cause the run shows and the command to try."""
     if learned_nothing(task, result.metrics, baseline):
         result.warnings.append(
             majority_warning(task, result.metrics, baseline, "best dev")
-            + "; try a higher --lr or more --epochs"
+            + "; "
+            + what_to_try(
+                result, config, _logged_losses(result.output), learning_rate.auto_lr(layers, hidden)[0]
+            )
         )
+
+
+FLAT = 0.05
+"""A loss that ends within 5% of where it started learned nothing from the data."""
+
+
+def _logged_losses(output: Path) -> list[float]:
+    """The training loss of each line of the run's train_log.jsonl, in order."""
+    path = output / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def what_to_try(result: TrainResult, config: TrainConfig, losses: list[float], auto: float) -> str:
+    """The likely cause of a run that learned nothing, as far as the run shows it, and the command to
+    try: a loss flat from the start means an lr too low (or, at 1e-3 and above, too high); a best
+    step at the last step means the run stopped while still learning."""
+    lr = float(config.lr)
+    flat = len(losses) >= 2 and losses[-1] >= (1 - FLAT) * losses[0]
+    if flat and lr >= 1e-3:
+        cause, change = f"the loss stayed flat from the start: lr {lr:g} is likely too high", {"lr": lr / 10}
+    elif flat:
+        cause, change = (
+            f"the loss stayed flat from the start: lr {lr:g} is likely too low",
+            {"lr": max(auto, 3 * lr)},
+        )
+    elif result.best_step >= result.steps:
+        cause = "the best step is the last one: the run stopped while still learning (under-trained)"
+        change = {"lr": max(auto, 3 * lr)} if lr < auto else {"epochs": 2 * config.epochs}
+    else:
+        cause, change = (
+            "the loss fell but dev did not rise: check the labels, or try a lower lr",
+            {"lr": lr / 3},
+        )
+    return f"{cause}; try: {_rerun_command(config, change)}"
+
+
+def _rerun_command(config: TrainConfig, change: dict) -> str:
+    """The run's own command line with `change` applied (and --no-resume, to replace this run)."""
+    words = shlex.split(config.command) if config.command else ["pkdpipe", "..."]
+    flags = {
+        "--" + k.replace("_", "-"): f"{v:g}" if isinstance(v, float) else str(v) for k, v in change.items()
+    }
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in flags:
+            skip = True
+        elif word.split("=", 1)[0] not in (*flags, "--no-resume"):
+            kept.append(word)
+    return shlex.join([*kept, *(x for flag, value in flags.items() for x in (flag, value)), "--no-resume"])
 
 
 def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline: dict, **extra) -> None:
@@ -344,6 +420,7 @@ def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline:
         "train_seconds": round(result.seconds, 1),
         "parameters": parameters,
         "dev_majority_baseline": baseline,
+        "metric_scale": METRIC_SCALE,
         "warnings": result.warnings,
         **extra,
     }
@@ -352,37 +429,53 @@ def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline:
 
 # -- finetune ------------------------------------------------------------------------------------
 def finetune(config: FinetuneConfig) -> TrainResult:
-    """Fine-tune `config.model` on a task (optionally cut to its first K layers)."""
+    """Fine-tune `config.model` on a task (optionally cut to its first K layers). Local files are
+    read before the hub is asked for anything (`pkdpipe.paths.local_first`)."""
     distributed.init(config.device)
     _check_precision(config)
     task = get_task(config.task)
     output = config.output or config.runs_dir / task.name / (
         "teacher" if config.layers is None else f"ft-{config.layers}"
     )
+    model_config, (train, dev) = local_first(
+        config.model, lambda: load_config(config.model, config.trust_remote_code), lambda: _data(config, task)
+    )
+    depth = num_layers(model_config)
+    if config.layers is not None and config.layers > depth:
+        raise ModelError(f"{config.model} has {depth} layers; cannot keep {config.layers}")
+    check_max_seq_len(model_config, config.max_seq_len, config.model)
+    config, lr_rule = resolve_lr(config, config.layers or depth, hidden_size(model_config))
     settings = resume_settings(config)
     with _run_folder(output, "finetune", settings, config) as done:
-        return done if done is not None else _finetune(config, task, output, settings)
+        if done is not None:
+            return done
+        return _finetune(
+            config, task, output, settings, (train, dev), (depth, hidden_size(model_config), lr_rule)
+        )
 
 
-def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict) -> TrainResult:
-    """finetune's training, once its output folder is held."""
+def _data(config: FinetuneConfig, task: Task) -> tuple[Examples, Examples | None]:
+    """finetune's train split (a --train-rows sample of it, when asked) and dev split (if any)."""
+    train = load_split(task, "train", config.data_dir, train_rows=config.train_rows)
+    return train, load_split(task, "dev", config.data_dir) if "dev" in task.splits else None
+
+
+Shape = tuple[int, int, "str | None"]  # a model's depth and width, and the rule that chose its lr
+
+
+def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict,
+              data: tuple[Examples, Examples | None], shape: Shape) -> TrainResult:  # fmt: skip
+    """finetune's training, once its output folder is held: `data` is (train, dev), `shape` the
+    model's (depth, width) and the rule that chose its lr."""
+    depth, width, lr_rule = shape
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     overrides = label_config(task.labels)
-    model_config = load_config(config.model, config.trust_remote_code)
-    check_max_seq_len(model_config, config.max_seq_len, config.model)
     if config.layers is not None:
-        depth = num_layers(model_config)
-        if config.layers > depth:
-            raise ModelError(f"{config.model} has {depth} layers; cannot keep {config.layers}")
         overrides["num_hidden_layers"] = config.layers
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation follows --seed too
     model = load_classifier(config.model, config.trust_remote_code, fresh_head=True, **overrides)
-    train = encode(load_split(task, "train", config.data_dir), tokenizer, config.max_seq_len)
-    dev = (
-        encode(load_split(task, "dev", config.data_dir), tokenizer, config.max_seq_len)
-        if "dev" in task.splits
-        else None
-    )
+    train = encode(data[0], tokenizer, config.max_seq_len)
+    dev = encode(data[1], tokenizer, config.max_seq_len) if data[1] is not None else None
     _make_output(output)
     pad_id = pad_id_of(tokenizer)
     source = EncodedSource(train, config.batch_size, config.seed, pad_id, config.group_by_length)
@@ -394,7 +487,7 @@ def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict) 
     baseline = majority_baseline(task, dev.labels if dev is not None else None)
 
     def write_files(result: TrainResult) -> None:
-        check_learned(task, result, baseline)
+        check_learned(task, result, baseline, config, config.layers or depth, width)
         record = {
             "base_model": str(config.model),
             "task": task.name,
@@ -402,6 +495,8 @@ def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict) 
             "dev": result.metrics,
             "settings": settings,  # what a rerun must match to be this run (pkdpipe.runfolder)
             "config": to_dict(config),
+            "lr_rule": lr_rule,  # how --lr auto chose config's lr (None: the user gave it)
+            "max_seq_len": config.max_seq_len,  # the length it trained at: evaluate's default
             "command": config.command or " ".join(sys.argv),
         }
         files.write_text(output / FINETUNE_RECORD, json.dumps(record, indent=2) + "\n")

@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report)
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _floats(text: str, flag: str) -> list[float | str]:
+    if flag == "--lr" and text.strip() == "auto":  # the default: one run at the rule's lr
+        return ["auto"]
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
