@@ -149,6 +149,28 @@ def quick_sample(source: Path, dest: Path) -> Path:
     return dest
 
 
+def settings_lines(config: DemoConfig) -> list[str]:
+    """The settings each trained model of the demo used, one line each, for its printed table: a
+    student trained with other settings is not comparable with the demo's."""
+    return [
+        f"teacher: lr {config.teacher_lr:g}, {config.teacher_epochs} epochs, batch {config.batch_size}, "
+        f"max length {config.max_seq_len}",
+        f"student: PKD-{config.strategy}, {config.student_layers} layers, lr {config.student_lr:g}, "
+        f"T {config.temperature:g}, alpha {config.alpha:g}, beta {config.beta:g}, "
+        f"{config.student_epochs} epochs, batch {config.batch_size}",
+    ]
+
+
+def next_command(config: DemoConfig, strategy: str = "kd") -> str:
+    """A distill command whose student is comparable with the demo's: the demo's cache (its task's
+    newest), depth and settings, another strategy."""
+    return (
+        f"pkdpipe distill --task {config.task} --strategy {strategy} --layers {config.student_layers} "
+        f"--lr {config.student_lr:g} --temperature {config.temperature:g} --alpha {config.alpha:g} "
+        f"--beta {config.beta:g} --epochs {config.student_epochs} --batch-size {config.batch_size}"
+    )
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
     model = config.model or default_model()
     data_dir = config.data_dir or default_data_dir()
@@ -208,6 +230,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     )
     summary = {
         "config": to_dict(config),
+        "settings": settings_lines(config),
         "model": model,
         "cache": str(cache.path),
         "reused": stages.reused,

@@ -33,7 +33,7 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
 ):
     """Fine-tune a 6-layer teacher, cache it, distill a 3-layer PKD student, compare on test."""
-    from pkdpipe.demo import DemoConfig, run_demo
+    from pkdpipe.demo import DemoConfig, next_command, run_demo, settings_lines
     from pkdpipe_cli.eval_cmd import print_reports
 
     run_dir = run_dir or Path("runs/demo-quick" if quick else "runs/demo")
@@ -48,7 +48,7 @@ def demo(
     )
     result = run_demo(config)
     title = "BANKING77 test" + (" (quick: a 400-row sample)" if quick else "") + ": teacher vs PKD student"
-    print_reports(result.reports, title)
+    print_reports(result.reports, title, caption="\n".join(settings_lines(config)))
     times = Table(title="stages", show_header=False, box=None)
     for stage, seconds in result.seconds.items():
         times.add_row(stage, f"{seconds:.0f} s", "reused" if stage in result.reused else "")
@@ -62,8 +62,7 @@ def demo(
     for warning in result.warnings:
         console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False, soft_wrap=True)
     console.print(
-        "next: pkdpipe cache ls; pkdpipe distill --task banking77 --strategy kd --layers 3 "
-        "(see the README's walk-through)",
+        f"next, a student comparable with the demo's: {next_command(config)} (see the README's walk-through)",
         markup=False,
         highlight=False,
     )
