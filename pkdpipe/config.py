@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pkdpipe import strategies
 from pkdpipe.batching import GROUP_BATCHES
+from pkdpipe.cache.codec import CODECS, INT8
 from pkdpipe.errors import ConfigError
 from pkdpipe.paths import check_local, check_task_path, default_cache_root
 
@@ -77,6 +78,11 @@ class CacheConfig:
     dtype: str = setting(
         "float16", "Storage dtype of the [CLS] vectors: float16 or float32 (logits: float32)."
     )
+    codec: str = setting(
+        "float16",
+        "How the [CLS] vectors are stored: float16 (as --dtype says) or int8 (codes per dimension, "
+        "about half the bytes; docs/cache-format.md gives its error).",
+    )
     layers: tuple[int, ...] | None = setting(
         None, "Hidden layers to store: all, or a list like 0,2,4,6 (0 = embeddings).", cli="ints-or-all"
     )
@@ -109,10 +115,18 @@ class CacheConfig:
         _check_positive(max_seq_len=self.max_seq_len, batch_size=self.batch_size, shard_size=self.shard_size)
         _check_rows(self.train_rows)
         _check_choice("--dtype", self.dtype, HIDDEN_DTYPES)
+        _check_choice("--codec", self.codec, CODECS)
+        if self.codec == INT8 and self.dtype != "float16":
+            raise ConfigError(f"--codec int8 stores int8 codes: --dtype {self.dtype} does not apply")
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--device", self.device, ("auto", "cpu", "cuda"))
         if self.push and not self.store:
             raise ConfigError("--push needs --store URL (or PKDPIPE_STORE)")
+
+    @property
+    def hidden_dtype(self) -> str:
+        """The dtype of the stored [CLS] datasets: the codes' with int8, else --dtype."""
+        return "int8" if self.codec == INT8 else self.dtype
 
 
 @dataclass

@@ -104,9 +104,10 @@ def cache_teacher(
         max_seq_len=config.max_seq_len,
         truncation=TRUNCATION,
         layers=list(layers),
-        hidden_dtype=config.dtype,
+        hidden_dtype=config.hidden_dtype,
         logits_dtype="float32",
         precision=config.precision,  # bf16/fp16 autocast changes the stored values
+        codec=config.codec,
     )
     key = inputs.key()
     folder = config.cache_dir / task.name / key
@@ -122,15 +123,7 @@ def cache_teacher(
         )
     device = pick_device(config.device)
     model.to(device).eval()
-    layout = schema.Layout(
-        num_labels=task.num_labels,
-        hidden_size=hidden_size(model.config),
-        layers=tuple(layers),
-        hidden_dtype=config.dtype,
-        regression=task.is_regression,
-        with_token_types=uses_token_type_ids(tokenizer),
-        with_stats=True,
-    )
+    layout = _layout(config, task, model, tokenizer, layers)
     with _build_lock(folder, config.quiet) as already_built:
         if already_built and not config.force:
             return CacheResult(folder, key, hit=True, manifest=mf.read(folder))
@@ -173,6 +166,20 @@ def _examples(config: CacheConfig, task: Task) -> dict[str, Examples]:
         if not len(ex):
             raise DataError(f"split {split!r} of task {task.name} has no examples: nothing to cache")
     return examples
+
+
+def _layout(config: CacheConfig, task: Task, model, tokenizer, layers) -> schema.Layout:
+    """What the shards of this teacher, task and settings hold."""
+    return schema.Layout(
+        num_labels=task.num_labels,
+        hidden_size=hidden_size(model.config),
+        layers=tuple(layers),
+        hidden_dtype=config.hidden_dtype,
+        regression=task.is_regression,
+        with_token_types=uses_token_type_ids(tokenizer),
+        with_stats=True,
+        codec=config.codec,
+    )
 
 
 def _load_teacher(teacher_name: str, task: Task, config: CacheConfig):
@@ -327,6 +334,7 @@ def _manifest(config, task, teacher_name, model, key, inputs: KeyInputs, layout,
         "uses_token_type_ids": layout.with_token_types,
         "layers": inputs.layers,
         "hidden_dtype": inputs.hidden_dtype,
+        "codec": inputs.codec,
         "logits_dtype": inputs.logits_dtype,
         "precision": inputs.precision,
         "splits": splits_info,

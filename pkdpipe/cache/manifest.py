@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pkdpipe import files
+from pkdpipe.cache import codec as codecs
 from pkdpipe.cache.fingerprint import FORMAT_VERSION, cache_key
 from pkdpipe.errors import CacheError
 
@@ -90,9 +91,16 @@ class KeyInputs:
     hidden_dtype: str
     logits_dtype: str
     precision: str
+    codec: str = codecs.FLOAT16  # how the [CLS] vectors are stored (pkdpipe.cache.codec)
 
     def key(self) -> str:
-        return cache_key(dataclasses.asdict(self))
+        """The hash of the inputs. The codec enters it only when it is not float16, so caches made
+        before there were codecs keep their key; and a pkdpipe from before then, which cannot
+        decode int8, computes another key for an int8 cache and refuses it instead of misreading it."""
+        inputs = dataclasses.asdict(self)
+        if self.codec == codecs.FLOAT16:
+            del inputs["codec"]
+        return cache_key(inputs)
 
     @classmethod
     def of(cls, manifest: Manifest) -> KeyInputs:
@@ -109,6 +117,7 @@ class KeyInputs:
             hidden_dtype=m.hidden_dtype,
             logits_dtype=m.logits_dtype,
             precision=m.precision,
+            codec=m.codec,
         )
 
 
@@ -140,6 +149,7 @@ class Manifest(Mapping):
     timings: dict = field(default_factory=dict)
     cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
     vocab_size: int | None = None  # token ids lie in 0..vocab_size-1 (caches made since pkdpipe 0.3)
+    codec: str = codecs.FLOAT16  # how hidden/<layer> stores the [CLS] vectors (absent: float16)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as written
 
     # the JSON, read like a dict
@@ -184,6 +194,7 @@ def parse(data: object, where: Path | str) -> Manifest:
 _HEX = re.compile(r"^[0-9a-f]+$")
 _MAX_BYTES = 2**50  # a petabyte: no shard is larger
 _MAX_ROWS = 2**40
+_CODEC_DTYPES = {(codecs.FLOAT16, "float16"), (codecs.FLOAT16, "float32"), (codecs.INT8, "int8")}
 
 
 def _check_values(m: Manifest, where) -> None:
@@ -212,6 +223,10 @@ def _check_values(m: Manifest, where) -> None:
         len(t.pretrained_from) > 4096 or not t.pretrained_from.isprintable()
     ):
         refuse("teacher.pretrained_from is not a model name or folder")
+    if (m.codec, m.hidden_dtype) not in _CODEC_DTYPES:
+        refuse(f"codec {m.codec!r} with hidden_dtype {m.hidden_dtype!r} is not a way pkdpipe stores vectors")
+    if m.codec == codecs.INT8 and not m.cls_stats:  # readers take int8 caches' statistics as stored
+        refuse("an int8 cache without cls_stats")
     if not 1 <= m.max_seq_len <= 1_000_000:
         refuse(f"max_seq_len {m.max_seq_len} is out of range")
     if m.vocab_size is not None and not 1 <= m.vocab_size <= 100_000_000:

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from pkdpipe.batching import plan_epoch, rank_rows
+from pkdpipe.cache import codec as codecs
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
@@ -194,8 +195,17 @@ class TeacherCache:
             "token_type_ids": None if types is None else [types[span] for span in spans],
         }
         if layers:
-            out["hidden"] = np.stack([_pick(f[schema.hidden(layer)], rows) for layer in layers], axis=1)
+            out["hidden"] = np.stack([self._vectors(f, layer, rows) for layer in layers], axis=1)
         return out
+
+    def _vectors(self, f: h5py.File, layer: int, rows: np.ndarray) -> np.ndarray:
+        """Layer `layer`'s [CLS] vectors at `rows`, as floats: int8 codes are decoded here (float32),
+        with the shard's per-block offsets and scales (a few KB), so training sees vectors either way."""
+        stored = _pick(f[schema.hidden(layer)], rows)
+        if self.manifest.codec != codecs.INT8:
+            return stored
+        offset, scale = f[schema.hidden_offset(layer)][:], f[schema.hidden_scale(layer)][:]
+        return codecs.decode(stored, offset, scale, rows)
 
     def _tokens(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """A shard's token ids (and segment ids) with their row offsets, read once and kept: a few

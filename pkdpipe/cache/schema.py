@@ -5,7 +5,10 @@ One HDF5 file per shard, n rows, T tokens in all (docs/cache-format.md has the s
     example_id       (n,)      int64      the example's id (its row in the source file)
     labels           (n,)      int64      gold label index, -1 = unlabelled (float32, NaN: regression)
     logits           (n, C)    float32    the teacher's logits
-    hidden/<i>       (n, H)    hidden     [CLS] vector of hidden state i (0 = embeddings output)
+    hidden/<i>       (n, H)    hidden     [CLS] vector of hidden state i (0 = embeddings output);
+                                          int8 codes when the codec is int8 (`pkdpipe.cache.codec`)
+    hidden_offset/<i> (b, H)   float32    int8 codec only: per 1,024-row block b and dimension, the
+    hidden_scale/<i>  (b, H)   float32    offset and step that decode hidden/<i> (b = ceil(n / 1024))
     offsets          (n + 1,)  int64      row r's tokens are input_ids[offsets[r]:offsets[r + 1]]
     input_ids        (T,)      int32      token ids, unpadded, concatenated (vocabularies outgrow uint16)
     token_type_ids   (T,)      uint8      segment ids, only for models that use them
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pkdpipe.cache import codec as codecs
+
 EXAMPLE_ID = "example_id"
 LABELS = "labels"
 LOGITS = "logits"
@@ -34,6 +39,8 @@ INPUT_IDS = "input_ids"
 TOKEN_TYPE_IDS = "token_type_ids"
 HIDDEN = "hidden"  # the group of the [CLS] vectors, one dataset per stored layer
 CLS_STATS = "cls_stats"  # the group of their per-dimension statistics, one dataset per stored layer
+HIDDEN_OFFSET = "hidden_offset"  # int8 codec: the groups of each layer's per-block offsets and steps
+HIDDEN_SCALE = "hidden_scale"
 
 
 def indirection(f) -> str | None:
@@ -67,6 +74,26 @@ def hidden(layer: int) -> str:
     return f"{HIDDEN}/{layer}"
 
 
+def hidden_offset(layer: int) -> str:
+    """The dataset of layer `layer`'s int8 offsets, one row per block of rows."""
+    return f"{HIDDEN_OFFSET}/{layer}"
+
+
+def hidden_scale(layer: int) -> str:
+    """The dataset of layer `layer`'s int8 steps, one row per block of rows."""
+    return f"{HIDDEN_SCALE}/{layer}"
+
+
+def read_hidden(f, layer: int, codec: str, rows: slice = slice(None)) -> np.ndarray:
+    """Layer `layer`'s vectors in the rows `rows` of the open shard `f`, as floats: decoded when
+    the codec is int8 (float32), as stored otherwise. What statistics and checks are taken of."""
+    stored = f[hidden(layer)][rows]
+    if codec != codecs.INT8:
+        return stored
+    positions = np.arange(f[hidden(layer)].shape[0])[rows]
+    return codecs.decode(stored, f[hidden_offset(layer)][:], f[hidden_scale(layer)][:], positions)
+
+
 def cls_stats(layer: int) -> str:
     """The dataset of layer `layer`'s per-dimension statistics: rows `pkdpipe.cache.stats.STAT_ROWS`."""
     return f"{CLS_STATS}/{layer}"
@@ -83,6 +110,7 @@ class Layout:
     regression: bool
     with_token_types: bool
     with_stats: bool = False  # each shard stores cls_stats/<layer> (caches made since pkdpipe 0.3)
+    codec: str = codecs.FLOAT16  # int8: hidden/<layer> holds codes, decoded with its offsets and scales
 
     @classmethod
     def of(cls, manifest) -> Layout:
@@ -95,6 +123,7 @@ class Layout:
             regression=manifest.label_names is None,
             with_token_types=manifest.uses_token_type_ids,
             with_stats=manifest.cls_stats,
+            codec=manifest.codec,
         )
 
     def datasets(self, rows: int, tokens: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -110,6 +139,9 @@ class Layout:
             shapes[TOKEN_TYPE_IDS] = ((tokens,), np.uint8)
         for layer in self.layers:
             shapes[hidden(layer)] = ((rows, self.hidden_size), np.dtype(self.hidden_dtype))
+            if self.codec == codecs.INT8:
+                shapes[hidden_offset(layer)] = ((codecs.blocks(rows), self.hidden_size), np.float32)
+                shapes[hidden_scale(layer)] = ((codecs.blocks(rows), self.hidden_size), np.float32)
             if self.with_stats:
                 shapes[cls_stats(layer)] = ((4, self.hidden_size), np.float64)
         return {name: (shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
@@ -123,6 +155,9 @@ class Layout:
     def create(self, f, ids: np.ndarray, offsets: np.ndarray) -> None:
         """Every dataset of a new shard, contiguous and sized; `example_id` and `offsets` filled."""
         f.create_group(HIDDEN)
+        if self.codec == codecs.INT8:
+            f.create_group(HIDDEN_OFFSET)
+            f.create_group(HIDDEN_SCALE)
         if self.with_stats:
             f.create_group(CLS_STATS)
         for name, (shape, dtype) in self.datasets(len(ids), int(offsets[-1])).items():

@@ -4,12 +4,11 @@ Checks, per shard: the file exists (a regular file, not a link), its sha256 matc
 it opens as HDF5, nothing in it is a link or keeps its bytes elsewhere (external storage, a virtual
 dataset), every dataset of `pkdpipe.cache.schema` is there with the shape and dtype the
 manifest implies, no logit or hidden vector is NaN or inf, gold labels lie in the task's range and
-token ids in the tokenizer's (`vocab_size`, where the manifest records it), and each layer's
-stored statistics (`cls_stats/<layer>`) are those of its vectors. Per split: example ids are
-unique and as many as the manifest says, train is labelled throughout, another split wholly or
-not at all. Per split: example ids are unique and as
-many as the manifest says. The manifest itself is checked against its schema, and its key against
-its inputs, when it is read.
+token ids in the tokenizer's (`vocab_size`, where the manifest records it), int8 steps are not
+negative, and each layer's stored statistics (`cls_stats/<layer>`) are those of its vectors
+(decoded, with the int8 codec). Per split: example ids are unique and as many as the manifest
+says, train is labelled throughout, another split wholly or not at all. The manifest itself is
+checked against its schema, and its key against its inputs, when it is read.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pkdpipe.cache import codec as codecs
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
@@ -129,16 +129,21 @@ def _check_arrays(
     if offsets[-1] != tokens or np.any(np.diff(offsets) <= 0):
         report.problems.append(f"{name}: token offsets do not match input_ids")
     non_finite = set()
-    for dataset in [schema.LOGITS, *(schema.hidden(layer) for layer in layout.layers)]:
+    vectors = {layer: _vector_datasets(layout, layer) for layer in layout.layers}
+    for dataset in [schema.LOGITS, *(name for names in vectors.values() for name in names)]:
         for start in range(0, rows, 4096):  # bounded memory on big shards
             if not np.isfinite(f[dataset][start : start + 4096]).all():
                 report.problems.append(f"{name}: {dataset} holds NaN or inf")
                 non_finite.add(dataset)
                 break
+    for layer in layout.layers if layout.codec == codecs.INT8 else ():
+        if (f[schema.hidden_scale(layer)][:] < 0).any():  # NaN compares False: reported above
+            report.problems.append(f"{name}: {schema.hidden_scale(layer)} holds a negative step")
     if layout.with_stats:  # a layer with NaN is reported once, above
-        for layer in (layer for layer in layout.layers if schema.hidden(layer) not in non_finite):
+        for layer in (layer for layer in layout.layers if non_finite.isdisjoint(vectors[layer])):
             stored = f[schema.cls_stats(layer)][:]
-            if not np.allclose(stored, LayerStats.of(f[schema.hidden(layer)][:]).to_array(), 1e-6, 1e-9):
+            vectors_now = schema.read_hidden(f, layer, layout.codec)
+            if not np.allclose(stored, LayerStats.of(vectors_now).to_array(), 1e-6, 1e-9):
                 wrong = schema.cls_stats(layer)
                 report.problems.append(f"{name}: {wrong} is not the statistics of its vectors")
     unlabelled = _check_labels(f[schema.LABELS][:], name, layout, report)
@@ -150,6 +155,13 @@ def _check_arrays(
         )
     report.rows_checked += rows
     return _Rows(f[schema.EXAMPLE_ID][:], unlabelled)
+
+
+def _vector_datasets(layout: schema.Layout, layer: int) -> list[str]:
+    """The datasets that hold layer `layer`'s vectors: with int8, the codes and their offsets and steps."""
+    if layout.codec == codecs.INT8:
+        return [schema.hidden(layer), schema.hidden_offset(layer), schema.hidden_scale(layer)]
+    return [schema.hidden(layer)]
 
 
 def _check_labels(labels: np.ndarray, name: str, layout: schema.Layout, report: VerifyReport) -> int:

@@ -8,6 +8,10 @@ to a full disk (or past a file-size limit) leaves its library in a state that cr
 at exit; Python's write fails with one clean OSError instead. The price is one shard in memory
 while it is built, twice over for a moment at commit (the image is copied out): `--shard-size`
 rows, 160 MB for 8,192 rows of 13 BERT-base layers in float16.
+
+With the int8 codec (`pkdpipe.cache.codec`) the vectors of the current block of 1,024 rows wait in
+float32 until the block is full (or the shard ends), and are then written as codes with the
+block's offsets and scales: quantised from the teacher's float32 output, not from a float16 copy.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import h5py
 import numpy as np
 
 from pkdpipe import files
+from pkdpipe.cache import codec as codecs
 from pkdpipe.cache import schema
 from pkdpipe.cache.stats import LayerStats
 from pkdpipe.errors import CacheError
@@ -35,6 +40,9 @@ class ShardWriter:
         self._row = 0
         self._layers = layout.layers
         self._with_stats = layout.with_stats
+        self._codec = layout.codec
+        self._pending: dict[int, list[np.ndarray]] = {layer: [] for layer in layout.layers}
+        self._encoded = 0  # rows written as int8 codes so far (the rest are pending)
         self._file = h5py.File(final_path.name, "w", driver="core", backing_store=False)
         layout.create(self._file, ids, offsets)
 
@@ -50,18 +58,40 @@ class ShardWriter:
             f[schema.TOKEN_TYPE_IDS][t0:t1] = np.concatenate(token_type_ids)
         f[schema.LABELS][r0:r1] = labels
         f[schema.LOGITS][r0:r1] = logits
-        for layer in self._layers:
-            f[schema.hidden(layer)][r0:r1] = hidden[layer]
         self._row = r1
+        if self._codec == codecs.INT8:
+            for layer in self._layers:
+                self._pending[layer].append(np.asarray(hidden[layer], dtype=np.float32))
+            while self._row - self._encoded >= codecs.BLOCK_ROWS:
+                self._encode_block()
+        else:
+            for layer in self._layers:
+                f[schema.hidden(layer)][r0:r1] = hidden[layer]
+
+    def _encode_block(self) -> None:
+        """Write the next block of pending rows (a whole block, or the shard's last rows) as codes."""
+        r0 = self._encoded
+        r1 = min(r0 + codecs.BLOCK_ROWS, self._row)
+        block = r0 // codecs.BLOCK_ROWS
+        for layer in self._layers:
+            pending = np.concatenate(self._pending[layer])
+            codes, offset, scale = codecs.encode_block(pending[: r1 - r0])
+            self._file[schema.hidden(layer)][r0:r1] = codes
+            self._file[schema.hidden_offset(layer)][block] = offset
+            self._file[schema.hidden_scale(layer)][block] = scale
+            self._pending[layer] = [pending[r1 - r0 :]]
+        self._encoded = r1
 
     def commit(self) -> None:
         """Write the finished shard to disk (flushed) under its final name."""
         if self._row != len(self._offsets) - 1:
             self.abort()
             raise CacheError(f"{self.final_path.name}: wrote {self._row} of {len(self._offsets) - 1} rows")
+        if self._codec == codecs.INT8 and self._row > self._encoded:
+            self._encode_block()
         if self._with_stats:
-            for layer in self._layers:  # from the stored (rounded) values, as verify recomputes them
-                stats = LayerStats.of(self._file[schema.hidden(layer)][:])
+            for layer in self._layers:  # from the stored (rounded, decoded) values, as verify recomputes them
+                stats = LayerStats.of(schema.read_hidden(self._file, layer, self._codec))
                 self._file[schema.cls_stats(layer)][:] = stats.to_array()
         self._file.flush()
         image = self._file.id.get_file_image()
