@@ -295,8 +295,8 @@ def open_study(name: str, storage: str, seed: int | None = None, create: bool = 
             )
             break
         except Exception as err:  # a wrong URL, a server that is not there, a missing driver
-            if storage.startswith("sqlite") and attempt < 4:
-                time.sleep(1)  # another worker is creating the same SQLite tables right now
+            if attempt < 4 and (storage.startswith("sqlite") or _database_error(err)):
+                time.sleep(1)  # another worker is creating the same tables right now
                 continue
             raise ConfigError(
                 f"cannot open the study storage {storage}: {str(err).splitlines()[0]}"
@@ -316,6 +316,15 @@ def open_study(name: str, storage: str, seed: int | None = None, create: bool = 
         return optuna.load_study(study_name=name, storage=rdb, pruner=pruner, sampler=sampler)
     except KeyError:
         raise ConfigError(f"no study {name!r} in {storage}") from None
+
+
+def _database_error(err: Exception) -> bool:
+    """Whether the database itself refused, which a retry can mend: workers started together on a
+    fresh PostgreSQL database race to create Optuna's tables, and all but one are told the table's
+    type already exists (UniqueViolation). A missing driver or a malformed URL is not retried."""
+    from sqlalchemy.exc import DBAPIError
+
+    return isinstance(err, DBAPIError)
 
 
 def trials_of(study) -> list[Trial]:

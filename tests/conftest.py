@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,23 @@ def distill_config():
         return DistillConfig(**{**settings, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory) -> Iterator[str]:
+    """An s3:// store URL on a moto S3 server started for this session (tests marked s3); skips
+    with the reason when s3fs or moto's server is not installed."""
+    from servers import moto_s3
+
+    with moto_s3("pkd-team", tmp_path_factory.mktemp("moto") / "server.log") as bucket:
+        yield f"{bucket}/caches"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL for Optuna (tests marked postgres): PKDPIPE_TEST_POSTGRES, or a server
+    started for this session; skips with the reason when no server or driver is installed."""
+    from servers import postgresql
+
+    with postgresql() as url:
+        yield url

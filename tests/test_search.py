@@ -142,12 +142,11 @@ def test_a_killed_workers_trial_is_queued_again_and_finished_by_the_next(tiny_ca
 
 
 @pytest.mark.postgres
-def test_two_workers_share_a_study_on_a_real_postgresql_server(tiny_cache, tmp_path):
+def test_two_workers_share_a_study_on_a_real_postgresql_server(tiny_cache, tmp_path, postgres_url):
     """The many-machine recipe, on one machine: two workers, one PostgreSQL study. Opt in with
-    PKDPIPE_TEST_POSTGRES=postgresql://USER:PASSWORD@HOST/DB and pytest -m postgres."""
-    url = os.environ.get("PKDPIPE_TEST_POSTGRES")
-    if not url:
-        pytest.skip("set PKDPIPE_TEST_POSTGRES to a PostgreSQL database URL")
+    pytest -m postgres (.ci/run does): the fixture starts a server, or uses
+    PKDPIPE_TEST_POSTGRES=postgresql://USER:PASSWORD@HOST/DB when it is set."""
+    url = postgres_url
     name = f"shared-{os.getpid()}-{time.time_ns()}"
     workers = [_worker(tiny_cache, tmp_path / "sweep", url, 5, _env(), study=name) for _ in range(2)]
     for w in workers:
