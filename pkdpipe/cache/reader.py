@@ -3,17 +3,25 @@
 `distill` streams with bounded memory. An epoch is a fresh uniform shuffle of all rows of the split,
 drawn from (seed, epoch) (`pkdpipe.batching`), so every rank, and a resumed run, computes the same
 order without storing it. The reader gathers a window of batches' rows at a time, sorted, in one
-read per shard and dataset, and only the hidden layers the layer map needs; the token ids (a few
-bytes a token) are read once per shard and kept. Caches written since pkdpipe 0.2 store every
+read per shard and dataset, and only the hidden layers the layer map needs; the window's token ids
+are read with it, the rows it needs and no others. Caches written since pkdpipe 0.2 store every
 dataset contiguously, where such a read costs about 2 ms for 1,600 rows of a 768-wide layer;
 older caches (256-row chunks) read the same way, several times slower.
 
+Memory does not grow with the cache: nothing is kept per row (the epoch's order is the only array
+as long as the split), and at most `OPEN_SHARDS` shard files are open at once, each opened when a
+read needs it and the least recently used closed. (Keeping every shard open and every token id in
+memory cost about 0.5 MB a shard plus 100 B a row: 1.3 GB at MNLI's size.)
+
 Every shard's sha256 is checked against the manifest the first time this process opens it; under
-torchrun the ranks share that work (`verify_across_ranks`).
+torchrun the ranks share that work (`verify_across_ranks`). A shard opened again after it was
+closed must be the same file, unchanged since that first opening, or it is refused.
 """
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,17 +39,23 @@ from pkdpipe.errors import CacheError
 
 READ_BATCHES = 50  # batches whose rows are gathered in one read: 12 MB for 5 layers x 768 x fp16
 STATS_BLOCK = 8192  # rows per read when an older cache's statistics are computed: 12 MB at H = 768
+OPEN_SHARDS = 8  # shard files open at once: each holds about 0.5 MB of HDF5 state, and a window reads
+# its shards in order, so a larger pool saves little: reopening one costs well under a millisecond
+READ_GAP = 1 << 16  # wanted spans of a dataset closer than this many elements come from one slice:
+# a separate h5py read cost 0.05-0.15 ms here, about what copying 256 KB (int32) does
+TOKEN_BLOCK = 1 << 20  # token ids per read when a split's range is scanned: 4 MB of int32
 
 
 class TeacherCache:
-    """A complete cache folder, checked on open; shards are opened (and verified) lazily."""
+    """A complete cache folder, checked on open; shards are opened (and verified) lazily, a few at a time."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder)
         self.manifest = mf.read(self.path)
-        self._files: dict[str, h5py.File] = {}
+        self._files: OrderedDict[str, h5py.File] = OrderedDict()  # open shards, least recently used first
         self._verified: set[str] = set()  # shards whose checksum matched, here or on another rank
-        self._token_arrays: dict[str, tuple] = {}  # shard -> (offsets, input_ids, token_type_ids)
+        self._identity: dict[str, tuple] = {}  # shard -> (device, inode, size, mtime) at its first opening
+        self._pid = os.getpid()  # the process that opened `_files`
 
     # -- what the manifest says ------------------------------------------------------------
     @property
@@ -94,21 +108,49 @@ class TeacherCache:
 
     # -- shard access ----------------------------------------------------------------------
     def shard(self, name: str) -> h5py.File:
-        """An open shard, verified against its manifest checksum the first time."""
-        if name not in self._files:
-            path = self._checksum(name) if name not in self._verified else mf.safe_file(self.path, name)
-            try:
-                opened = h5py.File(path, "r")
-            except OSError as err:
-                raise CacheError(f"cannot open {path}: {err}") from None
+        """An open shard, verified against its manifest checksum the first time. At most
+        `OPEN_SHARDS` stay open (the least recently used is closed), so the handle is good until the
+        next call: read what is needed from one shard before asking for another."""
+        if self._pid != os.getpid():  # a forked child (a DataLoader worker): HDF5 handles do not
+            self._files, self._pid = OrderedDict(), os.getpid()  # survive a fork; open its own
+        if name in self._files:
+            self._files.move_to_end(name)
+            return self._files[name]
+        while len(self._files) >= OPEN_SHARDS:  # make room first: never more open than that
+            self._files.popitem(last=False)[1].close()
+        self._files[name] = self._open(name)
+        return self._files[name]
+
+    def _open(self, name: str) -> h5py.File:
+        """Shard `name` opened, its checksum checked first if no rank has checked it yet."""
+        path = self._checksum(name) if name not in self._verified else mf.safe_file(self.path, name)
+        try:
+            opened = h5py.File(path, "r")
+        except OSError as err:
+            raise CacheError(f"cannot open {path}: {err}") from None
+        problem = self._refusal(name, path, opened)
+        if problem:
+            opened.close()
+            raise CacheError(problem)
+        return opened
+
+    def _refusal(self, name: str, path: Path, opened: h5py.File) -> str | None:
+        """Why the just opened shard must not be read, or None. The first opening looks inside it
+        (`schema.indirection`) and notes which file it is; a later one (the shard was closed to keep
+        few open) must find that file unchanged: one replaced after its checksum matched would
+        otherwise be read unverified."""
+        stat = os.fstat(opened.id.get_vfd_handle())
+        identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if name not in self._identity:
             elsewhere = schema.indirection(opened)
             if elsewhere:
-                opened.close()
-                raise CacheError(
-                    f"{path}: {elsewhere}, whose bytes live outside the shard: refusing to read it"
-                )
-            self._files[name] = opened
-        return self._files[name]
+                return f"{path}: {elsewhere}, whose bytes live outside the shard: refusing to read it"
+            self._identity[name] = identity
+        elif self._identity[name] != identity:
+            return (
+                f"{path} changed on disk since its checksum was checked: refusing to read it (cache verify)"
+            )
+        return None
 
     def _checksum(self, name: str) -> Path:
         (entry,) = [s for s in self.manifest.shards() if s.file == name]
@@ -152,8 +194,15 @@ class TeacherCache:
         with a shard listed twice or copied under another name would train on rows twice), and gold
         labels in the task's range (-1, no label, only outside train): one past it would end
         training in an IndexError."""
-        shards = [self.shard(s.file) for s in self._split(split).shards]
-        ids = np.concatenate([f[schema.EXAMPLE_ID][:] for f in shards])
+        ids, lows, highs = [], [], []
+        for s in self._split(split).shards:  # one at a time: a shard handle lasts until the next
+            f = self.shard(s.file)
+            ids.append(f[schema.EXAMPLE_ID][:])
+            labels = f[schema.LABELS][:]
+            if len(labels):
+                lows.append(labels.min())
+                highs.append(labels.max())
+        ids = np.concatenate(ids)
         if len(ids) != self.num_examples(split):
             raise CacheError(
                 f"cache {self.key}: split {split!r} holds {len(ids)} rows, the manifest says "
@@ -161,12 +210,11 @@ class TeacherCache:
             )
         if len(np.unique(ids)) != len(ids):
             raise CacheError(f"cache {self.key}: split {split!r} holds an example id twice (cache verify)")
-        labels = np.concatenate([f[schema.LABELS][:] for f in shards])
-        if self.label_names is not None and len(labels):
-            lowest = 0 if split == "train" else -1
-            if labels.min() < lowest or labels.max() >= self.num_labels:
+        if self.label_names is not None and lows:
+            lowest, low, high = 0 if split == "train" else -1, min(lows), max(highs)
+            if low < lowest or high >= self.num_labels:
                 raise CacheError(
-                    f"cache {self.key}: split {split!r} holds gold labels {labels.min()}..{labels.max()}, "
+                    f"cache {self.key}: split {split!r} holds gold labels {low}..{high}, "
                     f"outside {lowest}..{self.num_labels - 1} (cache verify names the shard)"
                 )
 
@@ -174,7 +222,6 @@ class TeacherCache:
         for f in self._files.values():
             f.close()
         self._files.clear()
-        self._token_arrays.clear()
 
     def __enter__(self):
         return self
@@ -185,14 +232,13 @@ class TeacherCache:
     def _read_rows(self, name: str, rows: np.ndarray, layers: Sequence[int]) -> dict:
         """Rows `rows` (sorted, unique positions in shard `name`) as numpy arrays."""
         f = self.shard(name)
-        offsets, tokens, types = self._tokens(name)
-        spans = [slice(offsets[r], offsets[r + 1]) for r in rows]
+        input_ids, token_type_ids = _token_rows(f, rows)
         out = {
             "example_id": _pick(f[schema.EXAMPLE_ID], rows),
             "labels": _pick(f[schema.LABELS], rows),
             "logits": _pick(f[schema.LOGITS], rows),
-            "input_ids": [tokens[span] for span in spans],
-            "token_type_ids": None if types is None else [types[span] for span in spans],
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
         }
         if layers:
             out["hidden"] = np.stack([self._vectors(f, layer, rows) for layer in layers], axis=1)
@@ -206,15 +252,6 @@ class TeacherCache:
             return stored
         offset, scale = f[schema.hidden_offset(layer)][:], f[schema.hidden_scale(layer)][:]
         return codecs.decode(stored, offset, scale, rows)
-
-    def _tokens(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """A shard's token ids (and segment ids) with their row offsets, read once and kept: a few
-        bytes a token, small beside the [CLS] vectors, and read row by row in a random order."""
-        if name not in self._token_arrays:
-            f = self.shard(name)
-            types = f[schema.TOKEN_TYPE_IDS][:] if schema.TOKEN_TYPE_IDS in f else None
-            self._token_arrays[name] = (f[schema.OFFSETS][:], f[schema.INPUT_IDS][:], types)
-        return self._token_arrays[name]
 
     def rows(self, split: str, rows: np.ndarray, layers: Sequence[int] = ()) -> dict:
         """Rows at sorted, unique positions of a split's storage order, from whichever shards hold
@@ -265,14 +302,24 @@ class TeacherCache:
         return out
 
     def token_range(self, split: str) -> tuple[int, int]:
-        """The smallest and largest token id of a split (a student's embeddings must cover them)."""
-        arrays = [self._tokens(s.file)[1] for s in self._split(split).shards if s.rows]
-        return min(int(a.min()) for a in arrays), max(int(a.max()) for a in arrays)
+        """The smallest and largest token id of a split (a student's embeddings must cover them),
+        scanned `TOKEN_BLOCK` ids at a time: none is kept."""
+        lows, highs = [], []
+        for s in self._split(split).shards:
+            ids = self.shard(s.file)[schema.INPUT_IDS]
+            for start in range(0, ids.shape[0], TOKEN_BLOCK):
+                block = ids[start : start + TOKEN_BLOCK]
+                lows.append(int(block.min()))
+                highs.append(int(block.max()))
+        return min(lows), max(highs)
 
     # -- streaming for training ------------------------------------------------------------
     def lengths(self, split: str) -> np.ndarray:
-        """Token count of every row of a split, in storage order."""
-        return np.concatenate([np.diff(self._tokens(s.file)[0]) for s in self._split(split).shards])
+        """Token count of every row of a split, in storage order (read from the shards each call:
+        only length-grouped epochs need it, once an epoch, as long as the epoch's order)."""
+        return np.concatenate(
+            [np.diff(self.shard(s.file)[schema.OFFSETS][:]) for s in self._split(split).shards]
+        )
 
     def epoch_plan(
         self,
@@ -303,8 +350,8 @@ class TeacherCache:
         """Yield this rank's part of each global batch of `epoch`, from batch `skip` on.
 
         Rows are gathered `READ_BATCHES` batches at a time: the rows this rank needs from them,
-        sorted, in one read per shard and dataset, so memory stays bounded by that window (only
-        the layers asked for are read) whatever the size of the cache.
+        sorted, in one read per shard and dataset (their token ids included), so memory stays
+        bounded by that window (only the layers asked for are read) whatever the size of the cache.
         """
         self.check_layers(layers)
         plan = self.epoch_plan(split, batch_size, epoch, seed, world, group_by_length)[skip:]
@@ -330,6 +377,33 @@ def _pick(dataset, rows: np.ndarray) -> np.ndarray:
     if rows[-1] - rows[0] + 1 == len(rows):
         return dataset[int(rows[0]) : int(rows[-1]) + 1]
     return dataset[rows]
+
+
+def _token_rows(f: h5py.File, rows: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The token ids (and segment ids, where the shard has them) of rows `rows` (sorted, unique) of
+    the open shard `f`, read for these rows only: a window's tokens, not the shard's."""
+    bounds = _gather(f[schema.OFFSETS], rows, rows + 2).reshape(-1, 2)  # each row's start and stop
+    starts, stops = bounds[:, 0], bounds[:, 1]
+    cuts = np.cumsum(stops - starts)[:-1]
+    ids = np.split(_gather(f[schema.INPUT_IDS], starts, stops), cuts)
+    if schema.TOKEN_TYPE_IDS not in f:
+        return ids, None
+    return ids, np.split(_gather(f[schema.TOKEN_TYPE_IDS], starts, stops), cuts)
+
+
+def _gather(dataset, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The spans [starts[i], stops[i]) of a 1-D dataset, in order (starts sorted), concatenated.
+    Spans less than `READ_GAP` apart come from one slice, the rest from a slice each: dense
+    windows cost one read, sparse ones (a large cache) do not read the whole shard for a few rows.
+    (h5py's point selection of the same tokens measured 6-25x slower for 200-1,600 rows of a
+    shard, and a union of 1,600 hyperslabs slower still.)"""
+    breaks = np.flatnonzero(starts[1:] - stops[:-1] > READ_GAP) + 1
+    parts = []
+    for group in np.split(np.arange(len(starts)), breaks):
+        first = int(starts[group[0]])
+        block = dataset[first : int(stops[group].max())]
+        parts += [block[a - first : b - first] for a, b in zip(starts[group], stops[group])]
+    return np.concatenate(parts) if parts else np.empty(0, dataset.dtype)
 
 
 def _take(data: dict, idx: np.ndarray) -> dict:

@@ -140,7 +140,117 @@ def test_only_the_requested_layers_are_read(cache):
     seen.clear()
     list(cache.stream("train", 8, [], epoch=0, seed=42))
     assert not any(p.startswith("hidden") for p in seen)
-    assert {"example_id", "logits", "labels"} <= seen  # token ids are kept from the first read
+    assert {
+        "example_id",
+        "logits",
+        "labels",
+        "input_ids",
+        "offsets",
+    } <= seen  # tokens: read per window, not kept
+
+
+# -- flat memory: few shards open, nothing kept per row ----------------------------------------
+@pytest.fixture(scope="module")
+def many_shards(tiny, tmp_path_factory):
+    """The tiny task cached in shards of 8 rows: train 96 -> 12 shards, more than `OPEN_SHARDS`."""
+    from pkdpipe.config import CacheConfig
+    from pkdpipe.teacher import cache_teacher
+
+    root = tmp_path_factory.mktemp("many-shards")
+    config = CacheConfig(
+        task=tiny["task"], teacher=str(tiny["teacher"]), cache_dir=root, shard_size=8, quiet=True
+    )
+    return cache_teacher(config).path
+
+
+def _count_open_files(monkeypatch) -> dict:
+    """Counts the HDF5 files open at once from here on (`peak`), through h5py.File."""
+    counts = {"open": 0, "peak": 0}
+
+    class Counted(h5py.File):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            counts["open"] += 1
+            counts["peak"] = max(counts["peak"], counts["open"])
+
+        def close(self):
+            if self.id.valid:
+                counts["open"] -= 1
+            super().close()
+
+    monkeypatch.setattr(h5py, "File", Counted)
+    return counts
+
+
+def _stored_tokens(folder) -> dict[int, tuple]:
+    """{example id: (input_ids, token_type_ids)} read straight from every train shard's datasets."""
+    from pkdpipe.cache import manifest as mf
+    from pkdpipe.cache import schema
+    from pkdpipe.cache.reader import read_shard
+
+    rows = {}
+    for s in mf.read(folder).splits["train"].shards:
+        names = (schema.EXAMPLE_ID, schema.OFFSETS, schema.INPUT_IDS, schema.TOKEN_TYPE_IDS)
+        d = read_shard(folder / s.file, *names)
+        for r, example_id in enumerate(d[schema.EXAMPLE_ID].tolist()):
+            span = slice(d[schema.OFFSETS][r], d[schema.OFFSETS][r + 1])
+            rows[example_id] = (d[schema.INPUT_IDS][span], d[schema.TOKEN_TYPE_IDS][span])
+    return rows
+
+
+def test_a_cache_of_many_shards_streams_with_few_open_and_the_stored_tokens(many_shards, monkeypatch):
+    from pkdpipe.cache import reader
+
+    expected = _stored_tokens(many_shards)
+    assert len(expected) == 96
+    monkeypatch.setattr(reader, "OPEN_SHARDS", 4, raising=False)
+    counts = _count_open_files(monkeypatch)
+    with open_cache(many_shards) as cache:
+        assert len(cache.manifest.splits["train"].shards) == 12
+        cache.check_rows("train")
+        assert cache.token_range("train") == (
+            min(int(ids.min()) for ids, _ in expected.values()),
+            max(int(ids.max()) for ids, _ in expected.values()),
+        )
+        for epoch, grouped in ((0, False), (1, True)):
+            batches = list(cache.stream("train", 8, LAYERS, epoch=epoch, seed=3, group_by_length=grouped))
+            assert sorted(int(i) for b in batches for i in b["example_id"]) == sorted(expected)
+            for batch in batches:
+                for i, example_id in enumerate(batch["example_id"].tolist()):
+                    np.testing.assert_array_equal(batch["input_ids"][i], expected[example_id][0])
+                    np.testing.assert_array_equal(batch["token_type_ids"][i], expected[example_id][1])
+        assert 0 < counts["peak"] <= 4
+    assert counts["open"] == 0  # close() closes what is still open
+
+
+def test_a_shard_replaced_after_its_check_is_refused_when_opened_again(many_shards, tmp_path, monkeypatch):
+    import shutil
+
+    from pkdpipe.cache import reader
+
+    copy = tmp_path / many_shards.name
+    shutil.copytree(many_shards, copy)
+    monkeypatch.setattr(reader, "OPEN_SHARDS", 1)
+    with open_cache(copy) as cache:
+        first, second = [s.file for s in cache.manifest.splits["train"].shards[:2]]
+        cache.shard(first)
+        cache.shard(second)  # closes the first
+        replacement = copy / "replacement"
+        shutil.copyfile(copy / first, replacement)  # the same bytes, but another file than the one checked
+        replacement.replace(copy / first)
+        with pytest.raises(CacheError, match=f"{first} changed on disk since its checksum was checked"):
+            cache.shard(first)
+
+
+def test_a_forked_process_opens_its_own_shards(cache, monkeypatch):
+    import os
+
+    name = cache.manifest.splits["train"].shards[0].file
+    inherited = cache.shard(name)
+    parent = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: parent + 1)  # as in a DataLoader worker forked after it
+    assert cache.shard(name) is not inherited
+    assert len(_stream(cache)) == 12
 
 
 def test_layers_not_in_the_cache_are_refused(tiny, tmp_path):
