@@ -39,6 +39,18 @@ def display_name(name_or_path: str | None) -> str | None:
     return path.name
 
 
+def teacher_name(teacher: dict) -> str:
+    """The teacher as a reader can find it: a hub id as it is; a local folder by its last two
+    parts (`banking77/teacher`: the folder name alone is only ever `teacher`), and the model it
+    was fine-tuned from, when the cache recorded one."""
+    name = display_name(teacher["name_or_path"]) or "?"
+    path = Path(teacher["name_or_path"])
+    local = name == path.name and path.name != str(teacher["name_or_path"])
+    shown = f"`{'/'.join(path.parts[-2:])}`, a local folder" if local else f"`{name}`"
+    origin = display_name(teacher.get("pretrained_from"))
+    return shown + (f", fine-tuned from `{origin}`" if origin else "")
+
+
 def hub_id(name_or_path: str | None) -> str | None:
     """The hub id of a model, when it has one (for the card's base_model)."""
     name = display_name(name_or_path)
@@ -92,10 +104,13 @@ def render(folder: Path, task: Task) -> str:
     if metrics.get("teacher_dev"):
         lines.append(_row("dev, the teacher", metrics["teacher_dev"], task))
     best, steps = metrics.get("best_step"), metrics.get("steps")
-    lines += ["", f"Metrics in %; dev is the best dev checkpoint (step {best} of {steps})."]
+    lines += [
+        "",
+        f"Metrics in %; dev is the best dev checkpoint (step {best} of {steps}); see Data for what dev is.",
+    ]
     lines += [f"\n**Warning**: {w}" for w in metrics.get("warnings", [])]
-    lines += ["", "## Training", "", *_training(distilled, config), *_lr_rule(record)]
-    lines += ["", "## Data", "", *_data(task)]
+    lines += ["", "## Training", "", *_training(distilled, config, steps), *_lr_rule(record)]
+    lines += ["", "## Data", "", *_data(task, record.get("data"))]
     lines += ["", "## Usage", "", "```python", "from transformers import pipeline",
               'classifier = pipeline("text-classification", model="path/to/this/folder")',
               f'classifier("{_example(task)}")', "```", ""]  # fmt: skip
@@ -139,8 +154,8 @@ def _about(distilled: bool, record: dict, config: dict, base: str) -> list[str]:
         "Sun et al. 2019) from a cached teacher: the teacher ran once, and its logits and [CLS] vectors "
         "were read from the cache while the student trained.",
         "",
-        f"- teacher: `{display_name(teacher['name_or_path'])}` ({teacher['architecture']}, "
-        f"{teacher['num_layers']} layers); cache key `{record['cache']['key']}`",
+        f"- teacher: {teacher_name(teacher)} ({teacher['architecture']}, {teacher['num_layers']} "
+        f"layers); cache key `{record['cache']['key']}`",
         f"- student: the first {config['layers']} layers of `{display_name(base)}`, a fresh classifier",
         f"- layer map (student <- teacher): {pairs or 'none'}",
         *_signal(record),
@@ -157,10 +172,15 @@ def _signal(record: dict) -> list[str]:
     return [f"- per-example share of the mapped teacher layers' normalised [CLS] (train): {shares}"]
 
 
-def _training(distilled: bool, config: dict) -> list[str]:
+def _training(distilled: bool, config: dict, steps: int | None) -> list[str]:
     names = {"lr": "lr", "epochs": "epochs", "batch_size": "batch size", "warmup": "warm-up",
              "weight_decay": "weight decay", "seed": "seed"}  # fmt: skip
     rows = [(label, config[key]) for key, label in names.items()]
+    if config.get("max_steps") and steps == config["max_steps"]:  # stopped by --max-steps, not epochs
+        rows[1] = (
+            "max steps",
+            f"{steps} (--max-steps: the run stopped there, within its {config['epochs']} epochs)",
+        )
     if distilled:
         strategy = strategies.get(config["strategy"])
         rows = [
@@ -177,20 +197,51 @@ def _lr_rule(record: dict) -> list[str]:
     return ["", f"lr: {rule}."] if rule else []
 
 
-def _data(task: Task) -> list[str]:
-    lines = [
-        f"Task `{task.name}`"
-        + (
-            f", dataset [{task.dataset}](https://huggingface.co/datasets/{task.dataset})"
-            if task.dataset
-            else ""
-        )
-        + "."
-    ]
+def data_record(task: Task, train: int, dev: int | None, train_rows: int | None, data_dir) -> dict:
+    """What a run trained and was scored on, for its card: row counts, a --train-rows sample, the
+    dev carve-out (a task without a dev file), a local copy of the data."""
+    return {
+        "train": train,
+        "dev": dev,
+        "train_rows": train_rows or None,  # a seeded sample of the train split; None: all of it
+        "dev_fraction": task.dev_fraction,  # dev carved out of train (None: the dataset's own dev)
+        "dev_seed": task.dev_seed if task.dev_fraction is not None else None,
+        "data_dir": Path(data_dir).name if data_dir else None,  # a folder name, not this machine's path
+    }
+
+
+def _data(task: Task, data: dict | None) -> list[str]:
+    dataset = f"[{task.dataset}](https://huggingface.co/datasets/{task.dataset})" if task.dataset else None
+    lines = [f"Task `{task.name}`" + (f", dataset {dataset}" if dataset else "") + "."]
+    lines += _rows(task, data) if data else []
     if task.data_license:
         lines.append(f"Data licence: {task.data_license}.")
     if task.attribution:
         lines.append(f"Credit: {task.attribution}.")
+    return lines
+
+
+def _rows(task: Task, data: dict) -> list[str]:
+    """Which rows the run trained and was scored on (see `data_record`), as sentences."""
+    lines = []
+    if data.get("data_dir"):
+        lines.append(f"Read from a local copy of the data (folder `{data['data_dir']}`).")
+    if data.get("train_rows"):
+        lines.append(
+            f"Train: a seeded sample of {data['train_rows']:,} rows (`--train-rows {data['train_rows']}`), "
+            "not the full train split."
+        )
+    elif data.get("train") is not None:
+        lines.append(f"Train: {data['train']:,} rows.")
+    if data.get("dev_fraction") is not None and data.get("dev") is not None:
+        hub = f"the hub's `{task.dataset}` has no dev split" if task.dataset else "the task has no dev file"
+        lines.append(
+            f"Dev: {data['dev']:,} rows carved out of train ({100 * data['dev_fraction']:g}% of each label, "
+            f"seed {data['dev_seed']}) and left out of training; {hub}, so its dev figures compare only "
+            "with runs that carve dev the same way (pkdpipe does, for this task)."
+        )
+    elif data.get("dev") is not None:
+        lines.append(f"Dev: {data['dev']:,} rows, the dataset's own dev split.")
     return lines
 
 

@@ -82,6 +82,14 @@ def finished_state(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def saved_step(folder: Path) -> int | None:
+    """The step a checkpoint was saved at (None without a readable one): what a rerun resumes from."""
+    try:
+        return int(json.loads((folder / "state.json").read_text())["trainer"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def remove(folder: Path) -> None:
     """Delete a checkpoint and any half-written or superseded copy of it."""
     files.remove_dir(folder)

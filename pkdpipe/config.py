@@ -36,6 +36,18 @@ def _check_rows(rows: int) -> None:
         raise ConfigError(f"--train-rows must be 0 (all) or more; got {rows}")
 
 
+THREADS_HELP = (
+    "CPU threads for torch (torch.set_num_threads); 0 = torch's choice, one per core. On a shared or "
+    "loaded machine fewer threads than cores can be much faster. Not part of a run's identity, but "
+    "the thread count changes float rounding, so two runs can differ slightly."
+)
+
+
+def _check_threads(threads: int) -> None:
+    if threads < 0:
+        raise ConfigError(f"--threads must be 0 (torch's choice) or more; got {threads}")
+
+
 def setting(default=MISSING, help: str = "", cli: str | bool = True, words: tuple[str, ...] = ()):  # noqa: A002
     """A config field with its help text: the CLI builds each option from the field's default and
     this text (`pkdpipe_cli.common.config_options`), so neither is written twice. `cli` says how a
@@ -97,6 +109,7 @@ class CacheConfig:
         False, "Cache a teacher whose classification head was never trained (its logits mean nothing)."
     )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
+    threads: int = setting(0, THREADS_HELP)
     quiet: bool = setting(False, "No progress bars or progress lines.")
     command: str | None = setting(None, "The command line, recorded in the manifest.", cli=False)
 
@@ -114,6 +127,7 @@ class CacheConfig:
             self.layers = tuple(sorted(set(self.layers)))
         _check_positive(max_seq_len=self.max_seq_len, batch_size=self.batch_size, shard_size=self.shard_size)
         _check_rows(self.train_rows)
+        _check_threads(self.threads)
         _check_choice("--dtype", self.dtype, HIDDEN_DTYPES)
         _check_choice("--codec", self.codec, CODECS)
         if self.codec == INT8 and self.dtype != "float16":
@@ -177,6 +191,7 @@ class TrainConfig:
         "padding, faster steps. Default: a plain uniform shuffle.",
     )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
+    threads: int = setting(0, THREADS_HELP)
     quiet: bool = setting(False, "No progress bars or progress lines.")
     command: str | None = setting(None, "The command line, recorded next to the output.", cli=False)
 
@@ -186,6 +201,7 @@ class TrainConfig:
         if self.lr != "auto":
             _check_positive(lr=self.lr)
         _check_positive(epochs=self.epochs, batch_size=self.batch_size)
+        _check_threads(self.threads)
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup is a fraction of the steps in [0, 1); got {self.warmup}")
         _check_choice("--precision", self.precision, PRECISIONS)
@@ -309,6 +325,7 @@ class EvaluateConfig:
         "speed is the median. 0: no timing.",
     )
     trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
+    threads: int = setting(0, THREADS_HELP)
     quiet: bool = setting(False, "No progress bars or progress lines.")
     record: bool = setting(
         False,
@@ -324,6 +341,7 @@ class EvaluateConfig:
         check_task_path(self.task)
         check_local("--data-dir", self.data_dir)
         _check_positive(batch_size=self.batch_size, timing_rows=self.timing_rows)
+        _check_threads(self.threads)
         if self.max_seq_len is not None:
             _check_positive(max_seq_len=self.max_seq_len)
         if self.timing_rounds < 0:

@@ -75,6 +75,7 @@ class DemoConfig:
     max_train: int = 0  # use only the first N training steps per stage (0 = all)
     seed: int = 42
     device: str = "auto"
+    threads: int = 0  # torch's CPU threads in every stage (0 = torch's choice); not in any run's identity
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -198,15 +199,17 @@ def run_demo(config: DemoConfig) -> DemoResult:
         {**teacher, "data": str(data_dir)},
         lambda resume: finetune(
             FinetuneConfig(
-                data_dir=data_dir, output=teacher_dir, resume=resume, quiet=config.quiet, **teacher
+                data_dir=data_dir,
+                output=teacher_dir,
+                resume=resume,
+                quiet=config.quiet,
+                threads=config.threads,
+                **teacher,
             )
         ),
     )
 
-    cache = stages.timed("cache", lambda: cache_teacher(_cache_config(config, data_dir, teacher_dir)))
-    if cache.hit:
-        stages.reused.append("cache")
-    progress.info(f"[2/4] teacher cache: {'reused' if cache.hit else 'computed'} {cache.path}", config.quiet)
+    cache = _cache_stage(stages, config, data_dir, teacher_dir)
 
     student_dir = run_dir / f"student-{config.strategy}-{config.student_layers}"
     student = {"strategy": config.strategy, "layers": config.student_layers, "epochs": config.student_epochs,
@@ -219,7 +222,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
         {**student, "cache": cache.key},
         lambda resume: distill(
             DistillConfig(
-                cache=str(cache.path), output=student_dir, resume=resume, quiet=config.quiet, **student
+                cache=str(cache.path),
+                output=student_dir,
+                resume=resume,
+                quiet=config.quiet,
+                threads=config.threads,
+                **student,
             )
         ),
     )
@@ -281,6 +289,19 @@ class _Stages:
         _mark(folder, settings, complete=True)
 
 
+def _cache_stage(stages: _Stages, config: DemoConfig, data_dir: Path, teacher_dir: Path):
+    """[2/4], the teacher's cache: its header before the stage's own progress lines (a log read
+    top-down must say what the lines are), what became of it after them."""
+    progress.info(
+        "[2/4] caching the teacher's logits and [CLS] vectors (reused if already cached)", config.quiet
+    )
+    cache = stages.timed("cache", lambda: cache_teacher(_cache_config(config, data_dir, teacher_dir)))
+    if cache.hit:
+        stages.reused.append("cache")
+    progress.info(f"[2/4] teacher cache: {'reused' if cache.hit else 'computed'} {cache.path}", config.quiet)
+    return cache
+
+
 def _cache_config(config: DemoConfig, data_dir: Path, teacher_dir: Path) -> CacheConfig:
     return CacheConfig(
         task=config.task,
@@ -289,6 +310,7 @@ def _cache_config(config: DemoConfig, data_dir: Path, teacher_dir: Path) -> Cach
         cache_dir=config.cache_dir,
         max_seq_len=config.max_seq_len,
         device=config.device,
+        threads=config.threads,
         quiet=config.quiet,
     )
 
@@ -301,6 +323,7 @@ def _test_config(config: DemoConfig, data_dir: Path, teacher_dir: Path, student_
         split="test",
         max_seq_len=config.max_seq_len,
         device=config.device,
+        threads=config.threads,
         quiet=config.quiet,
         record=True,  # the test accuracy goes into each model's card
     )

@@ -35,3 +35,9 @@ class StoreError(PkdError):
 
 class DiskFullError(PkdError):
     """A write that ran out of disk space (or hit a file-size limit): say what to free, keep what is done."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a run that knows what it leaves behind: the message says what was kept (a
+    checkpoint and its step, or nothing yet), so the CLI never promises a resume that cannot happen.
+    A KeyboardInterrupt still, so every cleanup on the way out runs as for a plain one."""

@@ -38,6 +38,7 @@ from pkdpipe.models import (
     load_classifier,
     load_tokenizer,
     pick_device,
+    use_threads,
 )
 from pkdpipe.tasks import Task, get_task
 from pkdpipe.text import Encoded, collate, encode, length_sorted_order, pad_id_of
@@ -102,6 +103,7 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
     (`config.timing_rows` examples) in `config.timing_rounds` rounds, the models in a rotating order
     each round, so the load of a shared machine falls on all of them alike; speed is the median.
     Timing holds every model in memory at once; `timing_rounds=0` skips it (speed is then NaN)."""
+    use_threads(config.threads)
     task = get_task(config.task)
     examples = load_split(task, config.split, config.data_dir)
     device = pick_device(config.device)
@@ -137,7 +139,7 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
                 f"timing {len(timed)} models on {len(sample)} examples, {config.timing_rounds} rounds",
                 config.quiet,
             )
-        seconds = time_in_rounds(timed, config.timing_rounds)
+        seconds = time_in_rounds(timed, config.timing_rounds, partial(_say_round, quiet=config.quiet))
     finally:
         torch.set_grad_enabled(True)
     reports = []
@@ -205,16 +207,26 @@ def subset(encoded: Encoded, rows: np.ndarray) -> Encoded:
     return Encoded(encoded.ids[rows], [encoded.input_ids[i] for i in rows], types, None)
 
 
-def time_in_rounds(runs: list, rounds: int) -> list[list[float]]:
+def time_in_rounds(runs: list, rounds: int, on_round=None) -> list[list[float]]:
     """Seconds of each run in each round. Round r starts with run r (mod the count) and goes on in
-    order, so warm-up and a shared machine's changing load fall on every run alike."""
+    order, so warm-up and a shared machine's changing load fall on every run alike.
+    `on_round(r, rounds, seconds)` is called after each round (evaluate's progress line)."""
     seconds: list[list[float]] = [[] for _ in runs]
     for r in range(rounds):
         for i in [(r + j) % len(runs) for j in range(len(runs))]:
             start = time.perf_counter()
             runs[i]()
             seconds[i].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(r + 1, rounds, [s[-1] for s in seconds])
     return seconds
+
+
+def _say_round(done: int, rounds: int, seconds: list[float], quiet: bool) -> None:
+    """A line per timing round: on a loaded machine the rounds take minutes, which must not look
+    like a hang."""
+    each = ", ".join(f"{s:.1f} s" for s in seconds)
+    progress.info(f"timing: round {done}/{rounds} done ({each}, in the models' order)", quiet)
 
 
 def predict(model_dir: str, task_name: str, split: str, output: str | Path, data_dir=None, **kwargs) -> Path:

@@ -12,6 +12,9 @@ own: `is_scratch` accepts the names `scratch`, `partial` and `superseded` give, 
 - `probe_writable` checks a folder by writing `.write-probe-<pid>.tmp` there (one per process, as
   torchrun ranks probe at once).
 - `exclusive_lock` is an flock on a lock file: one process works, the others wait (or skip).
+- Whatever is renamed into place gets the permissions the umask gives a new file (`follow_umask`):
+  libraries that write through `tempfile` (transformers' `save_pretrained`) leave 0600, which a
+  teammate reading a shared folder cannot open.
 """
 
 from __future__ import annotations
@@ -83,10 +86,28 @@ def write_error(
     return error(f"cannot write {path}: {getattr(err, 'strerror', None) or err}")
 
 
+def file_mode() -> int:
+    """The mode the umask gives a new file (0644 under the usual 022). The umask can only be read
+    by setting it, so it is set back at once."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (and, for a folder, every file under it) the mode of a freshly created file,
+    whatever mode the library that wrote it chose (`tempfile` makes 0600)."""
+    mode = file_mode()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        if file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
+
+
 def fsync_and_rename(tmp: Path, path: Path) -> None:
-    """Flush `tmp` to disk and rename it over `path` (atomic on one filesystem)."""
+    """Flush `tmp` to disk and rename it over `path` (atomic on one filesystem), with the umask's mode."""
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
+    follow_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -133,6 +154,7 @@ def replace_dir(folder: Path, error: type[PkdError] = PkdError, advice: str = RE
     try:
         new.mkdir(parents=True)
         yield new
+        follow_umask(new)
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
             folder.rename(old)

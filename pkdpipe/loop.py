@@ -31,6 +31,7 @@ import torch
 from pkdpipe import checkpoint, distributed, faults, files, progress
 from pkdpipe.config import TrainConfig, to_dict
 from pkdpipe.errors import ConfigError, ModelError
+from pkdpipe.metrics import format_metrics, percent
 from pkdpipe.models import autocast, pick_device
 from pkdpipe.sources import BatchSource
 from pkdpipe.strategies import StepFn
@@ -50,6 +51,7 @@ class TrainResult:
     steps: int
     seconds: float
     warnings: list[str] = field(default_factory=list)  # e.g. no better than the majority class
+    reused: bool = False  # a finished run of the same settings was already there: nothing trained
 
 
 # -- the optimizer ---------------------------------------------------------------------------------
@@ -299,8 +301,21 @@ def resume_settings(config: TrainConfig, **extra) -> dict:
     """The settings a checkpoint must share with the run that resumes it: every field that changes
     what is trained (not where it is written, how loudly, or on which device), plus `extra` (the
     cache's key, say). JSON values, so they compare equal after a round trip through the checkpoint."""
-    ignored = {"output", "runs_dir", "device", "quiet", "command", "report_to", "checkpoint_every",
-               "resume", "trust_remote_code", "cache", "cache_dir", "data_dir"}  # fmt: skip
+    ignored = {
+        "output",
+        "runs_dir",
+        "device",
+        "quiet",
+        "command",
+        "report_to",
+        "checkpoint_every",
+        "resume",
+        "trust_remote_code",
+        "cache",
+        "cache_dir",
+        "data_dir",
+        "threads",
+    }  # fmt: skip  (threads: speed only, though rounding may differ slightly)
     settings = {k: v for k, v in to_dict(config).items() if k not in ignored}
     return json.loads(json.dumps({**settings, **extra}))
 
@@ -454,9 +469,26 @@ class _Run:
             return metrics
 
         metrics = distributed.agree(on_main, main_only=True) or {}
+        if metrics:
+            self.say_dev(metrics)
         if metrics and self.on_evaluate is not None:
             self.on_evaluate(self.state["step"], metrics)
         return metrics
+
+    def say_dev(self, metrics: dict) -> None:
+        """One line per evaluation in the progress output, so a log shows how dev moves while the
+        run goes, not only its best at the end: 'dev: step 200/1128 accuracy 71.23 (best 71.23 at
+        step 200)'."""
+        best = self.best
+        main = (
+            f" (best {best.main_metric} {percent(best.value)} at step {best.step})"
+            if best.value is not None
+            else ""
+        )
+        progress.info(
+            f"dev: step {self.state['step']:,}/{self.total:,} {format_metrics(metrics)}{main}",
+            self.config.quiet,
+        )
 
     def save_checkpoint(self) -> None:
         if distributed.is_main():

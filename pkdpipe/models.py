@@ -195,6 +195,13 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def use_threads(threads: int) -> None:
+    """`--threads N`: torch's CPU threads for this process (0 leaves torch's choice, one per core).
+    On a machine whose cores other jobs share, fewer threads wait less on each other."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,7 +33,31 @@ def read_run(folder: Path) -> dict:
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return {"name": folder.name, "path": folder, "records": records, "dev": metrics.get("dev", {})}
+    majority = metrics.get("dev_majority_baseline") or {}  # always answering the most frequent label
+    return {"name": folder.name, "path": folder, "records": records, "dev": metrics.get("dev", {}),
+            "strategy": _strategy(folder), "majority": majority}  # fmt: skip
+
+
+def _strategy(folder: Path) -> str:
+    """How a run trained, as its record says: a distill strategy's name, or finetune."""
+    try:
+        return json.loads((folder / "pkdpipe_config.json").read_text())["config"]["strategy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "finetune"
+
+
+TERM_NAMES = {"pt": "patient", "kd": "soft-label (kd)", "ce": "cross-entropy (ce)"}
+
+
+def unused_note(key: str, unused: list[dict], drawn: int) -> str | None:
+    """Why a loss panel lacks some runs (or is empty): their strategy has no such term, e.g. 'no
+    patient term: strategy kd'. An empty panel with no word reads as a failed run."""
+    if not unused:
+        return None
+    name = TERM_NAMES.get(key, key)
+    if len(unused) == 1 and not drawn:
+        return f"no {name} term: strategy {unused[0]['strategy']}"
+    return f"no {name} term: " + ", ".join(f"{r['name']} (strategy {r['strategy']})" for r in unused)
 
 
 def _save(fig, output: Path) -> None:
@@ -77,21 +101,7 @@ def make_report(folders: list[Path], output: Path | None = None) -> tuple[list[d
     for ax in axes[0][len(panels) + 1 :]:
         ax.set_visible(False)
     for ax, key in zip(axes[0], panels):
-        for run in runs:
-            points = [(rec["step"], rec[key]) for rec in run["records"] if key in rec]
-            if key != "loss" and points and all(y == 0 for _, y in points):
-                continue  # a run that does not use that term (fine-tuning has no kd or pt)
-            if points:
-                xs, ys = zip(*points)
-                if key.startswith("dev_"):
-                    ys = [100 * y for y in ys]  # fractions in the logs, percent on every axis here
-                ax.plot(
-                    xs, ys, marker="o" if key.startswith("dev_") else None, markersize=3, label=run["name"]
-                )
-        title = f"dev {key.removeprefix('dev_')} (%)" if key.startswith("dev_") else key
-        ax.set_title(title.replace("pt", "patient (pt)") if key == "pt" else title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+        _draw_panel(ax, key, runs)
     bar_ax = axes[0][len(panels)]
     metric = dev_keys[0].removeprefix("dev_") if dev_keys else None
     if metric:
@@ -101,12 +111,47 @@ def make_report(folders: list[Path], output: Path | None = None) -> tuple[list[d
         bar_ax.set_xticks(range(len(runs)), [r["name"] for r in runs], rotation=30, ha="right", fontsize=7)
         bar_ax.set_title(f"best dev {metric} (%)")
         bar_ax.set_ylim(0, 100 if metric not in ("pearson", "spearman", "matthews") else None)
+        _majority_line(bar_ax, metric, runs)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     _save(fig, output)
     plt.close(fig)
     return runs, output
+
+
+def _draw_panel(ax, key: str, runs: list[dict]) -> None:
+    """One panel: a loss term's curve (runs without that term named in a note) or a dev metric's
+    points in percent, with the majority-class line."""
+    unused = []
+    for run in runs:
+        points = [(rec["step"], rec[key]) for rec in run["records"] if key in rec]
+        if key != "loss" and not key.startswith("dev_") and all(y == 0 for _, y in points):
+            unused.append(run)  # a run that does not use that term (fine-tuning has no kd or pt)
+            continue
+        if points:
+            xs, ys = zip(*points)
+            if key.startswith("dev_"):
+                ys = [100 * y for y in ys]  # fractions in the logs, percent on every axis here
+            ax.plot(xs, ys, marker="o" if key.startswith("dev_") else None, markersize=3, label=run["name"])
+    note = unused_note(key, unused, len(runs) - len(unused))
+    if note:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=8, wrap=True)
+    if key.startswith("dev_"):
+        _majority_line(ax, key.removeprefix("dev_"), runs)
+    title = f"dev {key.removeprefix('dev_')} (%)" if key.startswith("dev_") else key
+    ax.set_title(title.replace("pt", "patient (pt)") if key == "pt" else title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def _majority_line(ax, metric: str, runs: list[dict]) -> None:
+    """A dashed line at always answering the majority class: a run at it learned nothing."""
+    for value in sorted({r["majority"][metric] for r in runs if metric in r["majority"]}):
+        ax.axhline(100 * value, color="grey", linestyle="--", linewidth=1, label="majority class")
+        where = ("axes fraction", "data")
+        ax.annotate(f"majority class {100 * value:.1f}", (0.01, 100 * value), xycoords=where,
+                    fontsize=7, color="grey", va="bottom")  # fmt: skip
 
 
 def make_study_report(storage: str, study_name: str | None, output: Path) -> dict:

@@ -94,6 +94,23 @@ def _check(output: Path, stage: str, settings: dict, resume: bool) -> dict | Non
     return None
 
 
+def kept(output: Path, checkpoint_every: int) -> str:
+    """What an interrupted run of `output` leaves for a rerun, in words: the checkpoint and its step,
+    a finished training whose files a rerun completes, or nothing (a rerun starts over)."""
+    ckpt = output / CHECKPOINT
+    if not checkpoint.exists(ckpt):
+        every = f"every {checkpoint_every} steps and " if checkpoint_every else ""
+        return (
+            "no checkpoint had been written yet (one is saved "
+            f"{every}at the end of each epoch): nothing was kept; the same command starts over"
+        )
+    if checkpoint.finished_state(ckpt) is not None:
+        return f"training had finished ({ckpt}); run the same command again to complete the output"
+    step = checkpoint.saved_step(ckpt)
+    at = f"at step {step} " if step is not None else ""
+    return f"the checkpoint {at}is kept in {ckpt}; run the same command again to resume from it"
+
+
 def start_fresh(output: Path) -> None:
     """What a new run must not finish with: an earlier run's metrics and recorded evaluations."""
     for name in (METRICS, "eval_results.json"):

@@ -42,6 +42,7 @@ from pkdpipe.models import (
     num_layers,
     pick_device,
     pretrained_origin,
+    use_threads,
 )
 from pkdpipe.paths import local_first
 from pkdpipe.tasks import Task, get_task
@@ -84,6 +85,7 @@ def cache_teacher(
     `teacher_hook` is called with the teacher once it is loaded (a benchmark attaches forward
     hooks through it to time the teacher's forwards)."""
     distributed.init(config.device)
+    use_threads(config.threads)
     autocast(pick_device(config.device), config.precision)  # fp16 on CPU fails here, before any work
     started = time.time()
     task = get_task(config.task)

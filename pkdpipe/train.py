@@ -25,10 +25,10 @@ from pkdpipe.cache.fingerprint import hash_tokenizer
 from pkdpipe.cache.reader import TeacherCache, open_cache
 from pkdpipe.config import DistillConfig, FinetuneConfig, TrainConfig, to_dict
 from pkdpipe.data import Examples, load_split
-from pkdpipe.errors import CacheError, ModelError
+from pkdpipe.errors import CacheError, Interrupted, ModelError
 from pkdpipe.evaluate import predict_logits, score
 from pkdpipe.loop import EvalFn, EvalHook, TrainResult, fit, resume_settings
-from pkdpipe.metrics import METRIC_SCALE, learned_nothing, majority_baseline, majority_warning
+from pkdpipe.metrics import METRIC_SCALE, format_metrics, learned_nothing, majority_baseline, majority_warning
 from pkdpipe.models import (
     FINETUNE_RECORD,
     autocast,
@@ -42,6 +42,7 @@ from pkdpipe.models import (
     num_layers,
     pick_device,
     quiet_transformers,
+    use_threads,
 )
 from pkdpipe.paths import local_first
 from pkdpipe.sources import BatchSource, CacheSource, EncodedSource
@@ -63,7 +64,8 @@ def _run_folder(
     output: Path, stage: str, settings: dict, config: TrainConfig
 ) -> Iterator[TrainResult | None]:
     """Hold the output folder for the run (`pkdpipe.runfolder.claim`, on rank 0); yield the
-    recorded result when a finished run with these settings is already there, else None."""
+    recorded result when a finished run with these settings is already there, else None. Ctrl-C
+    while training leaves as `Interrupted`, saying what the folder keeps for a rerun."""
     with ExitStack() as held:
 
         def on_main() -> dict | None:
@@ -74,17 +76,25 @@ def _run_folder(
 
         done = distributed.broadcast_object(distributed.agree(on_main, main_only=True))
         if done is not None:
-            best = ", ".join(f"{k} {100 * v:.2f}" for k, v in done["dev"].items()) or "-"
-            progress.info(
-                f"{output} already holds this run, finished (best dev {best} at step "
-                f"{done['best_step']}): nothing to train; --no-resume trains it again",
-                config.quiet,
-            )
-            yield TrainResult(
-                output, done["dev"], done["best_step"], done["steps"], done["train_seconds"], done["warnings"]
-            )
+            yield _already_finished(output, done, config)
             return
-        yield None
+        try:
+            yield None
+        except KeyboardInterrupt:
+            raise Interrupted(runfolder.kept(output, config.checkpoint_every)) from None
+
+
+def _already_finished(output: Path, done: dict, config: TrainConfig) -> TrainResult:
+    """The recorded result of the finished run of these settings in `output`, said aloud: a rerun
+    returns it instead of training again (marked `reused`, so the summary says so too)."""
+    progress.info(
+        f"already finished: {output} holds this run with the same settings (best dev "
+        f"{format_metrics(done['dev'])} at step {done['best_step']} of {done['steps']}); nothing was "
+        "trained (--no-resume to train again)",
+        config.quiet,
+    )
+    return TrainResult(output, done["dev"], done["best_step"], done["steps"], done["train_seconds"],
+                       done["warnings"], reused=True)  # fmt: skip
 
 
 def _make_output(output: Path) -> None:
@@ -117,6 +127,7 @@ def distill(
     """Train a K-layer student from a teacher cache; write it in Hugging Face format.
     `on_evaluate(step, dev metrics)` runs after each evaluation (see `pkdpipe.loop.fit`)."""
     distributed.init(config.device)
+    use_threads(config.threads)
     _check_precision(config)
     strategy = strategies.get(config.strategy)
     cache = open_cache(config.cache, config.cache_dir, get_task(config.task).name if config.task else None)
@@ -192,6 +203,7 @@ def _distill(
         "student_init": str(init),
         "layer_map": {"student": student_layers, "teacher": teacher_map},
         "layer_signal": {str(layer): share for layer, share in signal.items()},  # varying share, train
+        "data": _cached_data(cache, task),  # what it trained and was scored on, for the card
     }
 
     def save_final(model, folder):
@@ -221,6 +233,18 @@ def _distill(
         settings=settings,
         on_evaluate=on_evaluate,
         write_files=write_files,
+    )
+
+
+def _cached_data(cache: TeacherCache, task: Task) -> dict:
+    """The card's account of distill's data: the cache's rows (its --train-rows sample, if any)."""
+    splits = cache.manifest.splits
+    return cards.data_record(
+        task,
+        train=splits["train"].examples,
+        dev=splits["dev"].examples if "dev" in splits else None,
+        train_rows=cache.manifest.dataset.train_rows,
+        data_dir=None,
     )
 
 
@@ -432,6 +456,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     """Fine-tune `config.model` on a task (optionally cut to its first K layers). Local files are
     read before the hub is asked for anything (`pkdpipe.paths.local_first`)."""
     distributed.init(config.device)
+    use_threads(config.threads)
     _check_precision(config)
     task = get_task(config.task)
     output = config.output or config.runs_dir / task.name / (
@@ -498,6 +523,9 @@ def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict,
             "lr_rule": lr_rule,  # how --lr auto chose config's lr (None: the user gave it)
             "max_seq_len": config.max_seq_len,  # the length it trained at: evaluate's default
             "command": config.command or " ".join(sys.argv),
+            "data": cards.data_record(
+                task, len(train), len(dev) if dev is not None else None, config.train_rows, config.data_dir
+            ),  # fmt: skip
         }
         files.write_text(output / FINETUNE_RECORD, json.dumps(record, indent=2) + "\n")
         _write_metrics(output, result, count_parameters(model), baseline)

@@ -102,7 +102,9 @@ def test_the_speedup_is_the_median_of_per_round_ratios(tiny, student, monkeypatc
     2x to 3x, whatever the absolute times were."""
     import pkdpipe.evaluate as ev
 
-    monkeypatch.setattr(ev, "time_in_rounds", lambda runs, rounds: [[6.0, 9.0, 4.0], [3.0, 3.0, 2.0]])
+    monkeypatch.setattr(
+        ev, "time_in_rounds", lambda runs, rounds, on_round=None: [[6.0, 9.0, 4.0], [3.0, 3.0, 2.0]]
+    )
     reports = evaluate(
         EvaluateConfig(models=[str(tiny["teacher"]), str(student)], task=tiny["task"], quiet=True)
     )

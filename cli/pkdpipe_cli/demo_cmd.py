@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pkdpipe_cli.common import console
+from pkdpipe.config import CacheConfig
+from pkdpipe_cli.common import console, option
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +31,7 @@ def demo(
         False, "--quick", help="A smoke run: 1,600 train and 400 test rows, one epoch per stage, in minutes."
     ),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    threads: int = option(CacheConfig, "threads"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
 ):
     """Fine-tune a 6-layer teacher, cache it, distill a 3-layer PKD student, compare on test."""
@@ -44,6 +46,7 @@ def demo(
         model=model,
         quick=quick,
         device=device,
+        threads=threads,
         quiet=quiet,
     )
     result = run_demo(config)

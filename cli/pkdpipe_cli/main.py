@@ -7,7 +7,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from pkdpipe.errors import PkdError
+from pkdpipe.errors import Interrupted, PkdError
 
 
 class PkdGroup(TyperGroup):
@@ -23,8 +23,12 @@ class PkdGroup(TyperGroup):
             where = err.filename or "a file pkdpipe needs"
             typer.echo(f"error: permission denied: {where} (pkdpipe must read it, or write there)", err=True)
             raise typer.Exit(1) from None
+        except Interrupted as err:  # a run that knows what it kept says so
+            typer.echo(f"interrupted: {err}", err=True)
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            typer.echo("interrupted: run the same command again; it goes on from whatever it had finished",
+                       err=True)  # fmt: skip
             raise typer.Exit(130) from None
 
 

@@ -20,6 +20,8 @@ def _summary(title: str, result, extra: dict) -> None:
         table.add_row(k, str(v))
     table.add_row("best dev", f"{fmt_metrics(result.metrics)} (step {result.best_step})")
     table.add_row("steps", f"{result.steps:,} in {result.seconds:.1f} s")
+    if result.reused:
+        table.add_row("trained", "nothing: already finished with these settings (--no-resume to train again)")
     table.add_row("output", str(result.output))
     console.print(table)
     for warning in result.warnings:

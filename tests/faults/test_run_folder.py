@@ -70,7 +70,10 @@ def test_a_rerun_of_a_finished_run_trains_nothing_and_other_settings_are_refused
     again = pkdpipe(*distill_args(tiny_cache, output), quiet=False)
     assert_ok(again)
     assert (
-        "already holds this run, finished (best dev accuracy" in again.stderr and "train:" not in again.stderr
+        "already finished: " in again.stderr
+        and "holds this run with the same settings (best dev accuracy" in again.stderr
+        and "(--no-resume to train again)" in again.stderr
+        and "train:" not in again.stderr
     )
     assert digest(output) == before
     line = one_error_line(pkdpipe(*distill_args(tiny_cache, output, "--beta", "0.1")))
