@@ -275,8 +275,9 @@ def _low_signal_warning(signal: dict[int, float], config: DistillConfig, key: st
     shares = ", ".join(f"{layer}: {100 * share:.3g}%" for layer, share in low.items())
     return (
         f"the patient loss has little to teach: of teacher layer(s) {shares} of the normalised [CLS] "
-        "varies between examples, the rest is one direction they all share; try --pt-space "
-        f"standardized or --teacher-layers auto (pkdpipe cache stats {key} shows every layer)"
+        "varies between examples, the rest is one direction they all share; try --pt-space relational "
+        "and compare with --strategy kd (docs/patient-loss.md: what each patient space measured; "
+        f"pkdpipe cache stats {key} shows every layer)"
     )
 
 

@@ -538,7 +538,7 @@ def test_a_raw_map_onto_layers_that_barely_vary_is_flagged(planted_cache, tmp_pa
     output = tmp_path / "raw"
     result = distill(distill_config(planted_cache, output, strategy="skip", layers=2, max_steps=2))
     (warning,) = [w for w in result.warnings if "little to teach" in w]
-    assert "teacher layer(s) 2: " in warning and "--pt-space standardized" in warning
+    assert "teacher layer(s) 2: " in warning and "--pt-space relational" in warning
     assert planted_cache.name in warning  # the cache stats command to run names this cache
     assert warning in json.loads((output / "metrics.json").read_text())["warnings"]
     signal = json.loads((output / "pkdpipe_config.json").read_text())["layer_signal"]

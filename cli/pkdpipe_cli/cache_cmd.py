@@ -243,7 +243,7 @@ def _print_signal(report) -> None:
         console.print(
             f"Layers {', '.join(map(str, low))} vary by under 1%: as targets of the paper's patient loss "
             "(--pt-space raw) they teach one direction shared by every example. Try --pt-space "
-            "standardized, or --teacher-layers auto.",
+            "relational and compare with --strategy kd (docs/patient-loss.md: what each space measured).",
             soft_wrap=True,
             markup=False,
             highlight=False,

@@ -154,7 +154,7 @@ def test_cache_stats_names_the_constant_layer_its_dimension_and_the_maps(planted
     (k3,) = [line for line in maps_table.splitlines() if line.startswith("│         3 │")]
     maps = [[part.split(" (")[0] for part in cell.strip().split("), ")] for cell in k3.split("│")[2:5]]
     assert maps == [["1", "3"], ["2", "3"], ["1", "3"]]  # skip, last, auto
-    assert "vary by under 1%" in result.output and "--pt-space standardized" in result.output
+    assert "vary by under 1%" in result.output and "--pt-space relational" in result.output
     assert (tmp_path / "signal.png").read_bytes()[:4] == b"\x89PNG"
 
 
