@@ -301,21 +301,9 @@ def resume_settings(config: TrainConfig, **extra) -> dict:
     """The settings a checkpoint must share with the run that resumes it: every field that changes
     what is trained (not where it is written, how loudly, or on which device), plus `extra` (the
     cache's key, say). JSON values, so they compare equal after a round trip through the checkpoint."""
-    ignored = {
-        "output",
-        "runs_dir",
-        "device",
-        "quiet",
-        "command",
-        "report_to",
-        "checkpoint_every",
-        "resume",
-        "trust_remote_code",
-        "cache",
-        "cache_dir",
-        "data_dir",
-        "threads",
-    }  # fmt: skip  (threads: speed only, though rounding may differ slightly)
+    # threads: speed only (float rounding may differ slightly), so another count resumes the run
+    ignored = {"output", "runs_dir", "device", "quiet", "command", "report_to", "checkpoint_every",
+               "resume", "trust_remote_code", "cache", "cache_dir", "data_dir", "threads"}  # fmt: skip
     settings = {k: v for k, v in to_dict(config).items() if k not in ignored}
     return json.loads(json.dumps({**settings, **extra}))
 

@@ -256,14 +256,17 @@ example (`pkdpipe.cache.stats`): the paper's patient loss has almost nothing to 
 def _layer_map(strategy, cache: TeacherCache, config: DistillConfig) -> tuple[list[int], dict]:
     """The teacher layers of the patient loss, and their train statistics ({} without a map).
     `--teacher-layers auto` ranks the cached layers by their varying share."""
-    shares = None
+    ranked, shares = {}, None
     if config.teacher_layers == "auto" and strategy.maps_layers:
         candidates = [layer for layer in cache.layers if 1 <= layer < cache.teacher_layers]
-        shares = {layer: s.varying_share for layer, s in cache.layer_stats("train", candidates).items()}
+        ranked = cache.layer_stats("train", candidates)  # the chosen layers' statistics among them
+        shares = {layer: s.varying_share for layer, s in ranked.items()}
     teacher_map = strategy.layer_map(cache.teacher_layers, config.layers, config.teacher_layers, shares)
     if not teacher_map:
         return [], {}
     cache.check_layers(teacher_map)
+    if all(layer in ranked for layer in teacher_map):
+        return teacher_map, {layer: ranked[layer] for layer in teacher_map}
     return teacher_map, cache.layer_stats("train", teacher_map)
 
 
@@ -300,7 +303,6 @@ def _student(init: str, config: DistillConfig, cache: TeacherCache, teacher_map:
             f"the student's tokenizer ({init}) is not the one the cache was made with: "
             "the cached token ids would be wrong for it; use a student init with the teacher's tokenizer"
         )
-    cache.check_layers(teacher_map)
     labels = tuple(cache.label_names) if cache.label_names is not None else None
     model = load_classifier(
         init,
