@@ -390,7 +390,7 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     from pkdpipe.sources import CacheSource
     from pkdpipe.strategies import StepSpec, layer_map, model_inputs
     from pkdpipe.text import pad_id_of
-    from pkdpipe.train import task_of
+    from pkdpipe.train import resolve_lr, task_of
 
     cache = open_cache(cache_path)
     task = task_of(cache)
@@ -407,6 +407,7 @@ def step_benchmark(args, cache_path: Path, teacher_dir: Path) -> dict:
     pad_id = pad_id_of(load_tokenizer(str(teacher_dir)))
     source = CacheSource(cache, "train", teacher_map, args.batch_size, config.seed, pad_id)
     teacher = load_classifier(str(teacher_dir)).eval()
+    config, _ = resolve_lr(config, args.layers, teacher.config.hidden_size)  # `--lr auto`, as distill does
     rounds = args.warmup_steps + args.steps
 
     def students():
