@@ -58,9 +58,8 @@ class StepSpec:
     teacher_layers: list[int]  # the layer map: teacher layers whose [CLS] vectors are in the batch
     student_layers: list[int]  # the student layers matched to them, in the same order
     teacher_stats: dict | None = None  # {teacher layer: pkdpipe.cache.stats.LayerStats} over train
-    settings: object = (
-        None  # the strategy's settings for the run (None: the config's, `config.strategy_settings`)
-    )
+    # the strategy's settings for the run (None: the config's, `config.strategy_settings`)
+    settings: object = None
 
     @property
     def values(self):
