@@ -37,7 +37,7 @@ from pathlib import Path
 from pkdpipe import files, progress, strategies
 from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
-from pkdpipe.settings import kind_of
+from pkdpipe.settings import default_of, kind_of
 from pkdpipe.sweep import grid_settings, run_name
 
 # How often a running trial tells the storage it is alive; a trial silent for 4 heartbeats is taken
@@ -106,6 +106,24 @@ def _typed(name: str, value: str):
     except ValueError:
         kind = "whole numbers" if kind == "int" else "numbers"
         raise ConfigError(f"--{name} takes {kind}; got {value!r}") from None
+
+
+def split_space(params: dict[str, Param]) -> tuple[dict[str, Param], dict]:
+    """The searched settings (a range or several values) and the fixed ones (one value each). When
+    the strategy is searched, a fixed setting that not all its strategies have, away from its
+    default, stays in the space (one choice; `trial_config` gives it to the trials of the
+    strategies that have it), and the first strategy stands for them all among the fixed."""
+    searched = {k: p for k, p in params.items() if p.choices is None or len(p.choices) > 1}
+    fixed = {k: p.choices[0] for k, p in params.items() if k not in searched}
+    if "strategy" in searched:
+        chosen = [strategies.get(name) for name in searched["strategy"].choices]
+        theirs = strategy_fields()
+        for name in [k for k in fixed if k in theirs and fixed[k] != default_of(theirs[k])]:
+            if not all(name in s.setting_names for s in chosen):
+                searched[name] = params[name]
+                del fixed[name]
+        fixed["strategy"] = chosen[0].name
+    return searched, fixed
 
 
 def load_space(path: Path) -> dict[str, Param]:

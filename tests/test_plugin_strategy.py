@@ -119,6 +119,19 @@ def test_a_plugin_settings_are_one_option_each_and_checked(mine):
     combos = grid({"strategy": ["kd", "mine"], "beta": [0.1, 1.0], "my_setting": [0.3]})
     assert combos == [{"strategy": "kd", "beta": 0.1}, {"strategy": "kd", "beta": 1.0},
                       {"strategy": "mine", "my_setting": 0.3}]  # fmt: skip
+    # a search over two strategies: a fixed value that one of them lacks is theirs alone
+    from pkdpipe.search import parse_param, split_space, trial_config
+
+    texts = {"strategy": "skip,mine", "my_setting": "0.3", "beta": "0.1", "alpha": "0.5", "lr": "1e-4:1e-3"}
+    searched, fixed = split_space({name: parse_param(name, text) for name, text in texts.items()})
+    assert set(searched) == {"strategy", "my_setting", "beta", "lr"} and fixed == {
+        "alpha": 0.5,
+        "strategy": "skip",
+    }
+    base = DistillConfig(**fixed)
+    trial = trial_config(base, {"strategy": "mine", "my_setting": 0.3, "beta": 0.1, "lr": 1e-4})
+    assert trial.strategy_settings == mine.settings(my_setting=0.3) and trial.lr == 1e-4
+    assert trial_config(base, {"strategy": "skip", "my_setting": 0.3, "beta": 0.1}).beta == 0.1
     # the built-in strategies' run names do not change with a plugin loaded
     assert (
         run_name(grid_settings(DistillConfig(strategy="skip", layers=3))) == "skip-3_a0.5_b0.5_t10_lrauto_s42"

@@ -116,14 +116,13 @@ def _search(
     settings: dict, texts: dict, trials: int, study: str | None, storage: str | None, space, output, store
 ):
     """`--search asha`: the searched settings from the options (and --space); the others fixed."""
-    from pkdpipe.search import load_space, parse_param, search
+    from pkdpipe.search import load_space, parse_param, search, split_space
     from pkdpipe.tasks import get_task
 
     params = {name: parse_param(name, text) for name, text in texts.items()}
     if space is not None:
         params.update(load_space(space))
-    searched = {k: p for k, p in params.items() if p.choices is None or len(p.choices) > 1}
-    fixed = {k: p.choices[0] for k, p in params.items() if k not in searched}
+    searched, fixed = split_space(params)
     if not searched:
         raise ConfigError(
             "--search asha needs something to search: a range (--lr 2e-5:2e-4:log) or several values"
