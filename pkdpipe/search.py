@@ -37,7 +37,7 @@ from pathlib import Path
 from pkdpipe import files, progress, strategies
 from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
-from pkdpipe.settings import default_of, kind_of
+from pkdpipe.settings import default_of, kind_of, parse_bool
 from pkdpipe.sweep import grid_settings, run_name
 
 # How often a running trial tells the storage it is alive; a trial silent for 4 heartbeats is taken
@@ -46,8 +46,8 @@ HEARTBEAT_S = int(os.environ.get("PKDPIPE_SEARCH_HEARTBEAT", "30"))
 
 
 def _kind(name: str) -> str:
-    """How a searched setting's values are typed (`pkdpipe.settings.kind_of`): "int", "float", or
-    anything else, whose values are names, chosen among, never a range."""
+    """How a searched setting's values are typed (`pkdpipe.settings.kind_of`): "int", "float",
+    "bool" (true/false), or anything else, whose values are names; only numbers take a range."""
     return kind_of(sweep_fields()[name])
 
 
@@ -95,6 +95,8 @@ def parse_param(name: str, text: str) -> Param:
 
 def _typed(name: str, value: str):
     kind = _kind(name)
+    if kind == "bool":
+        return parse_bool(value, f"--{name}")
     if kind not in ("int", "float") or value in sweep_fields()[name].metadata.get("words", ()):
         return value  # a name, or a word the setting takes (--lr auto: the default rule's)
     try:

@@ -88,6 +88,14 @@ def tag_of(f: dataclasses.Field) -> str:
     return f.name.replace("_", "-") if tag is None else tag
 
 
+def parse_bool(text: str, flag: str) -> bool:
+    """A swept yes/no setting's value as typed: true or false (also 1/0, yes/no)."""
+    word = text.strip().lower()
+    if word not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"{flag} takes true or false; got {text!r}")
+    return word in ("true", "1", "yes")
+
+
 # -- checks a settings dataclass runs in its __post_init__ ------------------------------------------
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:

@@ -16,6 +16,7 @@ import pytest
 
 from pkdpipe import strategies
 from pkdpipe.errors import ConfigError
+from pkdpipe.settings import setting
 
 PLUGIN = Path(__file__).parent / "plugins" / "my_strategy.py"
 
@@ -140,6 +141,27 @@ def test_a_plugin_settings_are_one_option_each_and_checked(mine):
         strategies.register(strategies.Strategy("clash", "", ("loss",), _Clash, mine.make_step))
 
 
+def test_a_yes_no_setting_is_swept_as_true_and_false(mine):
+    from pkdpipe_cli.sweep_cmd import _values
+
+    from pkdpipe.config import sweep_fields
+    from pkdpipe.search import parse_param
+
+    strategies.register(strategies.Strategy("flagged", "", ("loss",), _Flagged, mine.make_step))
+    try:
+        assert parse_param("my_flag", "true,false").choices == (True, False)
+        assert _values(sweep_fields()["my_flag"], "True,0") == [True, False]
+        with pytest.raises(ConfigError, match="--my-flag takes true or false"):
+            _values(sweep_fields()["my_flag"], "maybe")
+    finally:
+        strategies._REGISTRY.pop("flagged")
+
+
 @dataclass(frozen=True)
 class _Clash:
     my_setting: int = 7  # mine's is a float with another default
+
+
+@dataclass(frozen=True)
+class _Flagged:
+    my_flag: bool = setting(False, "A yes/no setting.", sweep=True)

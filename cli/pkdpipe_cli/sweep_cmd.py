@@ -10,7 +10,7 @@ from rich.table import Table
 
 from pkdpipe.config import DistillConfig, sweep_fields
 from pkdpipe.errors import ConfigError
-from pkdpipe.settings import kind_of
+from pkdpipe.settings import kind_of, parse_bool
 from pkdpipe_cli.common import command_line, config_from, config_options, console, int_list, str_list
 
 
@@ -29,13 +29,15 @@ def _floats(text: str, flag: str, words: tuple[str, ...] = ()) -> list[float | s
 
 
 def _values(field, text: str) -> list:
-    """A grid axis as typed: whole numbers, numbers (or a word the setting takes), or names."""
+    """A grid axis as typed: whole numbers, numbers (or a word the setting takes), true/false, or names."""
     flag = "--" + field.name.replace("_", "-")
     kind = kind_of(field)
     if kind == "int":
         return list(int_list(text, flag))
     if kind == "float":
         return _floats(text, flag, field.metadata.get("words", ()))
+    if kind == "bool":
+        return [parse_bool(word, flag) for word in str_list(text)]
     return list(str_list(text))
 
 
