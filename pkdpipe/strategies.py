@@ -36,6 +36,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -218,6 +219,7 @@ def load_plugins(spec: str | None = None) -> list[str]:
                 if module_spec is None or not path.is_file():
                     raise ImportError(f"no such file: {path}")
                 module = importlib.util.module_from_spec(module_spec)
+                sys.modules[module_spec.name] = module  # as an import would (dataclasses look there)
                 module_spec.loader.exec_module(module)
             else:
                 importlib.import_module(entry)
