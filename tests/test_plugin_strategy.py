@@ -189,3 +189,23 @@ def test_a_plugin_file_with_postponed_annotations_loads(tmp_path):
         assert parse_param("later_steps", "2:4").low == 2 and "later_steps" in sweep_fields()
     finally:
         strategies._REGISTRY.pop("later", None)
+
+
+def test_a_strategy_registered_after_the_cli_was_imported_gets_its_options(mine, tiny_cache, tmp_path):
+    """The commands draw their options from the registry each time the CLI is built: a strategy a
+    notebook registers after importing the CLI is trained through it in the same process."""
+    from pkdpipe_cli.main import app
+    from typer.testing import CliRunner
+
+    output = tmp_path / "mine"
+    args = ["distill", "--cache", str(tiny_cache), "--strategy", "mine", "--my-setting", "0.7",
+            "--layers", "2", "--max-steps", "2", "--batch-size", "8", "--output", str(output),
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((output / "pkdpipe_config.json").read_text())["config"]["my_setting"] == 0.7
+    strategies._REGISTRY.pop("mine")
+    try:
+        assert "--my-setting" not in CliRunner().invoke(app, ["distill", "--help"]).output
+    finally:
+        strategies.register(mine)

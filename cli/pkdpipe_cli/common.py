@@ -114,27 +114,42 @@ def config_options(
         own = inspect.signature(command)
         mine = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
         taken = {p.name for p in mine} | set(skip)
-        fields = [
-            f
-            for f in option_fields(config_class)
-            if f.name not in taken and f.metadata.get("cli") is not False
-        ]
-        options = [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=str, default=grid_option(f))
-            if grid and f.metadata.get("sweep")
-            else inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(f),
-                                   default=option(config_class, f.name, required=f.name in required))
-            for f in fields
-        ]  # fmt: skip
 
-        @functools.wraps(command)
-        def run(**values):
-            return command(**values)
+        def signature() -> inspect.Signature:
+            fields = [
+                f
+                for f in option_fields(config_class)
+                if f.name not in taken and f.metadata.get("cli") is not False
+            ]
+            keyword = inspect.Parameter.KEYWORD_ONLY
+            options = [
+                inspect.Parameter(f.name, keyword, annotation=str, default=grid_option(f))
+                if grid and f.metadata.get("sweep")
+                else inspect.Parameter(f.name, keyword, annotation=_cli_type(f),
+                                       default=option(config_class, f.name, required=f.name in required))
+                for f in fields
+            ]  # fmt: skip
+            return own.replace(parameters=[*mine, *options])
 
-        run.__signature__ = own.replace(parameters=[*mine, *options])
-        return run
+        return _WithOptions(command, signature)
 
     return decorate
+
+
+class _WithOptions:
+    """A command whose signature (what typer makes options of) is drawn each time the CLI is built:
+    a strategy registered after this module was imported still gets its options."""
+
+    def __init__(self, command, signature):
+        functools.update_wrapper(self, command)
+        self._signature = signature
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self._signature()
+
+    def __call__(self, **values):
+        return self.__wrapped__(**values)
 
 
 def _shared_options():
