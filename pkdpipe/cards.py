@@ -181,7 +181,10 @@ def _training(distilled: bool, config: dict, steps: int | None) -> list[str]:
             "max steps",
             f"{steps} (--max-steps: the run stopped there, within its {config['epochs']} epochs)",
         )
-    if distilled:
+    if distilled and config["strategy"] not in strategies.names():  # a plugin not loaded here
+        unknown = f"{config['strategy']} (not registered here: its settings are in {DISTILL_RECORD})"
+        rows = [("strategy", unknown), *rows]
+    elif distilled:
         strategy = strategies.get(config["strategy"])
         rows = [
             ("strategy", f"{strategy.name}: {strategy.summary}"),

@@ -7,7 +7,8 @@ Cross-field checks live in `__post_init__`, so a bad combination fails before an
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING, dataclass, field
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pkdpipe import strategies
@@ -15,20 +16,13 @@ from pkdpipe.batching import GROUP_BATCHES
 from pkdpipe.cache.codec import CODECS, INT8
 from pkdpipe.errors import ConfigError
 from pkdpipe.paths import check_local, check_task_path, default_cache_root
+from pkdpipe.settings import check_choice, check_positive, help_of, setting, sweepable
+
+__all__ = ["CacheConfig", "DistillConfig", "EvaluateConfig", "FinetuneConfig", "TrainConfig", "help_of",
+           "setting", "sweep_fields", "to_dict"]  # fmt: skip
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 HIDDEN_DTYPES = ("float16", "float32")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if value is None or value <= 0:
-            raise ConfigError(f"{name.replace('_', '-')} must be positive; got {value}")
 
 
 def _check_rows(rows: int) -> None:
@@ -48,24 +42,14 @@ def _check_threads(threads: int) -> None:
         raise ConfigError(f"--threads must be 0 (torch's choice) or more; got {threads}")
 
 
-def setting(default=MISSING, help: str = "", cli: str | bool = True, words: tuple[str, ...] = ()):  # noqa: A002
-    """A config field with its help text: the CLI builds each option from the field's default and
-    this text (`pkdpipe_cli.common.config_options`), so neither is written twice. `cli` says how a
-    list is typed on the command line ("ints": 2,4,6; "names": train,dev; "ints-or-all"; "number":
-    one float or one of `words`), or False
-    for a field that is not an option; `words` are values taken as they are ("auto")."""
-    return field(default=default, metadata={"help": help, "cli": cli, "words": words})
-
-
-def help_of(config_class, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(config_class) if f.name == name)
-
-
 def to_dict(config) -> dict:
-    """The config as JSON-able data (paths as strings)."""
+    """The config as JSON-able data (paths as strings); a distill config's strategy settings among
+    its own, as they have always been recorded (`"alpha": 0.5`)."""
+    data = dataclasses.asdict(config)
+    data.update(data.pop("strategy_settings", None) or {})
     return {
         k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-        for k, v in dataclasses.asdict(config).items()
+        for k, v in data.items()
     }
 
 
@@ -125,15 +109,15 @@ class CacheConfig:
             raise ConfigError("--splits needs at least one split")
         if self.layers is not None:
             self.layers = tuple(sorted(set(self.layers)))
-        _check_positive(max_seq_len=self.max_seq_len, batch_size=self.batch_size, shard_size=self.shard_size)
+        check_positive(max_seq_len=self.max_seq_len, batch_size=self.batch_size, shard_size=self.shard_size)
         _check_rows(self.train_rows)
         _check_threads(self.threads)
-        _check_choice("--dtype", self.dtype, HIDDEN_DTYPES)
-        _check_choice("--codec", self.codec, CODECS)
+        check_choice("--dtype", self.dtype, HIDDEN_DTYPES)
+        check_choice("--codec", self.codec, CODECS)
         if self.codec == INT8 and self.dtype != "float16":
             raise ConfigError(f"--codec int8 stores int8 codes: --dtype {self.dtype} does not apply")
-        _check_choice("--precision", self.precision, PRECISIONS)
-        _check_choice("--device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--device", self.device, ("auto", "cpu", "cuda"))
         if self.push and not self.store:
             raise ConfigError("--push needs --store URL (or PKDPIPE_STORE)")
 
@@ -156,7 +140,9 @@ class TrainConfig:
     task: str = setting(
         "", "Task name or task file (distill: the task whose newest cache to take when --cache is not given)."
     )
-    output: Path | None = setting(None, "Output folder. Default: a folder under runs/TASK/.")
+    output: Path | None = setting(
+        None, "Output folder. Default: a folder under runs/TASK/.", changes_result=False
+    )
     lr: float | str = setting(
         "auto",
         "Peak learning rate (AdamW), or auto: chosen from the trained model's depth and width by a rule "
@@ -164,48 +150,60 @@ class TrainConfig:
         "run's settings and card record the number and the rule.",
         cli="number",
         words=("auto",),
+        sweep=True,
+        tag="lr",
     )
     epochs: int = setting(4, "Epochs over the training set.")
     batch_size: int = setting(32, "Global batch size (split across ranks under torchrun).")
     warmup: float = setting(0.1, "Fraction of the steps with linear warm-up, then linear decay to 0.")
     weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
     max_grad_norm: float = setting(1.0, "Clip gradients to this norm (0 turns clipping off).")
-    seed: int = setting(42, "Seed for initialisation, dropout and data order.")
+    seed: int = setting(42, "Seed for initialisation, dropout and data order.", sweep=True, tag="s")
     eval_every: int = setting(0, "Evaluate on dev every N steps (0 = at the end of each epoch).")
     checkpoint_every: int = setting(
-        200, "Save a resumable checkpoint every N steps (and each epoch); rerun to resume."
+        200,
+        "Save a resumable checkpoint every N steps (and each epoch); rerun to resume.",
+        changes_result=False,
     )
     precision: str = setting(
         "fp32", "Autocast: fp32, bf16 or fp16 (fp16 needs a GPU; it uses a gradient scaler)."
     )
-    device: str = setting("auto", "cpu, cuda or auto (cuda when available).")
+    device: str = setting("auto", "cpu, cuda or auto (cuda when available).", changes_result=False)
     resume: bool = setting(
-        True, "Continue from OUTPUT/checkpoint when it exists (--no-resume starts over, dropping it)."
+        True,
+        "Continue from OUTPUT/checkpoint when it exists (--no-resume starts over, dropping it).",
+        changes_result=False,
     )
-    runs_dir: Path = setting(Path("runs"), "Root of the default output folders.")
-    report_to: str | None = setting(None, "tensorboard, to also log there (needs tensorboard installed).")
+    runs_dir: Path = setting(Path("runs"), "Root of the default output folders.", changes_result=False)
+    report_to: str | None = setting(
+        None, "tensorboard, to also log there (needs tensorboard installed).", changes_result=False
+    )
     max_steps: int = setting(0, "Stop after N optimizer steps (0 = all epochs); for smoke runs.")
     group_by_length: bool = setting(
         False,
         f"Batch rows of similar length inside random megabatches of {GROUP_BATCHES} batches: less "
         "padding, faster steps. Default: a plain uniform shuffle.",
     )
-    trust_remote_code: bool = setting(False, "Let transformers run code shipped with the model.")
-    threads: int = setting(0, THREADS_HELP)
-    quiet: bool = setting(False, "No progress bars or progress lines.")
-    command: str | None = setting(None, "The command line, recorded next to the output.", cli=False)
+    trust_remote_code: bool = setting(
+        False, "Let transformers run code shipped with the model.", changes_result=False
+    )
+    threads: int = setting(0, THREADS_HELP, changes_result=False)
+    quiet: bool = setting(False, "No progress bars or progress lines.", changes_result=False)
+    command: str | None = setting(
+        None, "The command line, recorded next to the output.", cli=False, changes_result=False
+    )
 
     def __post_init__(self):
         self.output = Path(self.output) if self.output else None
         self.runs_dir = Path(self.runs_dir)
         if self.lr != "auto":
-            _check_positive(lr=self.lr)
-        _check_positive(epochs=self.epochs, batch_size=self.batch_size)
+            check_positive(lr=self.lr)
+        check_positive(epochs=self.epochs, batch_size=self.batch_size)
         _check_threads(self.threads)
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup is a fraction of the steps in [0, 1); got {self.warmup}")
-        _check_choice("--precision", self.precision, PRECISIONS)
-        _check_choice("--device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--device", self.device, ("auto", "cpu", "cuda"))
         if self.report_to not in (None, "tensorboard"):
             raise ConfigError(f"--report-to supports tensorboard; got {self.report_to!r}")
 
@@ -216,7 +214,9 @@ class FinetuneConfig(TrainConfig):
 
     model: str = setting("", "Pre-trained model folder or hub name to start from.")
     data_dir: Path | None = setting(
-        None, "Local copy of the data (GLUE TSV or hub layout). Default: the hub."
+        None,
+        "Local copy of the data (GLUE TSV or hub layout). Default: the hub.",
+        changes_result=False,
     )
     layers: int | None = setting(None, "Keep only the first K layers (a fine-tuned-only student baseline).")
     max_seq_len: int = setting(128, "Truncate inputs to this many tokens.")
@@ -243,16 +243,26 @@ class FinetuneConfig(TrainConfig):
 class DistillConfig(TrainConfig):
     """`pkdpipe distill`: train a K-layer student from a teacher cache alone.
 
-    Loss: (1 - alpha) * CE + alpha * T^2 * KL + beta * PT; see `pkdpipe.losses` for the reductions
-    and how the paper's hyperparameters map onto them.
+    The strategy's own settings (`pkdpipe.strategies`: alpha, beta, temperature, normalize and
+    pt_space for the paper's objective, whatever a registered strategy declares) are not fields
+    here: they are given as keywords all the same (`DistillConfig(strategy="skip", beta=0.1)`),
+    read as attributes (`config.beta`), and held, checked by the strategy, in `strategy_settings`.
+    Loss of the paper's strategies: (1 - alpha) * CE + alpha * T^2 * KL + beta * PT; see
+    `pkdpipe.losses` for the reductions and how the paper's hyperparameters map onto them.
     """
 
     cache: str | None = setting(
-        None, "Cache folder or key. Default: the newest complete cache of --task (or of the only task there)."
+        None,
+        "Cache folder or key. Default: the newest complete cache of --task (or of the only task there).",
+        changes_result=False,
     )
-    cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
-    strategy: str = setting("last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only).")
-    layers: int = setting(6, "Student depth K.")
+    cache_dir: Path | None = setting(
+        None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.", changes_result=False
+    )
+    strategy: str = setting(
+        "last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only), or a registered one.", sweep=True
+    )
+    layers: int = setting(6, "Student depth K.", sweep=True)
     teacher_layers: tuple[int, ...] | str | None = setting(
         None,
         "Explicit map for student layers 1..K-1, e.g. 2,4,6,8,10; or auto: the K-1 layers whose "
@@ -263,28 +273,17 @@ class DistillConfig(TrainConfig):
     student_init: str | None = setting(
         None, "Pre-trained model to take the first K layers from. Default: the teacher's pre-trained model."
     )
-    alpha: float = setting(0.5, "Weight of the soft-label (KD) term against CE, in [0, 1].")
-    beta: float = setting(0.5, "Weight of the patient term (pkdpipe scale: the authors' beta / hidden size).")
-    temperature: float = setting(10.0, "KD temperature T.")
-    normalize: bool = setting(True, "L2-normalise the [CLS] vectors in the patient loss.")
-    pt_space: str = setting(
-        "raw",
-        "Where the patient loss compares [CLS] vectors: raw (the paper), centered, standardized (by the "
-        "cache's per-dimension statistics; the student by its batch's), standardized-teacher, or "
-        "relational (how each pair of examples relates, in standardised coordinates).",
+    strategy_settings: object = setting(
+        None, "The strategy's settings object (a dict or None on the way in).", cli=False
     )
 
     def __post_init__(self):
         super().__post_init__()
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_root()
-        strategies.get(self.strategy)  # an unknown name: ConfigError naming the known ones
+        # an unknown name: ConfigError naming the known ones; then its settings, checked by it
+        self.strategy_settings = strategies.get(self.strategy).make_settings(self.strategy_settings)
         if self.layers < 1:
             raise ConfigError(f"--layers must be at least 1; got {self.layers}")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"--alpha must be in [0, 1]; got {self.alpha}")
-        if self.beta < 0:
-            raise ConfigError(f"--beta must be non-negative; got {self.beta}")
-        _check_positive(temperature=self.temperature)
         if isinstance(self.teacher_layers, str):
             if self.teacher_layers != "auto":
                 raise ConfigError(
@@ -292,10 +291,59 @@ class DistillConfig(TrainConfig):
                 )
         elif self.teacher_layers is not None:
             self.teacher_layers = tuple(self.teacher_layers)
-        if self.pt_space != "raw":  # the paper's needs no check, and no torch (losses imports it)
-            from pkdpipe.losses import PT_SPACES
 
-            _check_choice("--pt-space", self.pt_space, PT_SPACES)
+    def __getattr__(self, name: str):
+        """A strategy setting, read as if it were a field (`config.alpha`)."""
+        held = self.__dict__.get("strategy_settings")
+        if name.startswith("__") or held is None or name not in held.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+        return getattr(held, name)
+
+    @classmethod
+    def option_fields(cls) -> list[dataclasses.Field]:
+        """The fields the CLI makes options of: its own, then every registered strategy's settings
+        (one option each, whichever strategies share it), then the training loop's."""
+        own = [f for f in dataclasses.fields(cls) if f.name in cls.__dict__["__annotations__"]]
+        inherited = [f for f in dataclasses.fields(cls) if f not in own]
+        return [*own, *strategy_fields().values(), *inherited]
+
+
+def _taking_strategy_settings(init):
+    """DistillConfig's __init__, taking the strategy's settings as keywords too: they go into
+    `strategy_settings` (over those it holds), so `dataclasses.replace(config, beta=1.0)` works."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, strategy_settings=None, **values):
+        names = {f.name for f in dataclasses.fields(DistillConfig)}
+        given = {k: values.pop(k) for k in list(values) if k not in names}
+        if given:
+            held = strategy_settings
+            held = dataclasses.asdict(held) if dataclasses.is_dataclass(held) else dict(held or {})
+            strategy_settings = {**held, **given}
+        init(self, *args, strategy_settings=strategy_settings, **values)
+
+    return __init__
+
+
+DistillConfig.__init__ = _taking_strategy_settings(DistillConfig.__init__)
+
+
+def strategy_fields() -> dict[str, dataclasses.Field]:
+    """Every registered strategy's settings by name; a name that is also a distill field is refused
+    (one option cannot be both)."""
+    found = strategies.setting_fields()
+    clash = set(found) & {f.name for f in dataclasses.fields(DistillConfig)}
+    if clash:
+        raise ConfigError(
+            f"a strategy's setting has the name of a distill setting ({', '.join(sorted(clash))}): rename it"
+        )
+    return found
+
+
+def sweep_fields() -> dict[str, dataclasses.Field]:
+    """The settings a sweep or search may vary, by name: distill's own and the training loop's
+    marked `sweep=True` (strategy, layers, lr, seed) and every registered strategy's."""
+    return {f.name: f for f in DistillConfig.option_fields() if sweepable(f)}
 
 
 @dataclass
@@ -340,10 +388,10 @@ class EvaluateConfig:
             check_local("evaluate", model, "model folder")
         check_task_path(self.task)
         check_local("--data-dir", self.data_dir)
-        _check_positive(batch_size=self.batch_size, timing_rows=self.timing_rows)
+        check_positive(batch_size=self.batch_size, timing_rows=self.timing_rows)
         _check_threads(self.threads)
         if self.max_seq_len is not None:
-            _check_positive(max_seq_len=self.max_seq_len)
+            check_positive(max_seq_len=self.max_seq_len)
         if self.timing_rounds < 0:
             raise ConfigError(f"--timing-rounds must be 0 (no timing) or more; got {self.timing_rounds}")
-        _check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--precision", self.precision, PRECISIONS)

@@ -19,6 +19,7 @@ DistributedDataParallel averages the gradients, and the logged terms are average
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,6 +34,7 @@ from pkdpipe.config import TrainConfig, to_dict
 from pkdpipe.errors import ConfigError, ModelError
 from pkdpipe.metrics import format_metrics, percent
 from pkdpipe.models import autocast, pick_device
+from pkdpipe.settings import changes_result
 from pkdpipe.sources import BatchSource
 from pkdpipe.strategies import StepFn
 
@@ -298,12 +300,13 @@ def _changed_settings(saved: dict, now: dict) -> str:
 
 
 def resume_settings(config: TrainConfig, **extra) -> dict:
-    """The settings a checkpoint must share with the run that resumes it: every field that changes
-    what is trained (not where it is written, how loudly, or on which device), plus `extra` (the
-    cache's key, say). JSON values, so they compare equal after a round trip through the checkpoint."""
-    # threads: speed only (float rounding may differ slightly), so another count resumes the run
-    ignored = {"output", "runs_dir", "device", "quiet", "command", "report_to", "checkpoint_every",
-               "resume", "trust_remote_code", "cache", "cache_dir", "data_dir", "threads"}  # fmt: skip
+    """The settings a checkpoint must share with the run that resumes it: every setting that changes
+    what is trained (`changes_result`, not where it is written, how loudly, or on which device),
+    the strategy's own included, plus `extra` (the cache's key, say). JSON values, so they compare
+    equal after a round trip through the checkpoint."""
+    held = getattr(config, "strategy_settings", None)
+    fields = [*dataclasses.fields(config), *(dataclasses.fields(held) if held is not None else ())]
+    ignored = {f.name for f in fields if not changes_result(f)}
     settings = {k: v for k, v in to_dict(config).items() if k not in ignored}
     return json.loads(json.dumps({**settings, **extra}))
 

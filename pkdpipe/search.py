@@ -34,17 +34,21 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pkdpipe import files, progress
-from pkdpipe.config import DistillConfig
+from pkdpipe import files, progress, strategies
+from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
-from pkdpipe.sweep import GRID_FIELDS, grid_settings, run_name
+from pkdpipe.settings import default_of, kind_of, parse_bool
+from pkdpipe.sweep import grid_settings, run_name
 
 # How often a running trial tells the storage it is alive; a trial silent for 4 heartbeats is taken
 # for dead, failed and queued again. $PKDPIPE_SEARCH_HEARTBEAT sets it (tests use 1 second).
 HEARTBEAT_S = int(os.environ.get("PKDPIPE_SEARCH_HEARTBEAT", "30"))
-FLOAT_FIELDS = ("alpha", "beta", "temperature", "lr")
-INT_FIELDS = ("layers", "seed")
-CHOICE_FIELDS = ("strategy", "pt_space")  # names, never a range
+
+
+def _kind(name: str) -> str:
+    """How a searched setting's values are typed (`pkdpipe.settings.kind_of`): "int", "float",
+    "bool" (true/false), or anything else, whose values are names; only numbers take a range."""
+    return kind_of(sweep_fields()[name])
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,21 @@ class Param:
     def suggest(self, trial):
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
-        if self.name in INT_FIELDS:
+        if _kind(self.name) == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
 
 def parse_param(name: str, text: str) -> Param:
     """'2e-5:2e-4:log', '0.2:0.9', '5,10,20' or 'skip,last' for the setting `name`."""
-    if name not in GRID_FIELDS:
-        raise ConfigError(f"cannot search over {name!r}; choose from {', '.join(GRID_FIELDS)}")
+    fields = sweep_fields()
+    if name not in fields:
+        raise ConfigError(f"cannot search over {name!r}; choose from {', '.join(fields)}")
     text = str(text).strip()
     if ":" in text:
         parts = text.split(":")
         log = len(parts) == 3 and parts[2] == "log"
-        if name in CHOICE_FIELDS or len(parts) not in (2, 3) or (len(parts) == 3 and not log):
+        if _kind(name) not in ("int", "float") or len(parts) not in (2, 3) or (len(parts) == 3 and not log):
             raise ConfigError(f"--{name}: a range is LOW:HIGH or LOW:HIGH:log; got {text!r}")
         try:
             low, high = float(parts[0]), float(parts[1])
@@ -89,17 +94,38 @@ def parse_param(name: str, text: str) -> Param:
 
 
 def _typed(name: str, value: str):
-    if name in CHOICE_FIELDS or (name == "lr" and value == "auto"):  # --lr auto: the default rule's
-        return value
+    kind = _kind(name)
+    if kind == "bool":
+        return parse_bool(value, f"--{name}")
+    if kind not in ("int", "float") or value in sweep_fields()[name].metadata.get("words", ()):
+        return value  # a name, or a word the setting takes (--lr auto: the default rule's)
     try:
-        if name in INT_FIELDS:
+        if kind == "int":
             if not re.fullmatch(r"-?\d+", value):
                 raise ValueError
             return int(value)
         return float(value)
     except ValueError:
-        kind = "whole numbers" if name in INT_FIELDS else "numbers"
+        kind = "whole numbers" if kind == "int" else "numbers"
         raise ConfigError(f"--{name} takes {kind}; got {value!r}") from None
+
+
+def split_space(params: dict[str, Param]) -> tuple[dict[str, Param], dict]:
+    """The searched settings (a range or several values) and the fixed ones (one value each). When
+    the strategy is searched, a fixed setting that not all its strategies have, away from its
+    default, stays in the space (one choice; `trial_config` gives it to the trials of the
+    strategies that have it), and the first strategy stands for them all among the fixed."""
+    searched = {k: p for k, p in params.items() if p.choices is None or len(p.choices) > 1}
+    fixed = {k: p.choices[0] for k, p in params.items() if k not in searched}
+    if "strategy" in searched:
+        chosen = [strategies.get(name) for name in searched["strategy"].choices]
+        theirs = strategy_fields()
+        for name in [k for k in fixed if k in theirs and fixed[k] != default_of(theirs[k])]:
+            if not all(name in s.setting_names for s in chosen):
+                searched[name] = params[name]
+                del fixed[name]
+        fixed["strategy"] = chosen[0].name
+    return searched, fixed
 
 
 def load_space(path: Path) -> dict[str, Param]:
@@ -163,12 +189,12 @@ def search(
             if earlier.state == optuna.trial.TrialState.PRUNED:
                 raise optuna.TrialPruned()
             return earlier.value
-        fixed = grid_settings(base)
+        config = trial_config(base, settings)
         # a trial's own folder (two trials may draw the same settings); a trial queued again after
         # its worker died keeps the folder (user attributes travel with it) and resumes there
         if "output" not in trial.user_attrs:
             trial.set_user_attr(
-                "output", str(sweep_dir / f"{trial.number:04d}_{run_name({**fixed, **settings})}")
+                "output", str(sweep_dir / f"{trial.number:04d}_{run_name(grid_settings(config))}")
             )
         output = Path(trial.user_attrs["output"])
         name = output.name
@@ -184,7 +210,7 @@ def search(
 
         progress.info(f"trial {trial.number}: {name}", base.quiet)
         try:
-            result = distill(replace(base, output=output, **settings), source_hook, on_evaluate=report)
+            result = distill(replace(config, output=output), source_hook, on_evaluate=report)
         except optuna.TrialPruned:
             checkpoint.remove(output / "checkpoint")  # a pruned trial is never resumed
             raise
@@ -213,6 +239,13 @@ MAX_FAILURES_IN_A_ROW = 3
 DONE = ("COMPLETE", "PRUNED")
 
 
+def trial_config(base: DistillConfig, settings: dict) -> DistillConfig:
+    """`base` with a trial's settings, less those its strategy does not have (a space over several
+    strategies draws each one's settings for all of them)."""
+    own = strategies.get(settings.get("strategy", base.strategy)).setting_names
+    return replace(base, **{k: v for k, v in settings.items() if k in own or k not in strategy_fields()})
+
+
 def _trained(study) -> list:
     """The finished or pruned trials that trained a student (not repeats answered from another)."""
     return [
@@ -233,7 +266,7 @@ def _size(space: dict[str, Param]) -> float:
     for param in space.values():
         if param.choices is not None:
             size *= len(param.choices)
-        elif param.name in INT_FIELDS:
+        elif _kind(param.name) == "int":
             size *= int(param.high) - int(param.low) + 1
         else:
             size = math.inf

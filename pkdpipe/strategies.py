@@ -1,10 +1,13 @@
 """Distillation strategies, in one place: what a student learns from, and how its step is built.
 
 A `Strategy` declares its name, which teacher layers its student layers learn from (if any), which
-cached targets its batches need, which `DistillConfig` fields it reads, the loss terms its step
-returns, and how to build that step. The loop, the logs, the progress bar and `pkdpipe report`
-take whatever terms come back, so a new objective is one `register(Strategy(...))` away, from any
-module; nothing else in pkdpipe changes.
+cached targets its batches need, its settings (a dataclass of `pkdpipe.settings.setting` fields),
+the loss terms its step returns, and how to build that step. The loop, the logs, the progress bar
+and `pkdpipe report` take whatever terms come back, and the CLI, sweeps, searches, run names, the
+resume check and the model card take whatever settings it declares, so a new objective is one
+`register(Strategy(...))` away, from any module; nothing else in pkdpipe changes. The CLI imports
+the modules named in $PKDPIPE_PLUGINS first (`load_plugins`), so a strategy registered there is
+an option of `pkdpipe distill` and `pkdpipe sweep` like the built-in ones.
 
 The paper's four rows share one objective, `(1 - alpha) * CE + alpha * KD + beta * PT`
 (`pkdpipe.losses.pkd_loss`), with the terms a row does not use reported as 0:
@@ -13,6 +16,9 @@ The paper's four rows share one objective, `(1 - alpha) * CE + alpha * KD + beta
     kd     + the teacher's soft labels  reads alpha, temperature
     last   + PT on the K-1 layers just below the teacher's top
     skip   + PT on every (N/K)-th teacher layer           reads beta, normalize, pt_space too
+
+All four take the objective's settings (`PKDSettings`), as their runs have always been named and
+resumed by all five; `reads` says which of them each step uses (what its model card lists).
 
 `last` and `skip` also take `--teacher-layers auto` (the K-1 layers whose normalised [CLS] varies
 most between examples, from the cache's statistics) and `pt_space` (where PT compares the vectors:
@@ -26,12 +32,19 @@ inputs, "labels", and, as the strategy asks, "teacher_logits" (batch, labels) an
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from pkdpipe import layermap
 from pkdpipe.errors import ConfigError
+from pkdpipe.settings import IF_CHANGED, check_choice, check_positive, default_of, kind_of, setting
 
 # torch is imported when a step is built, not here: configs check strategy names before any heavy import
 StepFn = Callable[[object, dict], dict]  # (model, batch on device) -> {"loss": tensor, term: tensor, ...}
@@ -41,11 +54,23 @@ StepFn = Callable[[object, dict], dict]  # (model, batch on device) -> {"loss": 
 class StepSpec:
     """What a strategy builds its step from."""
 
-    config: object  # the run's DistillConfig (the fields the strategy lists in `hyperparameters`)
+    config: object  # the run's DistillConfig
     regression: bool  # a one-output task (MSE instead of cross-entropy)
     teacher_layers: list[int]  # the layer map: teacher layers whose [CLS] vectors are in the batch
     student_layers: list[int]  # the student layers matched to them, in the same order
     teacher_stats: dict | None = None  # {teacher layer: pkdpipe.cache.stats.LayerStats} over train
+    # the strategy's settings for the run (None: the config's, `config.strategy_settings`)
+    settings: object = None
+
+    @property
+    def values(self):
+        """The strategy's settings: `spec.values.beta`."""
+        return self.settings if self.settings is not None else self.config.strategy_settings
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a strategy that has none."""
 
 
 @dataclass(frozen=True)
@@ -53,14 +78,57 @@ class Strategy:
     name: str
     summary: str  # one line, for help texts and model cards
     terms: tuple[str, ...]  # what its step returns, "loss" first; logged and drawn as they come
-    hyperparameters: tuple[str, ...]  # the DistillConfig fields its step reads (recorded on its card)
+    # its settings: a dataclass of `setting(...)` fields with defaults (None: it has none); a tuple
+    # of names, the older form, takes those settings of the paper's objective (`PKDSettings`)
+    settings: type | tuple[str, ...] | None
     make_step: Callable[[StepSpec], StepFn]
     uses_logits: bool = True  # batches carry the cached teacher logits
     pick_layers: Callable[[int, int], list[int]] | None = None  # (teacher N, student K) -> map; None: no PT
+    reads: tuple[str, ...] | None = None  # the settings its step reads, on its card (None: all of them)
+
+    def __post_init__(self):
+        if self.settings is None:
+            object.__setattr__(self, "settings", NoSettings)
+        elif isinstance(self.settings, tuple):
+            _check_names(self.name, self.settings, PKDSettings)
+            object.__setattr__(self, "reads", self.settings)
+            object.__setattr__(self, "settings", PKDSettings)
+        if not dataclasses.is_dataclass(self.settings):
+            raise ConfigError(
+                f"strategy {self.name!r}: its settings must be a dataclass of setting(...) fields"
+            )
+        _check_names(self.name, self.reads or (), self.settings)
 
     @property
     def maps_layers(self) -> bool:
         return self.pick_layers is not None
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        """The settings its step reads: what its model card lists."""
+        return self.reads if self.reads is not None else tuple(self.setting_names)
+
+    @property
+    def setting_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.settings))
+
+    def make_settings(self, values=None):
+        """Its settings from `values` (a dict, a settings object or None: the defaults). A value for
+        another strategy's setting is dropped at that setting's default and refused otherwise (a
+        user who typed it expects it to count); a name no strategy has is a TypeError."""
+        given = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values or {})
+        own = set(self.setting_names)
+        for name, value in given.items():
+            if name in own:
+                continue
+            other = setting_field(name)  # TypeError for a name no strategy has
+            if value != default_of(other):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} is not a setting of strategy {self.name!r} (strategies with it: "
+                    f"{', '.join(s.name for s in _REGISTRY.values() if name in s.setting_names)})"
+                )
+        return self.settings(**{k: v for k, v in given.items() if k in own})
 
     def layer_map(
         self,
@@ -93,11 +161,72 @@ _REGISTRY: dict[str, Strategy] = {}
 
 
 def register(strategy: Strategy) -> Strategy:
-    """Make a strategy available to `distill`, `sweep` and the CLI by its name."""
+    """Make a strategy available to `distill`, `sweep` and the CLI by its name; its settings become
+    options of both. A setting another strategy also has must be that same setting (one option)."""
     if not strategy.terms or strategy.terms[0] != "loss":
         raise ConfigError(f"strategy {strategy.name!r}: its terms must start with 'loss'")
+    for f in dataclasses.fields(strategy.settings):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"strategy {strategy.name!r}: its setting {f.name!r} needs a default")
+        other = setting_fields().get(f.name)
+        if other is not None and (default_of(other), kind_of(other)) != (default_of(f), kind_of(f)):
+            raise ConfigError(
+                f"strategy {strategy.name!r}: its setting {f.name!r} differs from the one of that name "
+                "another strategy has (another default or type); one option cannot be both: rename it"
+            )
     _REGISTRY[strategy.name] = strategy
     return strategy
+
+
+def setting_fields() -> dict[str, dataclasses.Field]:
+    """Every registered strategy's settings, by name, in the order they were registered."""
+    found: dict[str, dataclasses.Field] = {}
+    for strategy in _REGISTRY.values():
+        for f in dataclasses.fields(strategy.settings):
+            found.setdefault(f.name, f)
+    return found
+
+
+def setting_field(name: str) -> dataclasses.Field:
+    try:
+        return setting_fields()[name]
+    except KeyError:
+        raise TypeError(f"no strategy has a setting {name!r}") from None
+
+
+def _check_names(strategy: str, names: tuple[str, ...], settings) -> None:
+    unknown = set(names) - {f.name for f in dataclasses.fields(settings)}
+    if unknown:
+        raise ConfigError(
+            f"strategy {strategy!r} reads settings it does not have: {', '.join(sorted(unknown))}"
+        )
+
+
+PLUGINS_ENV = "PKDPIPE_PLUGINS"
+
+
+def load_plugins(spec: str | None = None) -> list[str]:
+    """Import the user's modules that register strategies: `spec` (default: $PKDPIPE_PLUGINS), a
+    comma-separated list of module names (`my_strategies`) or .py files (`./my_strategy.py`). The
+    CLI calls this before it builds its options; a script or notebook imports its module itself."""
+    spec = os.environ.get(PLUGINS_ENV, "") if spec is None else spec
+    loaded = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        try:
+            if entry.endswith(".py"):
+                path = Path(entry).expanduser()
+                module_spec = importlib.util.spec_from_file_location(path.stem, path)
+                if module_spec is None or not path.is_file():
+                    raise ImportError(f"no such file: {path}")
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[module_spec.name] = module  # as an import would (dataclasses look there)
+                module_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(entry)
+        except ImportError as err:
+            raise ConfigError(f"{PLUGINS_ENV}: cannot import {entry}: {err}") from None
+        loaded.append(entry)
+    return loaded
 
 
 def get(name: str) -> Strategy:
@@ -132,6 +261,43 @@ def layer_map(
 PKD_TERMS = ("loss", "ce", "kd", "pt")
 
 
+@dataclass(frozen=True)
+class PKDSettings:
+    """The settings of the paper's objective, `(1 - alpha) * CE + alpha * T^2 * KL + beta * PT`
+    (`pkdpipe.losses.pkd_loss`, which says the reductions and how the paper's numbers map onto them)."""
+
+    alpha: float = setting(
+        0.5, "Weight of the soft-label (KD) term against CE, in [0, 1].", sweep=True, tag="a"
+    )
+    beta: float = setting(
+        0.5,
+        "Weight of the patient term (pkdpipe scale: the authors' beta / hidden size).",
+        sweep=True,
+        tag="b",
+    )
+    temperature: float = setting(10.0, "KD temperature T.", sweep=True, tag="t")
+    normalize: bool = setting(True, "L2-normalise the [CLS] vectors in the patient loss.", tag="")
+    pt_space: str = setting(
+        "raw",
+        "Where the patient loss compares [CLS] vectors: raw (the paper), centered, standardized (by the "
+        "cache's per-dimension statistics; the student by its batch's), standardized-teacher, or "
+        "relational (how each pair of examples relates, in standardised coordinates).",
+        sweep=True,
+        tag=IF_CHANGED,
+    )
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"--alpha must be in [0, 1]; got {self.alpha}")
+        if self.beta < 0:
+            raise ConfigError(f"--beta must be non-negative; got {self.beta}")
+        check_positive(temperature=self.temperature)
+        if self.pt_space != "raw":  # the paper's needs no check, and no torch (losses imports it)
+            from pkdpipe.losses import PT_SPACES
+
+            check_choice("--pt-space", self.pt_space, PT_SPACES)
+
+
 def _pkd_step(spec: StepSpec, soft_labels: bool = True) -> StepFn:
     """The step of ft, kd, last and skip: one forward (with hidden states when there is a map), then
     `pkd_loss` with the run's alpha, beta, temperature, normalize and pt_space (CE alone without
@@ -139,8 +305,8 @@ def _pkd_step(spec: StepSpec, soft_labels: bool = True) -> StepFn:
     from pkdpipe.losses import pkd_loss
     from pkdpipe.models import cls_vectors
 
-    c, layers = spec.config, spec.student_layers
-    space = getattr(c, "pt_space", "raw") if layers else "raw"
+    c, layers = spec.values, spec.student_layers
+    space = c.pt_space if layers else "raw"
     stats = _stat_tensors(spec) if space != "raw" else {}
 
     def step(model, batch: dict) -> dict:
@@ -190,7 +356,7 @@ LAST = register(
         "last",
         "PKD-Last: KD + the K-1 teacher layers just below the top",
         PKD_TERMS,
-        ("alpha", "beta", "temperature", "normalize", "pt_space"),
+        PKDSettings,
         _pkd_step,
         pick_layers=layermap.last_layers,
     )
@@ -200,7 +366,7 @@ SKIP = register(
         "skip",
         "PKD-Skip: KD + every (N/K)-th teacher layer",
         PKD_TERMS,
-        ("alpha", "beta", "temperature", "normalize", "pt_space"),
+        PKDSettings,
         _pkd_step,
         pick_layers=layermap.skip_layers,
     )
@@ -210,8 +376,9 @@ KD = register(
         "kd",
         "vanilla KD: gold labels and the teacher's soft labels",
         PKD_TERMS,
-        ("alpha", "temperature"),
+        PKDSettings,
         _pkd_step,
+        reads=("alpha", "temperature"),
     )
 )
 FT = register(
@@ -219,9 +386,10 @@ FT = register(
         "ft",
         "fine-tuning on the gold labels only",
         PKD_TERMS,
-        (),
+        PKDSettings,
         partial(_pkd_step, soft_labels=False),
         uses_logits=False,
+        reads=(),
     )
 )
 

@@ -12,15 +12,14 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pkdpipe import files, progress
+from pkdpipe import files, progress, strategies
 from pkdpipe.cache.local import resolve_cache
 from pkdpipe.cache.reader import TeacherCache
-from pkdpipe.config import DistillConfig
+from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
+from pkdpipe.settings import IF_CHANGED, default_of, tag_of
 from pkdpipe.tasks import get_task
 from pkdpipe.train import SourceHook, distill, task_of
-
-GRID_FIELDS = ("strategy", "layers", "alpha", "beta", "temperature", "lr", "seed", "pt_space")
 
 
 @dataclass
@@ -33,29 +32,51 @@ class SweepRun:
     seconds: float | None
 
 
-def grid_settings(config) -> dict:
-    """The fields a grid may vary, as `config` has them: what a run's folder is named after."""
-    return {field: getattr(config, field) for field in GRID_FIELDS}
+def grid_settings(config: DistillConfig) -> dict:
+    """The settings a sweep may vary, as `config` has them (its strategy's own, not another's): what
+    a run's folder is named after."""
+    own = set(strategies.get(config.strategy).setting_names)
+    fields = sweep_fields()
+    return {name: getattr(config, name) for name in fields if name in own or name not in strategy_fields()}
 
 
 def run_name(settings: dict) -> str:
-    """A folder name from the settings that vary, e.g. skip-3_a0.5_b0.1_t5_lr5e-05_s42 (and
-    `_standardized` at the end for a patient space other than the paper's raw one)."""
-    s = settings
-    lr = s["lr"] if isinstance(s["lr"], str) else f"{s['lr']:g}"  # "auto": the default rule's lr
-    hyper = f"a{s['alpha']:g}_b{s['beta']:g}_t{s['temperature']:g}_lr{lr}"
-    space = s.get("pt_space", "raw")
-    return f"{s['strategy']}-{s['layers']}_{hyper}_s{s['seed']}" + ("" if space == "raw" else f"_{space}")
+    """A folder name from the settings that vary, e.g. skip-3_a0.5_b0.1_t5_lr5e-05_s42: strategy
+    and depth, then each setting by its `tag`, the strategy's before the training loop's, and at the
+    end those tagged IF_CHANGED by their value where it differs from the default (`_standardized`
+    for a patient space other than the paper's raw one)."""
+    tagged, changed = [], []
+    for name, f in sweep_fields().items():
+        if name not in settings or name in ("strategy", "layers") or tag_of(f) == "":
+            continue
+        value = settings[name]
+        if tag_of(f) == IF_CHANGED:
+            changed += [] if value == default_of(f) else [str(value)]
+        else:  # lr "auto" (the default rule's) as it is
+            tagged.append(f"{tag_of(f)}{value:g}" if isinstance(value, float) else f"{tag_of(f)}{value}")
+    return "_".join([f"{settings['strategy']}-{settings['layers']}", *tagged, *changed])
 
 
-def grid(values: dict[str, list]) -> list[dict]:
+def grid(values: dict[str, list], strategy: str | None = None) -> list[dict]:
+    """Every combination of `values`, in order. A setting that a combination's strategy (its own,
+    else `strategy`) does not have is left out of that combination, and combinations that are then
+    the same are one."""
+    fields = sweep_fields()
     for name, options in values.items():
-        if name not in GRID_FIELDS:
-            raise ConfigError(f"cannot sweep over {name!r}; choose from {', '.join(GRID_FIELDS)}")
+        if name not in fields:
+            raise ConfigError(f"cannot sweep over {name!r}; choose from {', '.join(fields)}")
         if not options:
             raise ConfigError(f"the sweep over {name} has no values")
     names = list(values)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(values[n] for n in names))]
+    combos = []
+    for combo in (dict(zip(names, c)) for c in itertools.product(*(values[n] for n in names))):
+        chosen = combo.get("strategy", strategy)
+        if chosen is not None:
+            own, theirs = set(strategies.get(chosen).setting_names), strategy_fields()
+            combo = {k: v for k, v in combo.items() if k in own or k not in theirs}
+        if combo not in combos:
+            combos.append(combo)
+    return combos
 
 
 def sweep(
@@ -70,10 +91,10 @@ def sweep(
     with TeacherCache(cache_path) as cache:
         task = task_of(cache)
     sweep_dir = Path(sweep_dir) if sweep_dir else base.runs_dir / task.name / "sweep"
-    combos = grid(values)
+    # every run's settings checked before the first trains
+    configs = [replace(base, cache=str(cache_path), **combo) for combo in grid(values, base.strategy)]
     runs = []
-    for i, combo in enumerate(combos, 1):
-        config = replace(base, cache=str(cache_path), **combo)
+    for i, config in enumerate(configs, 1):
         settings = grid_settings(config)
         output = sweep_dir / run_name(settings)
         done = output / "metrics.json"
@@ -82,9 +103,9 @@ def sweep(
             runs.append(
                 SweepRun(output.name, settings, output, metrics["dev"], True, metrics.get("train_seconds"))
             )
-            progress.info(f"[{i}/{len(combos)}] {output.name}: done before, kept", base.quiet)
+            progress.info(f"[{i}/{len(configs)}] {output.name}: done before, kept", base.quiet)
             continue
-        progress.info(f"[{i}/{len(combos)}] {output.name}", base.quiet)
+        progress.info(f"[{i}/{len(configs)}] {output.name}", base.quiet)
         result = distill(replace(config, output=output), source_hook)
         runs.append(SweepRun(output.name, settings, output, result.metrics, False, result.seconds))
     main = task.main_metric

@@ -273,7 +273,7 @@ def _layer_map(strategy, cache: TeacherCache, config: DistillConfig) -> tuple[li
 def _low_signal_warning(signal: dict[int, float], config: DistillConfig, key: str) -> str | None:
     """A line for mapped layers whose raw normalised [CLS] barely differs between examples."""
     low = {layer: share for layer, share in signal.items() if share < LOW_SIGNAL}
-    if not low or config.pt_space != "raw":
+    if not low or getattr(config, "pt_space", "raw") != "raw":  # a strategy may have no patient space
         return None
     shares = ", ".join(f"{layer}: {100 * share:.3g}%" for layer, share in low.items())
     return (

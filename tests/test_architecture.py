@@ -46,9 +46,17 @@ def test_the_example_strategy_registers_and_builds():
     namespace: dict = {}
     try:
         exec(compile(block.replace("...", "return {}"), str(DOC), "exec"), namespace)
+        from pkdpipe.config import DistillConfig, sweep_fields
+
         mine = strategies.get("mine")
         assert mine.terms == ("loss", "ce", "my_term") and mine.layer_map(6, 3) == [4, 5]
-        assert callable(mine.make_step(strategies.StepSpec(None, False, [4, 5], [1, 2])))
+        config = DistillConfig(strategy="mine", my_weight=0.3)  # its setting, as the CLI passes it
+        assert (
+            config.my_weight == 0.3
+            and "my_weight" in sweep_fields()
+            and mine.hyperparameters == ("my_weight",)
+        )
+        assert callable(mine.make_step(strategies.StepSpec(config, False, [4, 5], [1, 2])))
     finally:
         strategies._REGISTRY.pop("mine", None)
 

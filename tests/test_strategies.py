@@ -135,3 +135,30 @@ def test_a_strategy_registered_from_outside_trains_from_a_cache(cosine, tiny_cac
     assert meta["layer_map"] == {"student": [1, 2], "teacher": [2, 3]}
     assert (output / "model.safetensors").is_file()
     assert loss_terms(records) == ["loss", "ce", "cos"]
+
+
+# -- the built-in strategies' settings, as runs recorded them before strategies owned them ---------
+# resume_settings of DistillConfig(strategy=S, layers=3, lr=1e-4, beta=0.1), as pkdpipe wrote them
+RECORDED = {
+    "task": "", "lr": 0.0001, "epochs": 4, "batch_size": 32, "warmup": 0.1, "weight_decay": 0.01,
+    "max_grad_norm": 1.0, "seed": 42, "eval_every": 0, "precision": "fp32", "max_steps": 0,
+    "group_by_length": False, "layers": 3, "teacher_layers": None, "student_init": None, "alpha": 0.5,
+    "beta": 0.1, "temperature": 10.0, "normalize": True, "pt_space": "raw", "cache_key": "k",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["ft", "kd", "last", "skip"])
+def test_the_built_in_strategies_name_and_resume_runs_as_before(name):
+    """Run folders and checkpoints of earlier runs keep their names and still match: every built-in
+    strategy records all five settings of the paper's objective, though ft and kd read fewer."""
+    from pkdpipe.loop import resume_settings
+    from pkdpipe.sweep import grid_settings, run_name
+
+    space = "centered" if name == "skip" else "raw"
+    config = DistillConfig(strategy=name, layers=3, lr=1e-4, beta=0.1, pt_space=space)
+    assert resume_settings(config, cache_key="k") == {**RECORDED, "strategy": name, "pt_space": space}
+    suffix = "_centered" if name == "skip" else ""
+    assert run_name(grid_settings(config)) == f"{name}-3_a0.5_b0.1_t10_lr0.0001_s42{suffix}"
+    assert strategies.get(name).hyperparameters == {
+        "ft": (), "kd": ("alpha", "temperature")
+    }.get(name, ("alpha", "beta", "temperature", "normalize", "pt_space"))  # fmt: skip

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from pkdpipe.errors import ConfigError
+from pkdpipe.settings import kind_of, type_name
 
 # Tables whole in a log file too: rich would cut them to 80 columns when stdout is not a terminal.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -27,7 +28,7 @@ def option(config_class, name: str, *flags: str, required: bool = False, **kwarg
 
     A boolean gets a flag (`--quiet`, or `--normalize/--no-normalize` when it defaults to on); a
     tuple default is shown comma-separated, as it is typed."""
-    field = next(f for f in dataclasses.fields(config_class) if f.name == name)
+    field = next(f for f in option_fields(config_class) if f.name == name)
     default = ... if required or field.default is dataclasses.MISSING else field.default
     if isinstance(default, tuple):
         default = ",".join(map(str, default))
@@ -40,7 +41,7 @@ def option(config_class, name: str, *flags: str, required: bool = False, **kwarg
 def config_from(config_class, values: dict, **overrides):
     """`config_class` from a command's parameters (those that are its fields, list-valued ones parsed
     as `parse_cli` says), plus `overrides`."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    fields = {f.name: f for f in option_fields(config_class)}
     typed = {k: parse_cli(fields[k], v) for k, v in values.items() if k in fields}
     return config_class(**typed, **overrides)
 
@@ -71,47 +72,84 @@ def _cli_type(field: dataclasses.Field):
     """The type typer parses a field's option as: its own, or str for a list typed with commas."""
     if field.metadata.get("cli") in (*LIST_KINDS, "number"):
         return str
-    return next((t for name, t in _CLI_TYPES.items() if str(field.type).split(" |")[0] == name), str)
+    return _CLI_TYPES.get(type_name(field), str)
 
 
-def _own_fields_first(config_class) -> list[dataclasses.Field]:
-    """A config's fields, those it declares itself before those it inherits (distill's --strategy
-    before the training loop's --lr), so that --help reads from the particular to the general."""
+def option_fields(config_class) -> list[dataclasses.Field]:
+    """The fields a config's command takes as options: `config_class.option_fields()` where it says
+    (distill: its own, then every registered strategy's settings, then the training loop's), else
+    those it declares itself before those it inherits (distill's --strategy before the training
+    loop's --lr), so that --help reads from the particular to the general."""
+    if hasattr(config_class, "option_fields"):
+        return config_class.option_fields()
     own = set(config_class.__dict__.get("__annotations__", {}))
     fields = dataclasses.fields(config_class)
     return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
 
 
-def config_options(config_class, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()):
+def grid_option(field: dataclasses.Field):
+    """A swept setting (`sweep=True`): comma-separated values (with --search asha also a range
+    LOW:HIGH[:log] for a number), by default the setting's one value."""
+    ranges = " With --search asha also a range LOW:HIGH or LOW:HIGH:log." if _ranged(field) else ""
+    return typer.Option(
+        str(field.default), help=f"Comma-separated values.{ranges} {field.metadata.get('help', '')}"
+    )
+
+
+def _ranged(field: dataclasses.Field) -> bool:
+    return kind_of(field) in ("int", "float")
+
+
+def config_options(
+    config_class, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = (), grid: bool = False
+):
     """Give a command one option per field of `config_class` (its default and help text from the
     field, `option`), after the command's own parameters: the command is declared with those alone
     and `**values`, and gets every option's value in `values`. Fields marked `cli=False` (the
     recorded command line) and those in `skip` (the command's own, or not for this command) are
-    left out. One declaration per setting, for every command that takes it."""
+    left out. With `grid`, a setting a sweep may vary takes several values (`grid_option`, its
+    text as typed). One declaration per setting, for every command that takes it."""
 
     def decorate(command):
         own = inspect.signature(command)
         mine = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
         taken = {p.name for p in mine} | set(skip)
-        fields = [
-            f
-            for f in _own_fields_first(config_class)
-            if f.name not in taken and f.metadata.get("cli") is not False
-        ]
-        options = [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(f),
-                              default=option(config_class, f.name, required=f.name in required))
-            for f in fields
-        ]  # fmt: skip
 
-        @functools.wraps(command)
-        def run(**values):
-            return command(**values)
+        def signature() -> inspect.Signature:
+            fields = [
+                f
+                for f in option_fields(config_class)
+                if f.name not in taken and f.metadata.get("cli") is not False
+            ]
+            keyword = inspect.Parameter.KEYWORD_ONLY
+            options = [
+                inspect.Parameter(f.name, keyword, annotation=str, default=grid_option(f))
+                if grid and f.metadata.get("sweep")
+                else inspect.Parameter(f.name, keyword, annotation=_cli_type(f),
+                                       default=option(config_class, f.name, required=f.name in required))
+                for f in fields
+            ]  # fmt: skip
+            return own.replace(parameters=[*mine, *options])
 
-        run.__signature__ = own.replace(parameters=[*mine, *options])
-        return run
+        return _WithOptions(command, signature)
 
     return decorate
+
+
+class _WithOptions:
+    """A command whose signature (what typer makes options of) is drawn each time the CLI is built:
+    a strategy registered after this module was imported still gets its options."""
+
+    def __init__(self, command, signature):
+        functools.update_wrapper(self, command)
+        self._signature = signature
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self._signature()
+
+    def __call__(self, **values):
+        return self.__wrapped__(**values)
 
 
 def _shared_options():

@@ -61,6 +61,20 @@ def main(
     """Patient Knowledge Distillation for BERT-style models: cache the teacher once, distill many students."""
 
 
+def _load_plugins() -> None:
+    """The user's strategies ($PKDPIPE_PLUGINS, `pkdpipe.strategies.load_plugins`), registered before
+    the commands take their options from the registry; a module that fails is one line, exit 1."""
+    from pkdpipe.strategies import load_plugins
+
+    try:
+        load_plugins()
+    except PkdError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(1)
+
+
+_load_plugins()
+
 from pkdpipe_cli import cache_cmd, demo_cmd, eval_cmd, sweep_cmd, train_cmd  # noqa: E402  (they register on `app`)
 
 demo_cmd.register(app)

@@ -8,8 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pkdpipe.config import DistillConfig, help_of
+from pkdpipe.config import DistillConfig, sweep_fields
 from pkdpipe.errors import ConfigError
+from pkdpipe.settings import kind_of, parse_bool
 from pkdpipe_cli.common import command_line, config_from, config_options, console, int_list, str_list
 
 
@@ -18,37 +19,30 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report)
 
 
-def _floats(text: str, flag: str) -> list[float | str]:
-    if flag == "--lr" and text.strip() == "auto":  # the default: one run at the rule's lr
-        return ["auto"]
+def _floats(text: str, flag: str, words: tuple[str, ...] = ()) -> list[float | str]:
+    if text.strip() in words:  # --lr auto, the default: one run at the rule's lr
+        return [text.strip()]
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{flag} takes comma-separated numbers like 0.2,0.5; got {text!r}") from None
 
 
-def grid_option(name: str):
-    """A swept setting: comma-separated values (with --search asha also a range LOW:HIGH[:log]), by
-    default DistillConfig's one value."""
-    field = next(f for f in dataclasses.fields(DistillConfig) if f.name == name)
-    ranges = " With --search asha also a range LOW:HIGH or LOW:HIGH:log."
-    if name in ("strategy", "pt_space"):
-        ranges = ""
-    return typer.Option(
-        str(field.default), help=f"Comma-separated values.{ranges} {help_of(DistillConfig, name)}"
-    )
+def _values(field, text: str) -> list:
+    """A grid axis as typed: whole numbers, numbers (or a word the setting takes), true/false, or names."""
+    flag = "--" + field.name.replace("_", "-")
+    kind = kind_of(field)
+    if kind == "int":
+        return list(int_list(text, flag))
+    if kind == "float":
+        return _floats(text, flag, field.metadata.get("words", ()))
+    if kind == "bool":
+        return [parse_bool(word, flag) for word in str_list(text)]
+    return list(str_list(text))
 
 
-@config_options(DistillConfig, skip=("resume", "report_to"))
+@config_options(DistillConfig, skip=("resume", "report_to"), grid=True)
 def sweep(
-    strategy: str = grid_option("strategy"),
-    layers: str = grid_option("layers"),
-    alpha: str = grid_option("alpha"),
-    beta: str = grid_option("beta"),
-    temperature: str = grid_option("temperature"),
-    lr: str = grid_option("lr"),
-    seed: str = grid_option("seed"),
-    pt_space: str = grid_option("pt_space"),
     output: Path = typer.Option(None, help="Sweep folder. Default: runs/TASK/sweep."),
     search: str = typer.Option(
         "grid",
@@ -80,8 +74,7 @@ def sweep(
     search it with --search asha, which stops the trials that fall behind."""
     if search not in ("grid", "asha"):
         raise ConfigError(f"--search is grid or asha; got {search!r}")
-    texts = {"strategy": strategy, "layers": layers, "alpha": alpha, "beta": beta,
-             "temperature": temperature, "lr": lr, "seed": seed, "pt_space": pt_space}  # fmt: skip
+    texts = {name: settings.pop(name) for name in sweep_fields() if name in settings}
     if search == "asha":
         return _search(settings, texts, trials, study, storage, space, output, store)
     return _grid(settings, texts, output, store)
@@ -91,13 +84,8 @@ def _grid(settings: dict, texts: dict, output: Path | None, store: str | None) -
     """`sweep` over a grid: every combination of the comma-separated values, best first."""
     from pkdpipe.sweep import sweep as run
 
-    numbers = {"layers": "ints", "seed": "ints", "strategy": "names", "pt_space": "names"}
-    values = {
-        name: list(int_list(text, f"--{name}")) if numbers.get(name) == "ints"
-        else list(str_list(text)) if numbers.get(name) == "names"
-        else _floats(text, f"--{name}")
-        for name, text in texts.items()
-    }  # fmt: skip
+    fields = sweep_fields()
+    values = {name: _values(fields[name], text) for name, text in texts.items()}
     base = _from_store(config_from(DistillConfig, settings, command=command_line()), store)
     runs = run(base, values, output)
     table = Table(title="sweep (best first)")
@@ -130,14 +118,13 @@ def _search(
     settings: dict, texts: dict, trials: int, study: str | None, storage: str | None, space, output, store
 ):
     """`--search asha`: the searched settings from the options (and --space); the others fixed."""
-    from pkdpipe.search import load_space, parse_param, search
+    from pkdpipe.search import load_space, parse_param, search, split_space
     from pkdpipe.tasks import get_task
 
     params = {name: parse_param(name, text) for name, text in texts.items()}
     if space is not None:
         params.update(load_space(space))
-    searched = {k: p for k, p in params.items() if p.choices is None or len(p.choices) > 1}
-    fixed = {k: p.choices[0] for k, p in params.items() if k not in searched}
+    searched, fixed = split_space(params)
     if not searched:
         raise ConfigError(
             "--search asha needs something to search: a range (--lr 2e-5:2e-4:log) or several values"
