@@ -171,3 +171,32 @@ def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path
         "3",
     ]
     assert rows["asha, seed 1"][-1] == "28"
+
+
+def test_bench_mnli_builds_its_task_and_times_the_first_and_last_tenth(tmp_path):
+    """The MNLI-sized task repeats SST-2's phrases under unique ids through a task file, and the
+    cache-teacher rates come from the progress lines nearest each window's edges."""
+    bench = _benchmark_module("bench_mnli")
+    sst2 = tmp_path / "sst2"
+    sst2.mkdir()
+    (sst2 / "train.tsv").write_text('sentence\tlabel\na fine film \t1\ndull , "flat" and long \t0\nok \t1\n')
+    task_file = bench.write_task(sst2, tmp_path / "task", rows=7)
+
+    from pkdpipe.data import load_split
+    from pkdpipe.tasks import get_task
+
+    task = get_task(str(task_file))
+    train = load_split(task, "train", None)
+    assert len(train) == 7 and len(set(train.ids)) == 7
+    assert train.text_a[3] == "a fine film " and train.text_a[4] == 'dull , "flat" and long '
+    assert list(train.labels) == [1, 0, 1, 1, 0, 1, 1]
+    assert len(load_split(task, "dev", None)) == 3  # a dev file: nothing carved out of train
+
+    # 1,000 rows at 100 rows/s, then 10 rows/s from row 900 on; a line every 10 rows
+    points, now = [], 0.0
+    for done in range(10, 1001, 10):
+        now += 10 / (100 if done <= 900 else 10)
+        points.append((now, done))
+    rates = bench.window_rates([(0.0, 0), *points], 1000)
+    assert rates["first"]["rows"] == (0, 100) and rates["first"]["rows_per_s"] == pytest.approx(100)
+    assert rates["last"]["rows"] == (900, 1000) and rates["last"]["rows_per_s"] == pytest.approx(10)
