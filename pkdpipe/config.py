@@ -251,6 +251,11 @@ class DistillConfig(TrainConfig):
         None, "Cache folder or key. Default: the newest complete cache of --task (or of the only task there)."
     )
     cache_dir: Path | None = setting(None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.")
+    store: str | None = setting(
+        None,
+        "Team store URL: a --cache KEY is pulled from it first where the local copy lacks it, only the "
+        "teacher layers the strategy maps (checksums verified). Ignored without --cache.",
+    )
     strategy: str = setting("last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only).")
     layers: int = setting(6, "Student depth K.")
     teacher_layers: tuple[int, ...] | str | None = setting(

@@ -303,7 +303,8 @@ def resume_settings(config: TrainConfig, **extra) -> dict:
     cache's key, say). JSON values, so they compare equal after a round trip through the checkpoint."""
     # threads: speed only (float rounding may differ slightly), so another count resumes the run
     ignored = {"output", "runs_dir", "device", "quiet", "command", "report_to", "checkpoint_every",
-               "resume", "trust_remote_code", "cache", "cache_dir", "data_dir", "threads"}  # fmt: skip
+               "resume", "trust_remote_code", "cache", "cache_dir", "store", "data_dir",
+               "threads"}  # fmt: skip
     settings = {k: v for k, v in to_dict(config).items() if k not in ignored}
     return json.loads(json.dumps({**settings, **extra}))
 

@@ -169,6 +169,40 @@ def test_a_strategy_needing_an_absent_layer_fails_with_the_pull_to_run(tiny_cach
     assert f"pkdpipe cache pull {tiny_cache.name} --layers 3" in message and "\n" not in message
 
 
+def test_distill_with_store_pulls_only_the_layers_its_map_needs_and_trains(
+    tiny, tiny_cache, pushed, tmp_path
+):
+    from pkdpipe.config import DistillConfig
+    from pkdpipe.train import distill
+
+    url, _ = pushed
+
+    def run(name: str, teacher_layers):
+        return distill(
+            DistillConfig(
+                cache=tiny_cache.name[:8],
+                cache_dir=tmp_path / "laptop",
+                store=url,
+                strategy="skip",
+                teacher_layers=teacher_layers,
+                student_init=str(tiny["pretrained"]),
+                layers=2,
+                max_steps=2,
+                batch_size=16,
+                quiet=True,
+                output=tmp_path / name,
+                device="cpu",
+            )
+        )
+
+    run("a", (3,))
+    folder = tmp_path / "laptop" / tiny_cache.parent.name / tiny_cache.name
+    assert mf.read(folder).layers_present == [3]
+    assert (tmp_path / "a" / "model.safetensors").is_file()
+    run("b", (1,))  # another map: its layer is added to the copy
+    assert mf.read(folder).layers_present == [1, 3]
+
+
 def test_an_old_manifest_without_per_dataset_checksums_falls_back_to_a_full_pull(
     tiny_cache, pushed, tmp_path, capsys, monkeypatch
 ):
