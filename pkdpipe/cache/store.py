@@ -289,7 +289,8 @@ def local_or_pull(
     except CacheNotFound:
         return pull(key, cache_dir, store, quiet, layers)
     local = _local_manifest(folder)
-    if local is None or not local.partial or set(layers or local.layers) <= set(local.present):
+    wanted = local.layers if local is not None and layers is None else layers
+    if local is None or not local.partial or set(wanted) <= set(local.present):
         return folder  # a complete copy, or one that cannot be read (the reader names its problem)
     return pull(local.key, folder.parent.parent, store, quiet, layers)
 
@@ -467,7 +468,13 @@ def _fetch_layers(
     is written. A staged shard that already holds them all (an interrupted pull) is kept."""
     plan, fetched = [], 0
     for shard in manifest.shards():
-        need = extents.needed(manifest, shard, wanted)
+        try:
+            need = extents.needed(manifest, shard, wanted)
+        except CacheError as err:
+            raise StoreError(f"refusing to pull {url}: {err}") from None
+        unrecorded = sorted(set(need) - set(shard.datasets or {}))
+        if unrecorded:
+            raise StoreError(f"refusing to pull {url}: {shard.file} records no extent of {unrecorded[0]}")
         if _staged(staging / shard.file, shard, need):
             continue
         here = _usable(folder / shard.file, shard, need)
@@ -481,14 +488,14 @@ def _fetch_layers(
                     arrays[name] = here[name]
                     continue
                 extent = shard.datasets[name]
+                if extent.bytes != int(np.prod(shape)) * np.dtype(dtype).itemsize:  # before reading it
+                    raise StoreError(f"refusing to pull {url}: {shard.file}:{name} is not {shape} {dtype}")
                 data = _fetch_range(fs, _join(remote, shard.file), extent, url)
                 if hashlib.sha256(data).hexdigest() != extent.sha256:
                     raise StoreError(
                         f"checksum mismatch in {shard.file}:{name} from {url}: the store's copy is "
                         "corrupted; nothing was installed (repair it with `pkdpipe cache push KEY --force`)"
                     )
-                if len(data) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                    raise StoreError(f"refusing to pull {url}: {shard.file}:{name} is not {shape} {dtype}")
                 arrays[name] = extents.from_bytes(data, shape, dtype)
                 fetched += len(data)
                 bar.advance(len(data) / MIB)

@@ -254,3 +254,31 @@ def test_a_manifest_whose_present_layers_are_not_stored_is_refused(tiny_cache, t
     (folder / mf.MANIFEST).write_text(json.dumps(data))
     with pytest.raises(CacheError, match="layers_present"):
         mf.read(folder)
+
+
+def test_local_or_pull_fetches_only_what_the_local_copy_lacks(tiny_cache, pushed, tmp_path, monkeypatch):
+    url, _ = pushed
+    root = tmp_path / "laptop"
+    folder = store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[2])
+    calls = fetches(monkeypatch)
+    assert store.local_or_pull(tiny_cache.name[:8], root, url, quiet=True, layers=[]) == folder  # kd
+    assert store.local_or_pull(tiny_cache.name[:8], root, url, quiet=True, layers=[2]) == folder
+    assert calls == [] and mf.read(folder).layers_present == [2]
+    assert store.local_or_pull(tiny_cache.name[:8], root, url, quiet=True) == folder  # all of it
+    assert not mf.read(folder).partial and verify_cache(folder).ok
+
+
+def test_an_extent_whose_size_does_not_fit_its_dataset_is_refused_before_it_is_read(
+    tiny_cache, pushed, tmp_path, monkeypatch
+):
+    url, dest = pushed
+    path = Path(dest) / mf.MANIFEST
+    data = json.loads(path.read_text())
+    shard = data["splits"]["train"]["shards"][0]
+    shard["datasets"]["hidden/2"]["bytes"] += 2
+    path.write_text(json.dumps(data))
+    calls = fetches(monkeypatch)
+    with pytest.raises(StoreError, match=f"{shard['file']}:hidden/2 is not"):
+        store.pull(tiny_cache.name, tmp_path / "laptop", store=url, quiet=True, layers=[2])
+    assert not any(name.endswith(":hidden/2") for name, _ in calls)
+    assert list_caches(tmp_path / "laptop") == []
