@@ -61,7 +61,7 @@ class Shard:
     rows: int
     sha256: str
     bytes: int | None = None
-    datasets: dict[str, Extent] | None = None  # every dataset's extent (caches made since pkdpipe 0.4)
+    datasets: dict[str, Extent] | None = None  # each dataset's byte range and sha256 (absent: an older cache)
 
 
 @dataclass(frozen=True)
