@@ -90,6 +90,8 @@ def test_pull_some_layers_then_ls_and_a_distill_needing_another_layer(
     assert result.exit_code == 0, result.output
     assert mf.read(tmp_path / "laptop" / "tiny" / tiny_cache.name).layers_present == [2, 4]
     assert "layers 2,4 (partial)" in runner.invoke(app, ["cache", "ls", "--cache-dir", laptop]).output
+    info = runner.invoke(app, ["cache", "info", tiny_cache.name, "--cache-dir", laptop]).output
+    assert "layers [2, 4] (pulled with --layers)" in info
     result = runner.invoke(
         app,
         ["distill", "--cache", tiny_cache.name, "--cache-dir", laptop, "--strategy", "skip", "--layers", "2",
