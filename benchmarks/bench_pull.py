@@ -14,7 +14,11 @@ local file object returns them (`LocalFileOpener.read`), under both pulls alike.
 through fsspec and reads the same datasets itself (each read call is a request to a remote store),
 against the one ranged read per dataset that the pull makes.
 
-Run from the repository root:  python benchmarks/bench_pull.py [--rows 2048]
+With --s3 the float16 cache also goes through a moto S3 server started here (s3fs as the client),
+where each read is a request: a full pull, the PKD-Skip pull, and h5py through s3fs with three of
+fsspec's caches.
+
+Run from the repository root:  python benchmarks/bench_pull.py [--rows 2048] [--s3]
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def parse_args(argv=None):
         "--intermediate", type=int, default=768, help="the random teacher's FFN width (only its speed)"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help='also over a moto S3 server (pip install s3fs "moto[server]"), float16',
+    )
     p.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -108,9 +117,10 @@ class ReadCounter:
         self._cls.read = self._read
 
 
-def h5py_through_fsspec(url: str, manifest: dict, layers: list[int]) -> tuple[int, int]:
-    """(bytes, reads) h5py makes when it opens each store shard through fsspec and reads the
-    datasets a copy of `layers` needs: the alternative to ranged reads of recorded extents."""
+def h5py_through_fsspec(url: str, manifest: dict, layers: list[int], **open_kwargs) -> tuple[int, int]:
+    """(bytes, reads) h5py makes when it opens each store shard through fsspec (`open_kwargs`: its
+    cache) and reads the datasets a copy of `layers` needs: the alternative to ranged reads of
+    recorded extents."""
     import fsspec
     import h5py
 
@@ -121,7 +131,7 @@ def h5py_through_fsspec(url: str, manifest: dict, layers: list[int]) -> tuple[in
     total = calls = 0
     fs, base = fsspec.core.url_to_fs(url)
     for shard in m.shards():
-        with fs.open(f"{base}/{shard.file}", "rb") as raw:
+        with fs.open(f"{base}/{shard.file}", "rb", **open_kwargs) as raw:
             counted = _Counting(raw)
             with h5py.File(counted, "r") as f:
                 for name in extents.needed(m, shard, layers):
@@ -160,6 +170,102 @@ class _Counting:
         return True
 
 
+class S3Counter:
+    """Counts the object bytes s3fs receives and its GET requests: ranged reads of files
+    (`S3File._fetch_range`, under fsspec's cache) and whole or ranged `cat_file`s."""
+
+    def __init__(self):
+        import s3fs
+
+        self.bytes = self.calls = 0
+        self._saved = (s3fs.core.S3File._fetch_range, s3fs.S3FileSystem._cat_file)
+        fetch, cat = self._saved
+        counter = self
+
+        def fetch_range(f, start, end):
+            data = fetch(f, start, end)
+            counter.bytes, counter.calls = counter.bytes + len(data), counter.calls + 1
+            return data
+
+        async def cat_file(fs, path, version_id=None, start=None, end=None):
+            data = await cat(fs, path, version_id=version_id, start=start, end=end)
+            counter.bytes, counter.calls = counter.bytes + len(data), counter.calls + 1
+            return data
+
+        s3fs.core.S3File._fetch_range, s3fs.S3FileSystem._cat_file = fetch_range, cat_file
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached instance keeps the unpatched cat_file
+
+    def take(self) -> tuple[int, int]:
+        out = (self.bytes, self.calls)
+        self.bytes = self.calls = 0
+        return out
+
+    def close(self) -> None:
+        import s3fs
+
+        s3fs.core.S3File._fetch_range, s3fs.S3FileSystem._cat_file = self._saved
+
+
+def over_s3(folder: Path, key: str, work: Path) -> list[tuple[str, int, int]]:
+    """(way, bytes, GET requests) over a moto S3 server started here (`pip install s3fs
+    "moto[server]"`): a full pull, the PKD-Skip 12->6 pull, and h5py reading the same datasets
+    through s3fs with its default cache, a 64 KiB readahead cache and none."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    import s3fs
+
+    from pkdpipe.cache import store
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = dict(os.environ)
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    with open(work / "moto.log", "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=out, stderr=out
+        )
+    counter = None
+    try:
+        for _ in range(200):  # the server takes a few seconds to start
+            try:
+                s3fs.S3FileSystem(skip_instance_cache=True).mkdir("pkd-bench")
+                break
+            except Exception:
+                time.sleep(0.3)
+        url = "s3://pkd-bench/caches"
+        store.push(folder, url, quiet=True)
+        counter = S3Counter()
+        store.pull(key, work / "s3-full", store=url, quiet=True)
+        rows = [("full pull", *counter.take())]
+        store.pull(key, work / "s3-part", store=url, quiet=True, layers=SKIP_12_6)
+        rows.append(("--layers 2,4,6,8,10", *counter.take()))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for way, kwargs in (
+            ("h5py via s3fs, its defaults", {}),
+            ("h5py via s3fs, readahead 64 KiB", {"block_size": 1 << 16, "cache_type": "readahead"}),
+            ("h5py via s3fs, no cache", {"cache_type": "none"}),
+        ):
+            h5py_through_fsspec(f"{url}/{folder.parent.name}/{key}", manifest, SKIP_12_6, **kwargs)
+            rows.append((way, *counter.take()))
+        return rows
+    finally:
+        if counter is not None:
+            counter.close()
+        server.terminate()
+        server.wait(timeout=10)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -173,7 +279,7 @@ def main(argv=None) -> None:
     rows = write_sst2_slice(args.data, work / "sst2", args.rows)
     teacher = make_teacher(work / "teacher", args.intermediate)
     url = str(work / "store")
-    results = []
+    results, s3_rows = [], []
     try:
         for codec in ("float16", "int8"):
             log(f"{codec}: caching {rows} rows with the random 12-layer teacher ...")
@@ -211,6 +317,9 @@ def main(argv=None) -> None:
                 (codec, full_bytes, full_calls, part_bytes, part_calls, more_bytes, more_calls, alt_bytes,
                  alt_calls, shards)
             )  # fmt: skip
+            if args.s3 and codec == "float16":
+                log("float16: the same pulls over a moto S3 server ...")
+                s3_rows = over_s3(built.path, built.key, work)
             shutil.rmtree(work / f"built-{codec}")
     finally:
         if args.workdir is None:
@@ -234,6 +343,17 @@ def main(argv=None) -> None:
         ):
             out.append((codec, pull, f"{moved / mib:.2f}", f"{100 * moved / fb:.1f}%", str(reads), note))
     print(table(out, ("codec", "pull", "MiB moved", "of full", "reads", "")))
+    if s3_rows:
+        print(
+            "\n# float16 over S3 (a moto server on this machine; s3fs): object bytes received, GET requests"
+        )
+        full = s3_rows[0][1]
+        print(
+            table(
+                [(way, f"{b / mib:.2f}", f"{100 * b / full:.1f}%", str(c)) for way, b, c in s3_rows],
+                ("pull", "MiB received", "of full", "GETs"),
+            )
+        )
 
 
 if __name__ == "__main__":
