@@ -259,6 +259,12 @@ class DistillConfig(TrainConfig):
     cache_dir: Path | None = setting(
         None, "Cache root. Default: $PKDPIPE_CACHE_DIR or ~/.cache/pkdpipe.", changes_result=False
     )
+    store: str | None = setting(
+        None,
+        "Team store URL: a --cache KEY is pulled from it first where the local copy lacks it, only the "
+        "teacher layers the strategy maps (checksums verified). Ignored without --cache.",
+        changes_result=False,
+    )
     strategy: str = setting(
         "last", "last or skip (PKD), kd (vanilla KD), ft (gold labels only), or a registered one.", sweep=True
     )

@@ -120,7 +120,7 @@ def signal_report(
         layers=[layer_report(layer, s, top, float16) for layer, s in sorted(stats.items())],
     )
     shares = {layer: s.varying_share for layer, s in stats.items()}
-    stored = set(cache.layers)
+    stored = set(cache.present_layers)
     for k in depths:
         maps = {}
         for name in strategies.names():

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from pkdpipe import __version__, distributed, faults, files, progress
+from pkdpipe.cache import extents, schema
 from pkdpipe.cache import manifest as mf
-from pkdpipe.cache import schema
-from pkdpipe.cache.fingerprint import FORMAT_VERSION, hash_tokenizer, hash_weights, sha256_file, sha256_json
+from pkdpipe.cache.fingerprint import FORMAT_VERSION, hash_tokenizer, hash_weights, sha256_json
 from pkdpipe.cache.local import key_lock
 from pkdpipe.cache.manifest import KeyInputs
 from pkdpipe.cache.reader import TeacherCache, read_shard
@@ -306,8 +306,10 @@ def _manifest(config, task, teacher_name, model, key, inputs: KeyInputs, layout,
     for info in splits_info.values():
         for shard in info["shards"]:
             path = folder / shard["file"]
-            shard["sha256"] = sha256_file(path)
+            shard["sha256"], datasets = extents.record(path)  # one read: the file's and each dataset's
             shard["bytes"] = path.stat().st_size
+            if datasets is not None:
+                shard["datasets"] = datasets
     return {
         "format": mf.FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -487,7 +489,7 @@ def recompute_check(
         for split, first, stop in zip(sizes, starts[:-1], starts[1:]):
             positions = picks[(picks >= first) & (picks < stop)] - first
             for start in range(0, len(positions), batch_size):
-                data = cache.rows(split, positions[start : start + batch_size], cache.layers)
+                data = cache.rows(split, positions[start : start + batch_size], cache.present_layers)
                 if split in truth:
                     checked += len(data["example_id"])
                     mismatches += _against_data(split, data, truth[split])
@@ -496,7 +498,7 @@ def recompute_check(
                     out = model(**{k: v.to(device_) for k, v in batch.items()}, output_hidden_states=True)
                 logits = out.logits.float().cpu().numpy()
                 max_logit = max(max_logit, float(np.abs(logits - data["logits"]).max()))
-                for j, layer in enumerate(cache.layers):
+                for j, layer in enumerate(cache.present_layers):
                     fresh = out.hidden_states[layer][:, 0].float().cpu().numpy()
                     cached = data["hidden"][:, j].astype(np.float32)
                     norms = np.linalg.norm(fresh, axis=1) * np.linalg.norm(cached, axis=1)

@@ -130,6 +130,8 @@ def distill(
     use_threads(config.threads)
     _check_precision(config)
     strategy = strategies.get(config.strategy)
+    if config.store and config.cache:
+        config = dataclasses.replace(config, cache=str(_pull_for(strategy, config)))
     cache = open_cache(config.cache, config.cache_dir, get_task(config.task).name if config.task else None)
     m = cache.manifest
     made = f"task {m.task}, key {m.key}, teacher {m.teacher.name_or_path}, made {m.created}"
@@ -251,6 +253,20 @@ def _cached_data(cache: TeacherCache, task: Task) -> dict:
 LOW_SIGNAL = 0.01
 """Below this varying share a mapped layer's normalised [CLS] is, to 99%, one vector for every
 example (`pkdpipe.cache.stats`): the paper's patient loss has almost nothing to teach there."""
+
+
+def _pull_for(strategy, config: DistillConfig) -> Path:
+    """`--store`: the local folder of `--cache`, pulled first with the teacher layers this run maps
+    where the local copy lacks them (all candidate layers for `--teacher-layers auto`, none for a
+    strategy without a patient loss). Under torchrun the ranks pull it once (the key's lock)."""
+    from pkdpipe.cache.store import local_or_pull_for  # fsspec only when a store is used
+
+    def needs(m) -> list[int]:
+        if config.teacher_layers == "auto" and strategy.maps_layers:
+            return [layer for layer in m.layers if 1 <= layer < m.teacher.num_layers]
+        return strategy.layer_map(m.teacher.num_layers, config.layers, config.teacher_layers)
+
+    return local_or_pull_for(config.cache, config.cache_dir, config.store, needs, config.quiet)
 
 
 def _layer_map(strategy, cache: TeacherCache, config: DistillConfig) -> tuple[list[int], dict]:

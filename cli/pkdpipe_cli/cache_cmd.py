@@ -81,6 +81,8 @@ def info(path: str = CACHE_ARG, cache_dir: Path = CACHE_DIR):
     table.add_row("labels", f"{m.num_labels}: {', '.join(m.label_names or ['(regression)'])[:80]}")
     table.add_row("max length", f"{m.max_seq_len} ({m.truncation})")
     table.add_row("layers", f"{m.layers} as {m.hidden_dtype}, logits {m.logits_dtype}")
+    if m.partial:
+        table.add_row("this copy holds", f"layers {list(m.present)} (pulled with --layers)")
     for split, s in m.splits.items():
         size = sum(x.bytes or 0 for x in s.shards)
         table.add_row(

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pkdpipe_cli.common import CACHE_ARG, CACHE_DIR, QUIET, console, human_bytes
+from pkdpipe_cli.common import CACHE_ARG, CACHE_DIR, QUIET, console, human_bytes, int_list
 
 
 def register(cache_app: typer.Typer) -> None:
@@ -59,7 +59,9 @@ def ls(cache_dir: Path = CACHE_DIR):
             r.key,
             r.teacher or "-",
             examples,
-            f"layers {_ranges(r.layers)}\n{r.dtype}" if r.layers else "-",
+            f"layers {_ranges(r.layers)}{' (partial)' if r.partial else ''}\n{r.dtype}"
+            if r.layers or r.partial
+            else "-",
             human_bytes(r.bytes),
             r.created[:16].replace("T", "\n") if r.created else "-",  # date, then time to the minute (UTC)
             "yes" if r.complete else "[red]no[/red]",
@@ -90,12 +92,17 @@ def pull(
     url_or_key: str = typer.Argument(..., help="A cache's URL (STORE/TASK/KEY), or its key with --store."),
     cache_dir: Path = CACHE_DIR,
     store: str = typer.Option(None, envvar="PKDPIPE_STORE", help="Store URL to look a key up in."),
+    layers: str = typer.Option(
+        None,
+        help="Only these [CLS] layers, e.g. 2,4,6,8,10 for PKD-Skip 12->6 (and every row's ids, labels, "
+        "logits and tokens); a later pull adds the missing ones. Default: the whole cache.",
+    ),
     quiet: bool = QUIET,
 ):
     """Download a cache into the cache root; every checksum is verified before it becomes visible."""
     from pkdpipe.cache.store import pull as run
 
-    folder = run(url_or_key, cache_dir, store=store, quiet=quiet)
+    folder = run(url_or_key, cache_dir, store=store, quiet=quiet, layers=int_list(layers, "--layers"))
     _plain(f"cache: {folder}")
 
 

@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from pkdpipe.config import DistillConfig, FinetuneConfig
-from pkdpipe_cli.common import command_line, config_from, config_options, console, fmt_metrics
+from pkdpipe_cli.common import command_line, config_from, config_options, console, fmt_metrics, option
 
 
 def register(app: typer.Typer) -> None:
@@ -44,11 +44,11 @@ def finetune(**values):
 
 
 @config_options(DistillConfig)
-def distill(**values):
+def distill(store: str = option(DistillConfig, "store", envvar="PKDPIPE_STORE"), **values):
     """Train a K-layer student from a teacher cache alone (no teacher forward pass)."""
     from pkdpipe import distributed
     from pkdpipe.train import distill as run
 
-    result = run(config_from(DistillConfig, values, command=command_line()))
+    result = run(config_from(DistillConfig, {**values, "store": store}, command=command_line()))
     if distributed.is_main():
         _summary(f"distill {values['strategy']}-{values['layers']}", result, {})

@@ -130,7 +130,8 @@ class LocalCache:
     bytes: int  # size on disk of everything in the folder
     teacher: str | None = None
     examples: dict[str, int] | None = None  # per split
-    layers: list[int] | None = None
+    layers: list[int] | None = None  # the layers this copy holds (fewer than stored when partial)
+    partial: bool = False  # pulled with --layers: the cache's key, some of its layers
     dtype: str | None = None
     created: str | None = None
 
@@ -154,7 +155,8 @@ def list_local(cache_dir: str | Path | None = None) -> list[LocalCache]:
         row.complete = True
         row.teacher = m.teacher.name_or_path
         row.examples = {split: info.examples for split, info in m.splits.items()}
-        row.layers = list(m.layers)
+        row.layers = list(m.present)
+        row.partial = m.partial
         row.dtype = m.hidden_dtype
         row.created = m.created
         rows.append(row)

@@ -46,11 +46,22 @@ def safe_file(folder: Path, name: str) -> Path:
 
 # -- the schema --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Extent:
+    """Where one dataset's bytes lie in its shard file, and their sha256: what lets a pull fetch and
+    check only the datasets a student needs (`pkdpipe.cache.extents`)."""
+
+    offset: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Shard:
     file: str  # a plain file name in the cache folder
     rows: int
     sha256: str
     bytes: int | None = None
+    datasets: dict[str, Extent] | None = None  # each dataset's byte range and sha256 (absent: an older cache)
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,9 @@ class Manifest(Mapping):
     cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
     vocab_size: int | None = None  # token ids lie in 0..vocab_size-1 (caches made since pkdpipe 0.3)
     codec: str = codecs.FLOAT16  # how hidden/<layer> stores the [CLS] vectors (absent: float16)
+    # a local copy pulled with --layers holds only these of `layers` (None: all of them); the key,
+    # which covers `layers`, is the full cache's: a partial copy is that cache, with less of it here
+    layers_present: list[int] | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as written
 
     # the JSON, read like a dict
@@ -161,6 +175,17 @@ class Manifest(Mapping):
 
     def __len__(self) -> int:
         return len(self.raw)
+
+    @property
+    def present(self) -> tuple[int, ...]:
+        """The layers whose vectors this copy holds: `layers`, or fewer in a partial copy."""
+        return tuple(self.layers if self.layers_present is None else self.layers_present)
+
+    @property
+    def partial(self) -> bool:
+        """A copy pulled with --layers: its shards hold the datasets of `present` only, and are
+        checked dataset by dataset (`Shard.datasets`), not against the full files' sha256."""
+        return self.layers_present is not None
 
     def shards(self, split: str | None = None) -> list[Shard]:
         """The shards of one split, or of all splits in manifest order."""
@@ -223,6 +248,11 @@ def _check_values(m: Manifest, where) -> None:
         len(t.pretrained_from) > 4096 or not t.pretrained_from.isprintable()
     ):
         refuse("teacher.pretrained_from is not a model name or folder")
+    present = m.layers_present
+    if present is not None and (present != sorted(set(present)) or not set(present) <= set(m.layers)):
+        refuse(f"layers_present {present} are not distinct ascending layers among {m.layers}")
+    if present is not None and any(s.datasets is None for s in m.shards()):
+        refuse("a partial copy (layers_present) whose shards record no per-dataset checksums")
     if (m.codec, m.hidden_dtype) not in _CODEC_DTYPES:
         refuse(f"codec {m.codec!r} with hidden_dtype {m.hidden_dtype!r} is not a way pkdpipe stores vectors")
     if m.codec == codecs.INT8 and not m.cls_stats:  # readers take int8 caches' statistics as stored
@@ -239,6 +269,12 @@ def _check_values(m: Manifest, where) -> None:
                 refuse(f"shard {shard.file} has a negative row count or a sha256 that is not 64 hex digits")
             if shard.bytes is not None and not 0 < shard.bytes <= _MAX_BYTES:
                 refuse(f"shard {shard.file} claims {shard.bytes} bytes")
+            for name, extent in (shard.datasets or {}).items():
+                end = shard.bytes if shard.bytes is not None else _MAX_BYTES
+                if min(extent.offset, extent.bytes) < 0 or extent.offset + extent.bytes > end:
+                    refuse(f"shard {shard.file}: dataset {name} lies outside the file")
+                if len(extent.sha256) != 64 or not _HEX.match(extent.sha256):
+                    refuse(f"shard {shard.file}: dataset {name} has a sha256 that is not 64 hex digits")
 
 
 def check_key(manifest: Manifest, where: Path | str) -> Manifest:

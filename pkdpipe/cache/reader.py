@@ -13,7 +13,8 @@ as long as the split), and at most `OPEN_SHARDS` shard files are open at once, e
 read needs it and the least recently used closed. (Keeping every shard open and every token id in
 memory cost about 0.5 MB a shard plus 100 B a row: 1.3 GB at MNLI's size.)
 
-Every shard's sha256 is checked against the manifest the first time this process opens it; under
+Every shard's sha256 is checked against the manifest the first time this process opens it (in a
+copy pulled with --layers, each dataset's: `pkdpipe.cache.extents`); under
 torchrun the ranks share that work (`verify_across_ranks`). A shard opened again after it was
 closed must be the same file, unchanged since that first opening, or it is refused.
 """
@@ -30,8 +31,8 @@ import numpy as np
 
 from pkdpipe.batching import plan_epoch, rank_rows
 from pkdpipe.cache import codec as codecs
+from pkdpipe.cache import extents, schema
 from pkdpipe.cache import manifest as mf
-from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
 from pkdpipe.cache.local import resolve_cache
 from pkdpipe.cache.stats import LayerStats, merge_all
@@ -98,12 +99,24 @@ class TeacherCache:
             raise CacheError(f"cache {self.key} has no {split!r} split; it has {', '.join(self.splits)}")
         return self.manifest.splits[split]
 
+    @property
+    def present_layers(self) -> list[int]:
+        """The layers this copy holds: all of `layers`, or those a pull with --layers fetched."""
+        return list(self.manifest.present)
+
     def check_layers(self, layers: Sequence[int]) -> None:
         missing = sorted(set(layers) - set(self.layers))
         if missing:
             raise CacheError(
                 f"cache {self.key} does not store teacher layer(s) {missing}; it has {self.layers} "
                 "(rebuild it with --layers all)"
+            )
+        absent = sorted(set(layers) - set(self.present_layers))
+        if absent:
+            raise CacheError(
+                f"this copy of cache {self.key} was pulled with layers {self.present_layers} and lacks "
+                f"{absent}: run `pkdpipe cache pull {self.key} --layers {','.join(map(str, absent))} "
+                "--store URL` to add them"
             )
 
     # -- shard access ----------------------------------------------------------------------
@@ -159,12 +172,27 @@ class TeacherCache:
             raise CacheError(f"{path} is not a regular file in the cache folder: refusing to read it")
         if not path.is_file():
             raise CacheError(f"cache {self.key} is missing shard {name}")
-        if sha256_file(path) != entry.sha256:
+        if self.manifest.partial:  # a copy of some layers: each dataset it holds, as fetched
+            self._check_datasets(path, entry)
+        elif sha256_file(path) != entry.sha256:
             raise CacheError(
                 f"checksum mismatch in {path}: the shard is corrupted (cache verify / pull again)"
             )
         self._verified.add(name)
         return path
+
+    def _check_datasets(self, path: Path, entry: mf.Shard) -> None:
+        """A shard of a partial copy: each dataset it should hold matches its sha256."""
+        try:
+            with h5py.File(path, "r") as f:
+                elsewhere = schema.indirection(f)
+                wrong = elsewhere or extents.problem(
+                    f, entry, extents.needed(self.manifest, entry, self.manifest.present)
+                )
+        except OSError as err:
+            raise CacheError(f"cannot open {path}: {str(err).splitlines()[0]}") from None
+        if wrong:
+            raise CacheError(f"checksum mismatch in {path}: {wrong} (cache verify / pull again)")
 
     def verify_across_ranks(self, splits: Sequence[str]) -> None:
         """Under torchrun: the ranks of each machine share the checksums of `splits` (rank r of N
@@ -280,7 +308,7 @@ class TeacherCache:
         """Per-dimension statistics of each layer's [CLS] vectors over a split (`pkdpipe.cache.stats`):
         read from the shards where they store them, else computed in one pass of `STATS_BLOCK` rows
         at a time (bounded memory whatever the cache's size)."""
-        layers = self.layers if layers is None else list(layers)
+        layers = self.present_layers if layers is None else list(layers)
         self.check_layers(layers)
         shards = [s for s in self._split(split).shards if s.rows]
         out = {}

@@ -105,7 +105,7 @@ class Layout:
 
     num_labels: int  # C
     hidden_size: int  # H
-    layers: tuple[int, ...]
+    layers: tuple[int, ...]  # the layers the shards hold: fewer than the cache's in a partial copy
     hidden_dtype: str
     regression: bool
     with_token_types: bool
@@ -114,11 +114,12 @@ class Layout:
 
     @classmethod
     def of(cls, manifest) -> Layout:
-        """The layout a manifest (`pkdpipe.cache.manifest.Manifest`) describes."""
+        """The layout a manifest (`pkdpipe.cache.manifest.Manifest`) describes: of the layers present,
+        in a partial copy."""
         return cls(
             num_labels=manifest.num_labels,
             hidden_size=manifest.teacher.hidden_size,
-            layers=tuple(manifest.layers),
+            layers=tuple(manifest.present),
             hidden_dtype=manifest.hidden_dtype,
             regression=manifest.label_names is None,
             with_token_types=manifest.uses_token_type_ids,

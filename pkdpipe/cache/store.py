@@ -27,11 +27,15 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 from pkdpipe import faults, files, progress
+from pkdpipe.cache import extents, schema
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import KEY_LENGTH, sha256_file
 from pkdpipe.cache.local import key_lock, resolve_cache, root_of, staging_folder
@@ -142,6 +146,11 @@ def push(folder: str | Path, url: str, quiet: bool = False, force: bool = False)
     """
     folder = Path(folder)
     manifest = mf.read(folder)
+    if manifest.partial:
+        raise CacheError(
+            f"cache {folder} is a partial copy (layers {list(manifest.present)} of {manifest.layers}): "
+            "push the full cache"
+        )
     shards = manifest.shards()
     for shard in shards:
         path = mf.safe_file(folder, shard.file)
@@ -235,13 +244,22 @@ def find_in_store(key: str, store: str) -> str:
 
 
 def pull(
-    url_or_key: str, cache_dir: str | Path | None = None, store: str | None = None, quiet: bool = False
+    url_or_key: str,
+    cache_dir: str | Path | None = None,
+    store: str | None = None,
+    quiet: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> Path:
     """Bring a cache from a store into the local cache root; return its folder `<root>/<task>/<key>`.
 
     `url_or_key` is a cache's full URL (`<store>/<task>/<key>`, or any folder holding a cache) or a
     key (or its first hex digits) looked up under `store`. Nothing becomes visible in the cache root
     unless every shard matched its checksum. A cache already complete locally is used as it is.
+
+    `layers`: a partial copy holding only these [CLS] layers (and every row's ids, labels, logits
+    and tokens), fetched dataset by dataset and each checked against its sha256; a local partial
+    copy gains the missing ones. The key stays the full cache's. A cache made before per-dataset
+    checksums is pulled whole.
     """
     if _looks_like_url(url_or_key):
         url, expect_task, expect_key = url_or_key.rstrip("/"), None, None
@@ -252,17 +270,48 @@ def pull(
             )
         url = find_in_store(url_or_key, store)
         expect_task, expect_key = url.rsplit("/", 2)[-2:]
-    return _pull(url, root_of(cache_dir), quiet, expect_task, expect_key)
+    return _pull(url, root_of(cache_dir), quiet, expect_task, expect_key, layers)
 
 
-def local_or_pull(key: str, cache_dir: str | Path | None, store: str, quiet: bool = False) -> Path:
+def local_or_pull(
+    key: str,
+    cache_dir: str | Path | None,
+    store: str,
+    quiet: bool = False,
+    layers: Sequence[int] | None = None,
+) -> Path:
     """The local folder of the cache `key` (a folder, a key or its first digits), pulled from `store`
-    first when no local cache has it. Workers that start together pull it once: the pull holds the
+    first when no local cache has it (or, with `layers`, when the local copy lacks some of them:
+    then only those are fetched). Workers that start together pull it once: the pull holds the
     key's lock, and the others then find it."""
     try:
-        return resolve_cache(key, cache_dir)
+        folder = resolve_cache(key, cache_dir)
     except CacheNotFound:
-        return pull(key, cache_dir, store, quiet)
+        return pull(key, cache_dir, store, quiet, layers)
+    local = _local_manifest(folder)
+    wanted = local.layers if local is not None and layers is None else layers
+    if local is None or not local.partial or set(wanted) <= set(local.present):
+        return folder  # a complete copy, or one that cannot be read (the reader names its problem)
+    return pull(local.key, folder.parent.parent, store, quiet, layers)
+
+
+def local_or_pull_for(
+    key: str,
+    cache_dir: str | Path | None,
+    store: str,
+    needs: Callable[[mf.Manifest], Sequence[int]],
+    quiet=False,
+) -> Path:
+    """`local_or_pull` of the layers `needs(manifest)` names (a student's layer map, known once the
+    cache's manifest is: from the local copy where there is one, else from the store)."""
+    try:
+        manifest = _local_manifest(resolve_cache(key, cache_dir))
+    except CacheNotFound:
+        manifest = None
+    if manifest is None:
+        url = key if _looks_like_url(key) else find_in_store(key, store)
+        manifest = _read_remote_manifest(url)[2]
+    return local_or_pull(key, cache_dir, store, quiet, list(needs(manifest)))
 
 
 def pull_if_present(
@@ -301,7 +350,14 @@ def _read_remote_manifest(url: str) -> tuple[object, str, mf.Manifest, bytes]:
     return fs, remote, manifest, raw
 
 
-def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key: str | None) -> Path:
+def _pull(
+    url: str,
+    root: Path,
+    quiet: bool,
+    expect_task: str | None,
+    expect_key: str | None,
+    layers: Sequence[int] | None = None,
+) -> Path:
     fs, remote, manifest, raw = _read_remote_manifest(url)  # everything is checked before any download
     _check_identity(manifest, _join(url, mf.MANIFEST), expect_key, expect_task)
     try:
@@ -312,7 +368,8 @@ def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key
     _refuse_links(fs, remote, [mf.MANIFEST, *sorted(names)], url)
     task, key = manifest.task, manifest.key
     folder = root / task / key
-    if (folder / mf.MANIFEST).is_file():
+    wanted = _wanted_layers(manifest, layers, quiet)
+    if _holds(folder, wanted):
         progress.info(f"{key} is already in {root}: nothing to pull", quiet)
         return folder
     try:
@@ -320,30 +377,173 @@ def _pull(url: str, root: Path, quiet: bool, expect_task: str | None, expect_key
     except OSError as err:
         raise CacheError(f"cache root {root} cannot be written: {err.strerror or err}") from None
     with key_lock(folder, quiet):
-        if (folder / mf.MANIFEST).is_file():  # another process pulled or built it while we waited
+        if _holds(folder, wanted):  # another process pulled or built it while we waited
             return folder
         staging = staging_folder(folder)
         staging.mkdir(exist_ok=True)
         for path in staging.iterdir():  # what a killed pull left half-written, or another version's shards
             if path.name not in names:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-        todo = []
-        for shard in manifest.shards():
-            local = staging / shard.file
-            if local.is_file() and sha256_file(local) == shard.sha256:
-                continue  # verified by an earlier, interrupted pull
-            todo.append(shard)
-        total = sum(s.bytes or 0 for s in todo) / MIB or None
-        with progress.bar(f"pull {key} (MiB)", total, unit="MiB", quiet=quiet) as bar:
-            for shard in todo:
-                _download(fs, _join(remote, shard.file), staging / shard.file, shard.sha256, url, bar)
-                faults.point("pull-shard-downloaded")
+        if wanted is None:
+            done = _download_all(fs, remote, manifest, staging, url, quiet)
+        else:
+            wanted = sorted(set(wanted) | set(_local_present(folder)))  # add to what is here
+            data = json.loads(raw)
+            data["layers_present"] = wanted
+            raw = json.dumps(data, indent=2).encode() + b"\n"
+            done = _fetch_layers(fs, remote, manifest, wanted, folder, staging, url, quiet)
         files.write_text(staging / mf.MANIFEST, raw.decode(), CacheError)
         _check_structure(staging, url)
         faults.point("pull-before-publish")
         _publish(staging, folder)
-    progress.info(f"pulled {key}: {len(todo)} shard(s) downloaded into {folder}", quiet)
+    progress.info(f"pulled {key}: {done} into {folder}", quiet)
     return folder
+
+
+def _wanted_layers(manifest: mf.Manifest, layers: Sequence[int] | None, quiet: bool) -> list[int] | None:
+    """The layers a pull of `layers` fetches, or None for the whole cache: all of them asked for,
+    or a cache made before per-dataset checksums (pulled whole, with a note)."""
+    if layers is None:
+        return None
+    unknown = sorted(set(layers) - set(manifest.layers))
+    if unknown:
+        raise StoreError(
+            f"cache {manifest.key} stores layers {manifest.layers}, not {unknown}: nothing was pulled"
+        )
+    if set(layers) >= set(manifest.layers):
+        return None
+    if any(shard.datasets is None for shard in manifest.shards()):
+        progress.info(
+            f"note: cache {manifest.key} was made before per-dataset checksums: pulling all of it", quiet
+        )
+        return None
+    return sorted(set(layers))
+
+
+def _local_manifest(folder: Path) -> mf.Manifest | None:
+    """The local copy's manifest, or None when there is no complete, readable one."""
+    if not (folder / mf.MANIFEST).is_file():
+        return None
+    try:
+        return mf.read(folder)
+    except CacheError:
+        return None
+
+
+def _local_present(folder: Path) -> tuple[int, ...]:
+    local = _local_manifest(folder)
+    return local.present if local is not None else ()
+
+
+def _holds(folder: Path, wanted: list[int] | None) -> bool:
+    """Whether the local copy already holds what a pull of `wanted` (None: everything) brings."""
+    local = _local_manifest(folder)
+    if local is None:
+        return False
+    return not local.partial if wanted is None else set(wanted) <= set(local.present)
+
+
+def _download_all(fs, remote: str, manifest: mf.Manifest, staging: Path, url: str, quiet: bool) -> str:
+    """Every shard, whole, into `staging` (those an interrupted pull verified there are kept)."""
+    todo = []
+    for shard in manifest.shards():
+        local = staging / shard.file
+        if local.is_file() and sha256_file(local) == shard.sha256:
+            continue  # verified by an earlier, interrupted pull
+        todo.append(shard)
+    total = sum(s.bytes or 0 for s in todo) / MIB or None
+    with progress.bar(f"pull {manifest.key} (MiB)", total, unit="MiB", quiet=quiet) as bar:
+        for shard in todo:
+            _download(fs, _join(remote, shard.file), staging / shard.file, shard.sha256, url, bar)
+            faults.point("pull-shard-downloaded")
+    return f"{len(todo)} shard(s) downloaded"
+
+
+def _fetch_layers(
+    fs, remote: str, manifest: mf.Manifest, wanted: list[int], folder: Path, staging: Path, url: str, quiet
+) -> str:
+    """Shards holding the datasets a copy of layers `wanted` needs (`pkdpipe.cache.extents`) into
+    `staging`: each taken from the local copy's shard where it holds it unchanged, else fetched
+    from the store as its one byte range; every one checked against its sha256 before the shard
+    is written. A staged shard that already holds them all (an interrupted pull) is kept."""
+    plan, fetched = [], 0
+    for shard in manifest.shards():
+        try:
+            need = extents.needed(manifest, shard, wanted)
+        except CacheError as err:
+            raise StoreError(f"refusing to pull {url}: {err}") from None
+        unrecorded = sorted(set(need) - set(shard.datasets or {}))
+        if unrecorded:
+            raise StoreError(f"refusing to pull {url}: {shard.file} records no extent of {unrecorded[0]}")
+        if _staged(staging / shard.file, shard, need):
+            continue
+        here = _usable(folder / shard.file, shard, need)
+        plan.append((shard, need, here))
+    total = sum(shard.datasets[n].bytes for shard, need, here in plan for n in need if n not in here)
+    with progress.bar(f"pull {manifest.key} (MiB)", total / MIB or None, unit="MiB", quiet=quiet) as bar:
+        for shard, need, here in plan:
+            arrays = {}
+            for name, (shape, dtype) in need.items():
+                if name in here:
+                    arrays[name] = here[name]
+                    continue
+                extent = shard.datasets[name]
+                if extent.bytes != int(np.prod(shape)) * np.dtype(dtype).itemsize:  # before reading it
+                    raise StoreError(f"refusing to pull {url}: {shard.file}:{name} is not {shape} {dtype}")
+                data = _fetch_range(fs, _join(remote, shard.file), extent, url)
+                if hashlib.sha256(data).hexdigest() != extent.sha256:
+                    raise StoreError(
+                        f"checksum mismatch in {shard.file}:{name} from {url}: the store's copy is "
+                        "corrupted; nothing was installed (repair it with `pkdpipe cache push KEY --force`)"
+                    )
+                arrays[name] = extents.from_bytes(data, shape, dtype)
+                fetched += len(data)
+                bar.advance(len(data) / MIB)
+            extents.write(staging / shard.file, arrays)
+            faults.point("pull-shard-downloaded")
+    shown = ",".join(map(str, wanted)) or "none"
+    return f"layers {shown}, {fetched / MIB:.1f} MiB fetched for {len(plan)} shard(s)"
+
+
+def _fetch_range(fs, path: str, extent: mf.Extent, url: str) -> bytes:
+    """One dataset's bytes: a ranged read of the store's shard (one GET over S3)."""
+    if not extent.bytes:
+        return b""
+    with _store_errors("read", url):
+        data = fs.cat_file(path, start=extent.offset, end=extent.offset + extent.bytes)
+    if len(data) != extent.bytes:
+        raise StoreError(f"{path} from {url} is shorter than its manifest says (truncated in the store)")
+    return data
+
+
+def _staged(path: Path, shard: mf.Shard, need: dict) -> bool:
+    """Whether an interrupted pull left `path` holding every dataset of `need`, each matching."""
+    return path.is_file() and not _open_problem(path, shard, need)
+
+
+def _usable(path: Path, shard: mf.Shard, need: dict) -> dict[str, np.ndarray]:
+    """The datasets of `need` the local copy's shard `path` holds, each matching its sha256."""
+    found = {}
+    if not path.is_file() or path.is_symlink():
+        return found
+    try:
+        with h5py.File(path, "r") as f:
+            if schema.indirection(f):
+                return found
+            for name in need:
+                if name in f and not extents.problem(f, shard, [name]):
+                    found[name] = f[name][:]
+    except OSError:
+        return {}
+    return found
+
+
+def _open_problem(path: Path, shard: mf.Shard, need: dict) -> str | None:
+    try:
+        with h5py.File(path, "r") as f:
+            return schema.indirection(f) or extents.problem(f, shard, need)
+    except OSError as err:
+        return str(err)
 
 
 def _check_structure(staging: Path, url: str) -> None:
@@ -406,4 +606,4 @@ def _publish(staging: Path, folder: Path) -> None:
     staging.rmdir()
 
 
-__all__ = ["find_in_store", "pull", "pull_if_present", "push"]
+__all__ = ["find_in_store", "local_or_pull", "local_or_pull_for", "pull", "pull_if_present", "push"]

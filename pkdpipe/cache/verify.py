@@ -1,6 +1,7 @@
 """`verify_cache`: check a cache end to end before trusting it.
 
-Checks, per shard: the file exists (a regular file, not a link), its sha256 matches the manifest,
+Checks, per shard: the file exists (a regular file, not a link), its sha256 matches the manifest
+(in a copy pulled with --layers: the sha256 of each dataset it holds, `pkdpipe.cache.extents`),
 it opens as HDF5, nothing in it is a link or keeps its bytes elsewhere (external storage, a virtual
 dataset), every dataset of `pkdpipe.cache.schema` is there with the shape and dtype the
 manifest implies, no logit or hidden vector is NaN or inf, gold labels lie in the task's range and
@@ -20,8 +21,8 @@ import h5py
 import numpy as np
 
 from pkdpipe.cache import codec as codecs
+from pkdpipe.cache import extents, schema
 from pkdpipe.cache import manifest as mf
-from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
 from pkdpipe.cache.stats import LayerStats
 from pkdpipe.errors import CacheError
@@ -50,7 +51,7 @@ def verify_cache(folder: str | Path, checksums: bool = True) -> VerifyReport:
     for split, info in manifest.splits.items():
         rows = []
         for shard in info.shards:
-            rows.append(_check_shard(folder, shard, layout, manifest.vocab_size, report, checksums))
+            rows.append(_check_shard(folder, shard, manifest, layout, report, checksums))
             report.shards_checked += 1
         found = [r for r in rows if r is not None]
         ids = np.concatenate([r.ids for r in found]) if found else np.array([])
@@ -81,8 +82,8 @@ class _Rows:
 def _check_shard(
     folder: Path,
     shard: mf.Shard,
+    manifest: mf.Manifest,
     layout: schema.Layout,
-    vocab: int | None,
     report: VerifyReport,
     checksums: bool,
 ) -> _Rows | None:
@@ -97,12 +98,16 @@ def _check_shard(
     if not path.is_file():
         report.problems.append(f"{path.name}: missing")
         return None
-    if checksums and sha256_file(path) != shard.sha256:
+    if checksums and not manifest.partial and sha256_file(path) != shard.sha256:
         report.problems.append(f"{path.name}: checksum mismatch (corrupted or truncated)")
     try:
         with h5py.File(path, "r") as f:
-            return _check_arrays(f, path.name, shard.rows, layout, vocab, report)
-    except (OSError, KeyError, ValueError) as err:
+            if checksums and manifest.partial and not schema.indirection(f):  # what was fetched, each
+                wrong = extents.problem(f, shard, extents.needed(manifest, shard, manifest.present))
+                if wrong:
+                    report.problems.append(f"{wrong}: checksum mismatch")
+            return _check_arrays(f, path.name, shard.rows, layout, manifest.vocab_size, report)
+    except (OSError, KeyError, ValueError, CacheError) as err:
         report.problems.append(f"{path.name}: unreadable ({str(err).splitlines()[0]})")
         return None
 

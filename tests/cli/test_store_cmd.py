@@ -71,6 +71,40 @@ def test_push_then_pull_by_key_through_the_cli(runner, root, tiny_cache, tmp_pat
     assert runner.invoke(app, ["cache", "verify", tiny_cache.name, "--cache-dir", str(fresh)]).exit_code == 0
 
 
+def test_pull_some_layers_then_ls_and_a_distill_needing_another_layer(
+    runner, root, tiny, tiny_cache, tmp_path
+):
+    """`cache pull KEY --layers`: the copy lists as partial, and a student whose map needs a layer
+    it lacks stops with one line naming the pull to run."""
+    url = str(tmp_path / "store")
+    assert (
+        runner.invoke(
+            app, ["cache", "push", tiny_cache.name, url, "--cache-dir", str(root), "--quiet"]
+        ).exit_code
+        == 0
+    )
+    laptop = str(tmp_path / "laptop")
+    result = runner.invoke(
+        app, ["cache", "pull", tiny_cache.name[:8], "--store", url, "--cache-dir", laptop, "--layers", "2,4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert mf.read(tmp_path / "laptop" / "tiny" / tiny_cache.name).layers_present == [2, 4]
+    assert "layers 2,4 (partial)" in runner.invoke(app, ["cache", "ls", "--cache-dir", laptop]).output
+    info = runner.invoke(app, ["cache", "info", tiny_cache.name, "--cache-dir", laptop]).output
+    assert "layers [2, 4] (pulled with --layers)" in info
+    result = runner.invoke(
+        app,
+        ["distill", "--cache", tiny_cache.name, "--cache-dir", laptop, "--strategy", "skip", "--layers", "2",
+         "--teacher-layers", "3", "--student-init", str(tiny["pretrained"]), "--device", "cpu", "--quiet",
+         "--output", str(tmp_path / "student")],
+    )  # fmt: skip
+    assert f"pkdpipe cache pull {tiny_cache.name} --layers 3 --store URL" in error_line(result)
+    result = runner.invoke(
+        app, ["cache", "pull", tiny_cache.name, "--store", url, "--cache-dir", laptop, "--layers", "2,x"]
+    )
+    assert "comma-separated integers" in error_line(result)
+
+
 def error_line(result) -> str:
     """The one-line message of a failed command: what the app printed as `error: ...`, or the
     PkdError it raised (CliRunner hands it back as is when the app's handler does not print it)."""

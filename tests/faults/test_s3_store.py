@@ -33,3 +33,23 @@ def test_push_pull_and_a_hit_through_s3(tiny, tiny_cache, tmp_path, s3_store):
     assert "pulled from the store" in built.stdout
     (hit,) = list_caches(tmp_path / "b")
     assert verify_cache(hit).ok
+
+
+def test_a_pull_of_some_layers_through_s3_is_killed_then_resumes_and_then_adds_a_layer(
+    tiny_cache, tmp_path, s3_store
+):
+    from pkdpipe.cache import manifest as mf
+    from pkdpipe.cache import store
+
+    url = s3_store.rsplit("/", 1)[0] + "/layers"  # not the other test's store: its push must find none
+    store.push(tiny_cache, url, quiet=True)
+    pull = ["cache", "pull", tiny_cache.name[:8], "--store", url, "--cache-dir", tmp_path, "--layers", "2,4"]
+    assert_killed(pkdpipe(*pull, kill_at="pull-shard-downloaded#2"))
+    assert list_caches(tmp_path) == []  # nothing visible
+    assert_ok(pkdpipe(*pull))  # resumes from the shards it finished
+    (copy,) = list_caches(tmp_path)
+    assert mf.read(copy).layers_present == [2, 4] and verify_cache(copy).ok
+    added = pkdpipe(*pull[:-1], "3", quiet=False)
+    assert_ok(added)
+    assert "layers 2,3,4" in added.stderr
+    assert mf.read(copy).layers_present == [2, 3, 4] and verify_cache(copy).ok
