@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATASETS = REPO.parent / "shared" / "datasets"
+# real datasets (SST-2, RTE, BANKING77, TREC in GLUE-style folders): $PKDPIPE_DATASETS, else a
+# `shared/datasets` folder beside the clone
+DEFAULT_DATASETS = Path(os.environ.get("PKDPIPE_DATASETS") or REPO.parent / "shared" / "datasets")
 
 
 def minilm_path() -> str:

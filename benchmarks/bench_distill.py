@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("banking77", "sst2"), default="banking77")
     p.add_argument(
-        "--data", type=Path, default=None, help="dataset folder (default: ../shared/datasets/<task>)"
+        "--data", type=Path, default=None, help="dataset folder (default: $PKDPIPE_DATASETS/<task>)"
     )
     p.add_argument("--rows", type=int, default=8192, help="sst2 only: the first N train rows (0 = all)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -110,8 +110,8 @@ def parse_args(argv=None):
         "--teacher",
         default=None,
         help="a pre-trained encoder folder to take as the teacher (a random head is added) and to cut "
-        "the student from; default: the 6-layer MiniLM. e.g. the 12-layer all-mpnet-base-v2 of "
-        "../shared/models/get_mpnet.sh",
+        "the student from; default: the 6-layer MiniLM. e.g. the 12-layer all-mpnet-base-v2 "
+        "(docs/results.md: how to assemble it from PyPI parts)",
     )
     p.add_argument("--layers", type=int, default=3, help="student depth K")
     p.add_argument(

@@ -4,7 +4,7 @@ Fine-tunes (or takes) a teacher, caches it once, trains the four student rows fo
 several seeds from that cache, scores each student on the evaluation split, and writes a table of
 mean and spread per row with the time each run took. Finished pieces are reused on a rerun.
 
-    python benchmarks/reproduce.py --task trec --data-dir ../shared/datasets/trec --seeds 1,2,3
+    python benchmarks/reproduce.py --task trec --data-dir $PKDPIPE_DATASETS/trec --seeds 1,2,3
 
 A row is a strategy (ft, kd, last, skip), optionally with a patient space and an auto layer map:
 `skip+standardized` trains PKD-Skip with `--pt-space standardized`, `last+auto+centered` PKD with

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+# real datasets: $PKDPIPE_DATASETS, else a `shared/datasets` folder beside the clone (README, developers)
+SHARED_DATASETS = Path(os.environ.get("PKDPIPE_DATASETS") or REPO.parent / "shared" / "datasets")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is never needed by the default suite
 os.environ.setdefault("PKDPIPE_QUIET", "1")
@@ -251,7 +252,7 @@ def planted_cache(tiny, tmp_path_factory) -> Path:
 def shared_dataset(name: str) -> Path:
     path = SHARED_DATASETS / name
     if not path.is_dir():
-        pytest.skip(f"{path} is not here (real-data tests need ../shared/datasets)")
+        pytest.skip(f"{path} is not here (real-data tests read $PKDPIPE_DATASETS)")
     return path
 
 

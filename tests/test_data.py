@@ -330,7 +330,7 @@ def test_regression_label_not_a_number(tmp_path):
         load("stsb", "dev", tmp_path)
 
 
-# --- real data (../shared/datasets) -----------------------------------------------------------------
+# --- real data ($PKDPIPE_DATASETS) ------------------------------------------------------------------
 
 
 def real(name: str) -> Path:
