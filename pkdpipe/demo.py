@@ -162,11 +162,15 @@ def settings_lines(config: DemoConfig) -> list[str]:
     ]
 
 
-def next_command(config: DemoConfig, strategy: str = "kd") -> str:
-    """A distill command whose student is comparable with the demo's: the demo's cache (its task's
-    newest), depth and settings, another strategy."""
+def next_command(config: DemoConfig, strategy: str = "kd", cache_key: str | None = None) -> str:
+    """A distill command whose student is comparable with the demo's: the demo's cache (named by
+    `cache_key`, else its task's newest, which a later cache-teacher of the task would replace),
+    depth and settings, another strategy."""
+    cache = f" --cache {cache_key}" if cache_key else ""
+    if cache_key and config.cache_dir:
+        cache += f" --cache-dir {config.cache_dir}"
     return (
-        f"pkdpipe distill --task {config.task} --strategy {strategy} --layers {config.student_layers} "
+        f"pkdpipe distill --task {config.task}{cache} --strategy {strategy} --layers {config.student_layers} "
         f"--lr {config.student_lr:g} --temperature {config.temperature:g} --alpha {config.alpha:g} "
         f"--beta {config.beta:g} --epochs {config.student_epochs} --batch-size {config.batch_size}"
     )

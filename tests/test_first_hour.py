@@ -179,3 +179,8 @@ def test_the_demo_table_names_its_settings_and_the_next_command_matches_them():
         "pkdpipe distill --task banking77 --strategy kd --layers 3 --lr 0.0005 --temperature 5 --alpha 0.5 "
         "--beta 0.5 --epochs 4 --batch-size 32"
     )
+    # the demo names its own cache: the task's newest may be another one by the time it is run
+    assert next_command(config, cache_key="0bf109d8c07554d8").startswith(
+        "pkdpipe distill --task banking77 --cache 0bf109d8c07554d8 --strategy kd"
+    )
+    assert " --cache k --cache-dir /c " in next_command(DemoConfig(cache_dir="/c"), cache_key="k")

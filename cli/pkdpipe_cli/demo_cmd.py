@@ -64,8 +64,9 @@ def demo(
     )
     for warning in result.warnings:
         console.print(f"warning: {warning}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+    comparable = next_command(config, cache_key=result.cache.name)
     console.print(
-        f"next, a student comparable with the demo's: {next_command(config)} (see the README's walk-through)",
+        f"next, a student comparable with the demo's: {comparable} (see the README's walk-through)",
         markup=False,
         highlight=False,
     )
