@@ -59,15 +59,15 @@ class Split:
     shards: tuple[Shard, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Teacher:
     name_or_path: str
     model_type: str
     architecture: str
     num_layers: int
     hidden_size: int
-    weights_sha256: str
     pretrained_from: str | None = None
+    weights_sha256: str
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,10 @@ class KeyInputs:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Manifest(Mapping):
+    """The fields in the order manifest.json lists them (`to_json`), as docs/cache-format.md does."""
+
     format: str
     format_version: int
     key: str
@@ -138,19 +140,25 @@ class Manifest(Mapping):
     uses_token_type_ids: bool
     layers: list[int]
     hidden_dtype: str
+    codec: str = codecs.FLOAT16  # how hidden/<layer> stores the [CLS] vectors (absent: float16)
     logits_dtype: str
     precision: str
     splits: dict[str, Split]
+    cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
     teacher_metrics: dict
     created: str
     tool_version: str
     command: str
     config: dict
-    timings: dict = field(default_factory=dict)
-    cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
     vocab_size: int | None = None  # token ids lie in 0..vocab_size-1 (caches made since pkdpipe 0.3)
-    codec: str = codecs.FLOAT16  # how hidden/<layer> stores the [CLS] vectors (absent: float16)
+    timings: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as written
+
+    def to_json(self) -> dict:
+        """The JSON object manifest.json holds: every field but `raw`, nested records as objects."""
+        data = dataclasses.asdict(dataclasses.replace(self, raw={}))
+        del data["raw"]
+        return json.loads(json.dumps(data))  # plain JSON values: tuples of shards become lists
 
     # the JSON, read like a dict
     def __getitem__(self, name: str):
