@@ -62,7 +62,7 @@ def test_the_example_strategy_registers_and_builds():
 
 
 @pytest.mark.parametrize(
-    "module", ["reader", "writer", "verify", "local", "store", "manifest", "schema", "stats"]
+    "module", ["builder", "reader", "writer", "verify", "local", "store", "manifest", "schema", "stats"]
 )
 def test_the_cache_package_imports_no_model_code(module):
     code = (

@@ -337,6 +337,7 @@ def check_place(manifest: Manifest, folder: Path) -> Manifest:
     return manifest
 
 
-def write(folder: Path, manifest: dict) -> None:
+def write(folder: Path, manifest: Manifest) -> None:
     """Write the manifest whole or not at all (a full disk or a read-only folder: one line)."""
-    files.write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n", CacheError)
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=False)
+    files.write_text(folder / MANIFEST, text + "\n", CacheError)
