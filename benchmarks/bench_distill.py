@@ -43,6 +43,7 @@ Run from the repository root:  python benchmarks/bench_distill.py [--task bankin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -265,7 +266,9 @@ def scale_by_copy(source: Path, cache_root: Path, factor: int) -> Path:
     """A cache `factor` times as large as `source`: its train rows repeated under new ids, in new shards."""
     from pkdpipe.cache import manifest as mf
     from pkdpipe.cache import schema
-    from pkdpipe.cache.fingerprint import sha256_file, sha256_json
+    from pkdpipe.cache.builder import shard_entry
+    from pkdpipe.cache.fingerprint import sha256_json
+    from pkdpipe.cache.local import cache_folder
     from pkdpipe.cache.reader import TeacherCache
     from pkdpipe.cache.writer import ShardWriter
     from pkdpipe.text import length_sorted_order
@@ -283,8 +286,9 @@ def scale_by_copy(source: Path, cache_root: Path, factor: int) -> Path:
     order = length_sorted_order(lengths, ids)
     # another train split: its own dataset fingerprint, so the key (the hash of the inputs) is its own
     manifest["dataset"]["sha256"]["train"] = sha256_json({"scaled_from": manifest["key"], "factor": factor})
-    key = mf.KeyInputs.of(mf.parse(manifest, "scaled")).key()
-    folder = cache_root / manifest["task"] / key
+    scaled = mf.parse(manifest, "scaled")
+    key = mf.KeyInputs.of(scaled).key()
+    folder = cache_folder(cache_root, scaled.task, key)
     if (folder / "manifest.json").is_file():  # complete, and its key names its source and factor
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -306,20 +310,14 @@ def scale_by_copy(source: Path, cache_root: Path, factor: int) -> Path:
                 {layer: data["hidden"][src, j] for j, layer in enumerate(layers)},
             )
         writer.commit()
-        shards.append(
-            {
-                "file": path.name,
-                "rows": int(len(rows)),
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-            }
-        )
-    manifest.update(
+        shards.append(shard_entry(path, int(len(rows))))
+    scaled = dataclasses.replace(
+        scaled,
         key=key,
-        splits={"train": {"examples": int(len(order)), "shards": shards}},
-        benchmark_note=f"bench_distill.py: the train rows of cache {manifest['key']} repeated {factor}x",
+        splits={"train": mf.Split(int(len(order)), tuple(shards))},
+        command=f"bench_distill.py: the train rows of cache {manifest['key']} repeated {factor}x",
     )
-    mf.write(folder, manifest)
+    mf.write(folder, scaled)
     return folder
 
 

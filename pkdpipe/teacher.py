@@ -1,37 +1,33 @@
 """Stage one, `cache_teacher`: run the teacher once over each split and cache its outputs.
 
 Per example the cache holds the token ids, the gold label, the logits and the [CLS] vector of
-every stored layer. The teacher runs under `torch.inference_mode` on length-sorted batches padded
-to their own longest example; the rows are written in that sorted order, shard by shard, and a
-shard is the unit of resume (and of parallel work under torchrun: rank r writes shards r, r+N, ...).
+every stored layer. This module is the model side: it loads the teacher, hashes what the key
+covers, runs the teacher under `torch.inference_mode` on batches padded to their own longest
+example, and picks the [CLS] vectors. Everything on disk is `pkdpipe.cache.builder.CacheBuilder`'s:
+the folder, the shard plan (length-sorted rows, shard by shard; a shard is the unit of resume and
+of parallel work under torchrun: rank r writes shards r, r+N, ...), the staging and the manifest.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pkdpipe import __version__, distributed, faults, files, progress
-from pkdpipe.cache import extents, schema
+from pkdpipe import distributed, faults, progress
 from pkdpipe.cache import manifest as mf
-from pkdpipe.cache.fingerprint import FORMAT_VERSION, hash_tokenizer, hash_weights, sha256_json
-from pkdpipe.cache.local import key_lock
-from pkdpipe.cache.manifest import KeyInputs
-from pkdpipe.cache.reader import TeacherCache, read_shard
-from pkdpipe.cache.writer import ShardWriter
+from pkdpipe.cache.builder import CacheBuilder, Origin, PlannedShard, SplitPlan
+from pkdpipe.cache.fingerprint import hash_tokenizer, hash_weights, sha256_json
+from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import Examples, load_split
-from pkdpipe.errors import CacheError, ConfigError, DataError, DiskFullError, ModelError, PkdError
-from pkdpipe.metrics import compute_metrics, predictions_from_logits
+from pkdpipe.errors import CacheError, ConfigError, DataError, ModelError, PkdError
 from pkdpipe.models import (
     autocast,
     check_max_seq_len,
@@ -46,15 +42,7 @@ from pkdpipe.models import (
 )
 from pkdpipe.paths import local_first
 from pkdpipe.tasks import Task, get_task
-from pkdpipe.text import (
-    TRUNCATION,
-    Encoded,
-    collate,
-    encode,
-    length_sorted_order,
-    pad_id_of,
-    uses_token_type_ids,
-)
+from pkdpipe.text import TRUNCATION, Encoded, collate, encode, pad_id_of, uses_token_type_ids
 
 
 @dataclass
@@ -98,65 +86,37 @@ def cache_teacher(
     )
     if teacher_hook is not None:
         teacher_hook(model)
-    inputs = KeyInputs(
-        task=task.fingerprint_dict(),
-        teacher_weights=hash_weights(model),
-        tokenizer=hash_tokenizer(tokenizer),
-        datasets={split: sha256_json(ex.fingerprint_dict()) for split, ex in examples.items()},
-        max_seq_len=config.max_seq_len,
-        truncation=TRUNCATION,
-        layers=list(layers),
-        hidden_dtype=config.hidden_dtype,
-        logits_dtype="float32",
-        precision=config.precision,  # bf16/fp16 autocast changes the stored values
-        codec=config.codec,
-    )
-    key = inputs.key()
-    folder = config.cache_dir / task.name / key
+    builder = _builder(config, task, teacher_name, model, tokenizer, layers, examples)
     fingerprint_seconds = time.time() - started
 
     # rank 0 decides (and pulls): every rank must take the same road, or some would wait for the others
-    found = (
-        None if config.force else distributed.agree(lambda: _find(folder, task, key, config), main_only=True)
-    )
+    found = None if config.force else distributed.agree(lambda: builder.find(config.store), main_only=True)
     if distributed.broadcast_object(found is not None):
-        return CacheResult(
-            folder, key, hit=True, manifest=mf.read(folder), pulled=bool(found and found.pulled)
-        )
+        return CacheResult(builder.folder, builder.key, True, builder.manifest(), pulled=found == "pulled")
     device = pick_device(config.device)
     model.to(device).eval()
-    layout = _layout(config, task, model, tokenizer, layers)
-    with _build_lock(folder, config.quiet) as already_built:
+    with _build_lock(builder) as already_built:
         if already_built and not config.force:
-            return CacheResult(folder, key, hit=True, manifest=mf.read(folder))
+            return CacheResult(builder.folder, builder.key, hit=True, manifest=builder.manifest())
         if config.force and distributed.is_main():
-            _clear(folder)
+            builder.clear()
         distributed.barrier()
         timings = {"fingerprint_s": round(fingerprint_seconds, 2)}
-        splits_info = {}
+        plans = {}
         for split, ex in examples.items():
             encoded = encode(ex, tokenizer, config.max_seq_len)
             t0 = time.time()
             # a rank whose disk fills stops every rank, not only itself
-            splits_info[split] = distributed.agree(
-                lambda: _cache_split(split, encoded, model, tokenizer, layout, folder, config, device)  # noqa: B023
+            plans[split] = distributed.agree(
+                lambda: _cache_split(split, encoded, model, tokenizer, builder, config, device)  # noqa: B023
             )
             timings[f"{split}_s"] = round(time.time() - t0, 2)
         faults.point("before-manifest")
-
-        def write_manifest() -> None:
-            _drop_unplanned_shards(folder, splits_info)
-            manifest = _manifest(config, task, teacher_name, model, key, inputs, layout, splits_info, folder)
-            manifest["vocab_size"] = len(tokenizer)  # every cached token id is below it (verify checks)
-            manifest["timings"] = {**timings, "total_s": round(time.time() - started, 2)}
-            mf.write(folder, manifest)
-
-        distributed.agree(write_manifest, main_only=True)
-    result = CacheResult(folder, key, hit=False, manifest=mf.read(folder))
+        origin = _origin(config, task, tokenizer, started)
+        distributed.agree(lambda: builder.finish(plans, origin, timings), main_only=True)
+    result = CacheResult(builder.folder, builder.key, hit=False, manifest=builder.manifest())
     if config.push and distributed.is_main():
-        from pkdpipe.cache.store import push
-
-        push(folder, config.store, quiet=config.quiet)
+        builder.push(config.store)
     return result
 
 
@@ -170,17 +130,45 @@ def _examples(config: CacheConfig, task: Task) -> dict[str, Examples]:
     return examples
 
 
-def _layout(config: CacheConfig, task: Task, model, tokenizer, layers) -> schema.Layout:
-    """What the shards of this teacher, task and settings hold."""
-    return schema.Layout(
-        num_labels=task.num_labels,
-        hidden_size=hidden_size(model.config),
-        layers=tuple(layers),
+def _builder(
+    config: CacheConfig, task: Task, teacher_name, model, tokenizer, layers, examples
+) -> CacheBuilder:
+    """The builder of this cache: the key's inputs hashed from the teacher, tokenizer and data."""
+    inputs = mf.KeyInputs(
+        task=task.fingerprint_dict(),
+        teacher_weights=hash_weights(model),
+        tokenizer=hash_tokenizer(tokenizer),
+        datasets={split: sha256_json(ex.fingerprint_dict()) for split, ex in examples.items()},
+        max_seq_len=config.max_seq_len,
+        truncation=TRUNCATION,
+        layers=list(layers),
         hidden_dtype=config.hidden_dtype,
-        regression=task.is_regression,
-        with_token_types=uses_token_type_ids(tokenizer),
-        with_stats=True,
+        logits_dtype="float32",
+        precision=config.precision,  # bf16/fp16 autocast changes the stored values
         codec=config.codec,
+    )
+    teacher = mf.Teacher(
+        name_or_path=str(teacher_name),
+        model_type=model.config.model_type,
+        architecture=type(model).__name__,
+        num_layers=num_layers(model.config),
+        hidden_size=hidden_size(model.config),
+        pretrained_from=pretrained_origin(teacher_name) if Path(teacher_name).is_dir() else None,
+        weights_sha256=inputs.teacher_weights,
+    )
+    with_types = uses_token_type_ids(tokenizer)
+    return CacheBuilder(config.cache_dir, task, inputs, teacher, with_types, config.shard_size, config.quiet)
+
+
+def _origin(config: CacheConfig, task: Task, tokenizer, started: float) -> Origin:
+    """What the manifest records of this run beyond the key's inputs."""
+    return Origin(
+        data_source=str(config.data_dir or (task.task_dir if task.hub_name is None else "huggingface-hub")),
+        train_rows=config.train_rows or None,  # a seeded sample of the train split (None: all)
+        vocab_size=len(tokenizer),
+        command=config.command or " ".join(sys.argv),
+        config=to_dict(config),
+        started=started,
     )
 
 
@@ -206,76 +194,36 @@ def _load_teacher(teacher_name: str, task: Task, config: CacheConfig):
     return model, tokenizer, layers
 
 
-def _find(folder: Path, task: Task, key: str, config: CacheConfig) -> CacheResult | None:
-    """The complete cache with this key, here or (with --store) pulled from the store."""
-    if (folder / mf.MANIFEST).is_file():
-        return CacheResult(folder, key, hit=True, manifest=mf.read(folder))
-    if config.store:
-        from pkdpipe.cache.store import pull_if_present  # fsspec only when a store is used
-
-        pulled = pull_if_present(config.store, task.name, key, config.cache_dir, quiet=config.quiet)
-        if pulled is not None:
-            return CacheResult(pulled, key, hit=True, manifest=mf.read(pulled), pulled=True)
-    return None
-
-
-def _cache_split(split, encoded: Encoded, model, tokenizer, layout, folder, config, device) -> dict:
-    """Write this rank's shards of one split (skipping finished ones); return the shard plan."""
-    lengths = encoded.lengths()
-    order = length_sorted_order(lengths, encoded.ids)
-    n_shards = max(1, -(-len(order) // config.shard_size))
-    plan = []
-    todo = []
-    for index in range(n_shards):
-        rows = order[index * config.shard_size : (index + 1) * config.shard_size]
-        path = folder / mf.shard_name(split, index, n_shards)
-        plan.append({"file": path.name, "rows": int(len(rows))})
-        mine = index % distributed.world_size() == distributed.rank()
-        if mine and not _finished(path, encoded.ids[rows], layout):
-            todo.append((path, rows))
-    total = sum(len(rows) for _, rows in todo)
+def _cache_split(
+    split, encoded: Encoded, model, tokenizer, builder: CacheBuilder, config, device
+) -> SplitPlan:
+    """Run the teacher over this rank's shards of one split that are not finished yet; return the plan."""
+    rank, world = distributed.rank(), distributed.world_size()
+    plan = builder.plan(split, encoded.ids, encoded.lengths(), rank, world)
+    total = sum(len(shard.rows) for shard in plan.todo)
     with progress.bar(f"teacher {split}", total, quiet=config.quiet) as bar:
-        for i, (path, rows) in enumerate(todo):
-            try:
-                _write_shard(
-                    path, rows, lengths[rows], encoded, model, tokenizer, layout, config, device, bar
-                )
-            except DiskFullError:
-                need = math.ceil(
-                    sum(layout.nbytes(len(r), int(lengths[r].sum())) for _, r in todo[i:]) / 2**20
-                )
-                raise DiskFullError(
-                    f"no space left on device while writing {path}: free {need:,} MB (or use --cache-dir "
-                    "elsewhere) and rerun; finished shards are kept"
-                ) from None
-            faults.point("shard-written")
-    return {"examples": len(order), "shards": plan}
-
-
-def _finished(path: Path, ids: np.ndarray, layout: schema.Layout) -> bool:
-    """True when `path` is a finished shard holding exactly these example ids, in this order, and
-    every dataset the layout names.
-
-    A shard from an interrupted run with another --shard-size can have the same name but other
-    rows (the shard size is not part of the key: it does not change the values), and one left by
-    an older pkdpipe has no per-layer statistics; either is rewritten."""
-    if not path.is_file():
-        return False
-    extra = [schema.cls_stats(layer) for layer in layout.layers] if layout.with_stats else []
-    try:
-        return np.array_equal(read_shard(path, schema.EXAMPLE_ID, *extra)[schema.EXAMPLE_ID], ids)
-    except CacheError:
-        return False
+        for shard in plan.todo:
+            _write_shard(builder, plan, shard, encoded, model, tokenizer, config, device, bar)
+    return plan
 
 
 def _write_shard(
-    path, rows, lengths, encoded: Encoded, model, tokenizer, layout, config, device, bar
+    builder: CacheBuilder,
+    plan: SplitPlan,
+    shard: PlannedShard,
+    encoded: Encoded,
+    model,
+    tokenizer,
+    config,
+    device,
+    bar,
 ) -> None:
-    writer = ShardWriter(path, encoded.ids[rows], lengths, layout)
+    """The teacher's outputs for one shard's rows, batch by batch, handed to the builder."""
     pad_id = pad_id_of(tokenizer)
-    try:
-        for start in range(0, len(rows), config.batch_size):
-            batch_rows = rows[start : start + config.batch_size]
+    layers = builder.layout.layers
+    with builder.shard(plan, shard) as writer:
+        for start in range(0, len(shard.rows), config.batch_size):
+            batch_rows = shard.rows[start : start + config.batch_size]
             ids = [encoded.input_ids[i] for i in batch_rows]
             types = (
                 [encoded.token_type_ids[i] for i in batch_rows]
@@ -286,13 +234,9 @@ def _write_shard(
             with torch.inference_mode(), autocast(device, config.precision):
                 out = model(**batch, output_hidden_states=True)
             logits = out.logits.float().cpu().numpy()
-            hidden = {i: out.hidden_states[i][:, 0].float().cpu().numpy() for i in layout.layers}
-            writer.write(ids, types, _labels(encoded, batch_rows, layout.regression), logits, hidden)
+            hidden = {i: out.hidden_states[i][:, 0].float().cpu().numpy() for i in layers}
+            writer.write(ids, types, _labels(encoded, batch_rows, builder.layout.regression), logits, hidden)
             bar.advance(len(batch_rows))
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def _labels(encoded: Encoded, rows, regression: bool) -> np.ndarray:
@@ -301,96 +245,14 @@ def _labels(encoded: Encoded, rows, regression: bool) -> np.ndarray:
     return encoded.labels[rows]
 
 
-def _manifest(config, task, teacher_name, model, key, inputs: KeyInputs, layout, splits_info, folder) -> dict:
-    """manifest.json's content: each key input in its documented field (see KeyInputs.of)."""
-    for info in splits_info.values():
-        for shard in info["shards"]:
-            path = folder / shard["file"]
-            shard["sha256"], datasets = extents.record(path)  # one read: the file's and each dataset's
-            shard["bytes"] = path.stat().st_size
-            if datasets is not None:
-                shard["datasets"] = datasets
-    return {
-        "format": mf.FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "key": key,
-        "task": task.name,
-        "task_spec": inputs.task,
-        "label_names": list(task.labels) if task.labels is not None else None,
-        "num_labels": task.num_labels,
-        "teacher": {
-            "name_or_path": str(teacher_name),
-            "model_type": model.config.model_type,
-            "architecture": type(model).__name__,
-            "num_layers": num_layers(model.config),
-            "hidden_size": layout.hidden_size,
-            "pretrained_from": pretrained_origin(teacher_name) if Path(teacher_name).is_dir() else None,
-            "weights_sha256": inputs.teacher_weights,
-        },
-        "tokenizer_sha256": inputs.tokenizer,
-        "dataset": {
-            "source": str(config.data_dir or (task.task_dir if task.hub_name is None else "huggingface-hub")),
-            "sha256": inputs.datasets,
-            "train_rows": config.train_rows or None,  # a seeded sample of the train split (None: all)
-        },
-        "max_seq_len": inputs.max_seq_len,
-        "truncation": inputs.truncation,
-        "uses_token_type_ids": layout.with_token_types,
-        "layers": inputs.layers,
-        "hidden_dtype": inputs.hidden_dtype,
-        "codec": inputs.codec,
-        "logits_dtype": inputs.logits_dtype,
-        "precision": inputs.precision,
-        "splits": splits_info,
-        "cls_stats": layout.with_stats,
-        "teacher_metrics": _teacher_metrics(folder, task, splits_info),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tool_version": __version__,
-        "command": config.command or " ".join(sys.argv),
-        "config": to_dict(config),
-    }
-
-
-def _drop_unplanned_shards(folder: Path, splits_info: dict) -> None:
-    """Shards an interrupted run with another --shard-size left under other names: not this cache's."""
-    planned = {shard["file"] for info in splits_info.values() for shard in info["shards"]}
-    for path in folder.glob("*.h5"):
-        if path.name not in planned:
-            path.unlink()
-
-
-def _teacher_metrics(folder: Path, task: Task, splits_info: dict) -> dict:
-    """The teacher's metrics on each labelled split other than train, read back from the shards."""
-    metrics = {}
-    for split, info in splits_info.items():
-        if split == "train":
-            continue
-        parts = [read_shard(folder / s["file"], schema.LOGITS, schema.LABELS) for s in info["shards"]]
-        labels = np.concatenate([p[schema.LABELS] for p in parts])
-        if np.isnan(labels).all() if task.is_regression else (labels < 0).all():
-            continue
-        preds = predictions_from_logits(task, np.concatenate([p[schema.LOGITS] for p in parts]))
-        metrics[split] = compute_metrics(task, preds, labels)
-    return metrics
-
-
 @contextmanager
-def _build_lock(folder: Path, quiet: bool = False):
-    """Hold the key's lock while building (yield whether the cache is complete by then), so that
-    two processes building the same cache do the work once: the second waits, then finds the
-    manifest. Under torchrun rank 0 holds it for all the ranks, which wait for it, so `cache gc`
-    leaves the build alone while the ranks split the work."""
-    files.probe_writable(folder, CacheError, what="cache folder")
-    with key_lock(folder, quiet) if distributed.is_main() else nullcontext():
+def _build_lock(builder: CacheBuilder):
+    """Hold the key's lock while building; yield whether the cache is complete by then. Under
+    torchrun rank 0 holds it for all the ranks, which wait for it, so `cache gc` leaves the build
+    alone while the ranks split the work."""
+    with builder.lock(hold=distributed.is_main()):
         distributed.barrier()
-        yield distributed.broadcast_object((folder / mf.MANIFEST).is_file())
-
-
-def _clear(folder: Path) -> None:
-    """Remove a cache's files before a forced rebuild (manifest first, so it is never half-valid)."""
-    (folder / mf.MANIFEST).unlink(missing_ok=True)
-    for path in folder.glob("*.h5*"):
-        path.unlink()
+        yield distributed.broadcast_object(builder.complete())
 
 
 def describe(result: CacheResult) -> dict:

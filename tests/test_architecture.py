@@ -62,7 +62,7 @@ def test_the_example_strategy_registers_and_builds():
 
 
 @pytest.mark.parametrize(
-    "module", ["reader", "writer", "verify", "local", "store", "manifest", "schema", "stats"]
+    "module", ["builder", "reader", "writer", "verify", "local", "store", "manifest", "schema", "stats"]
 )
 def test_the_cache_package_imports_no_model_code(module):
     code = (
@@ -123,3 +123,13 @@ def test_functions_stay_short():
             if function and node.end_lineno - node.lineno + 1 > 90:
                 long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
     assert long == [], long
+
+
+def test_the_teacher_pass_writes_the_cache_only_through_the_builder():
+    """teacher.py holds the model side; the folder, the shards and the manifest are the builder's
+    (docs/architecture.md counts what a new cache field touches on that basis)."""
+    graph = _import_graph()
+    cache = {
+        m.removeprefix("pkdpipe.cache.") for m in graph["pkdpipe.teacher"] if m.startswith("pkdpipe.cache.")
+    }
+    assert cache == {"builder", "manifest", "fingerprint", "reader"}, cache

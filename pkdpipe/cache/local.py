@@ -31,6 +31,11 @@ def root_of(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else default_cache_root()
 
 
+def cache_folder(cache_dir: str | Path | None, task: str, key: str) -> Path:
+    """Where the cache of `task` with `key` lives: `<root>/<task>/<key>/` (the one place it is spelled)."""
+    return root_of(cache_dir) / task / key
+
+
 # -- finding caches --------------------------------------------------------------------------------
 def list_caches(cache_dir: str | Path | None = None) -> list[Path]:
     """Every cache folder under the root, complete or not (`<root>/<task>/<key>/`)."""
@@ -280,6 +285,7 @@ def gc(cache_dir: str | Path | None = None) -> list[tuple[Path, int]]:
 
 __all__ = [
     "LocalCache",
+    "cache_folder",
     "gc",
     "key_lock",
     "latest_cache",

@@ -70,15 +70,15 @@ class Split:
     shards: tuple[Shard, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Teacher:
     name_or_path: str
     model_type: str
     architecture: str
     num_layers: int
     hidden_size: int
-    weights_sha256: str
     pretrained_from: str | None = None
+    weights_sha256: str
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,10 @@ class KeyInputs:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Manifest(Mapping):
+    """The fields in the order manifest.json lists them (`to_json`), as docs/cache-format.md does."""
+
     format: str
     format_version: int
     key: str
@@ -149,22 +151,35 @@ class Manifest(Mapping):
     uses_token_type_ids: bool
     layers: list[int]
     hidden_dtype: str
+    codec: str = codecs.FLOAT16  # how hidden/<layer> stores the [CLS] vectors (absent: float16)
     logits_dtype: str
     precision: str
     splits: dict[str, Split]
+    cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
     teacher_metrics: dict
     created: str
     tool_version: str
     command: str
     config: dict
-    timings: dict = field(default_factory=dict)
-    cls_stats: bool = False  # shards store each layer's per-dimension statistics (pkdpipe.cache.stats)
     vocab_size: int | None = None  # token ids lie in 0..vocab_size-1 (caches made since pkdpipe 0.3)
-    codec: str = codecs.FLOAT16  # how hidden/<layer> stores the [CLS] vectors (absent: float16)
-    # a local copy pulled with --layers holds only these of `layers` (None: all of them); the key,
-    # which covers `layers`, is the full cache's: a partial copy is that cache, with less of it here
+    timings: dict = field(default_factory=dict)
+    # a local copy pulled with --layers holds only these of `layers` (None: all of them, and absent
+    # from manifest.json); the key, which covers `layers`, is the full cache's: a partial copy is
+    # that cache, with less of it here
     layers_present: list[int] | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as written
+
+    def to_json(self) -> dict:
+        """The JSON object manifest.json holds: every field but `raw`, nested records as objects."""
+        data = dataclasses.asdict(dataclasses.replace(self, raw={}))
+        del data["raw"]
+        if data["layers_present"] is None:  # a whole cache: written as before partial copies existed
+            del data["layers_present"]
+        for info in data["splits"].values():
+            for shard in info["shards"]:
+                if shard["datasets"] is None:  # a shard not laid out in plain ranges: pulled whole
+                    del shard["datasets"]
+        return json.loads(json.dumps(data))  # plain JSON values: tuples of shards become lists
 
     # the JSON, read like a dict
     def __getitem__(self, name: str):
@@ -365,6 +380,7 @@ def check_place(manifest: Manifest, folder: Path) -> Manifest:
     return manifest
 
 
-def write(folder: Path, manifest: dict) -> None:
+def write(folder: Path, manifest: Manifest) -> None:
     """Write the manifest whole or not at all (a full disk or a read-only folder: one line)."""
-    files.write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n", CacheError)
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=False)
+    files.write_text(folder / MANIFEST, text + "\n", CacheError)

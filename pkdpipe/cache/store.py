@@ -38,7 +38,7 @@ from pkdpipe import faults, files, progress
 from pkdpipe.cache import extents, schema
 from pkdpipe.cache import manifest as mf
 from pkdpipe.cache.fingerprint import KEY_LENGTH, sha256_file
-from pkdpipe.cache.local import key_lock, resolve_cache, root_of, staging_folder
+from pkdpipe.cache.local import cache_folder, key_lock, resolve_cache, root_of, staging_folder
 from pkdpipe.errors import CacheError, CacheNotFound, PkdError, StoreError
 
 CHUNK = 4 << 20  # bytes per read/write when streaming a shard (bounded memory, few round trips)
@@ -367,7 +367,7 @@ def _pull(
     names = {s.file for s in manifest.shards()}
     _refuse_links(fs, remote, [mf.MANIFEST, *sorted(names)], url)
     task, key = manifest.task, manifest.key
-    folder = root / task / key
+    folder = cache_folder(root, task, key)
     wanted = _wanted_layers(manifest, layers, quiet)
     if _holds(folder, wanted):
         progress.info(f"{key} is already in {root}: nothing to pull", quiet)

@@ -40,6 +40,15 @@ def test_the_typed_manifest_reads_like_its_json(tiny_cache):
     assert mf.KeyInputs.of(m).key() == m.key
 
 
+def test_the_typed_manifest_is_its_json(tiny_cache):
+    """What the builder writes is the typed record itself: `to_json` gives back every field, in the
+    order manifest.json lists them, so a field added to the schema is written with no other change."""
+    text = (tiny_cache / mf.MANIFEST).read_text()
+    data = mf.read(tiny_cache).to_json()
+    assert data == json.loads(text)
+    assert json.dumps(data, indent=2) + "\n" == text
+
+
 def _drop_teacher(m):
     del m["teacher"]
 
