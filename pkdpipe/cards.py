@@ -70,11 +70,14 @@ def record_results(run: Run, split: str, metrics: dict[str, float], task: Task) 
     write(runfolder.add_results(run, split, metrics), task)
 
 
-def write(run: Run, task: Task) -> None:
+def write(run: Run | Path, task: Task) -> None:
+    run = _as_run(run)
     files.write_text(run.folder / CARD, render(run, task))
 
 
-def render(run: Run, task: Task) -> str:
+def render(run: Run | Path, task: Task) -> str:
+    """The card of `run` (training hands over the `Run` it wrote; a folder is read back)."""
+    run = _as_run(run)
     distilled = run.stage == "distill"
     record, metrics = run.record, run.metrics or {}
     results = {"dev": run.dev, **run.eval_results}
@@ -105,6 +108,10 @@ def render(run: Run, task: Task) -> str:
               'classifier = pipeline("text-classification", model="path/to/this/folder")',
               f'classifier("{_example(task)}")', "```", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _as_run(run: Run | Path) -> Run:
+    return run if isinstance(run, Run) else runfolder.read(run)
 
 
 def _row(split: str, values: dict, task: Task) -> str:
