@@ -41,7 +41,8 @@ def make_teacher(folder: Path, num_labels: int, seed: int = 0, base: str | None 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pkdpipe.models import FINETUNE_RECORD, quiet_transformers
+    from pkdpipe.models import quiet_transformers
+    from pkdpipe.runfolder import FINETUNE_RECORD
 
     base = base or minilm_path()
     folder.mkdir(parents=True, exist_ok=True)

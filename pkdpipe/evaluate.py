@@ -9,7 +9,6 @@ split's own order.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkdpipe import cards, progress
+from pkdpipe import cards, files, progress, runfolder
 from pkdpipe.config import EvaluateConfig
 from pkdpipe.data import load_split
 from pkdpipe.errors import DataError, ModelError
@@ -31,7 +30,6 @@ from pkdpipe.metrics import (
     predictions_from_logits,
 )
 from pkdpipe.models import (
-    FINETUNE_RECORD,
     autocast,
     check_max_seq_len,
     count_parameters,
@@ -129,8 +127,9 @@ def evaluate(config: EvaluateConfig) -> list[ModelReport]:
             )
             order = task_columns(model, task, name)
             metrics = score(task, run(encoded, quiet=config.quiet)[:, order], encoded.labels)
-            if config.record and (Path(name) / "metrics.json").is_file():
-                cards.record_results(Path(name), config.split, metrics, task)
+            recorded = runfolder.read(name) if config.record else None
+            if recorded is not None and recorded.finished:
+                cards.record_results(recorded, config.split, metrics, task)
             scored.append((name, metrics, count_parameters(model)))
             if config.timing_rounds:  # keeps the model (not the whole split) for the rounds
                 timed.append(partial(run, subset(encoded, sample), quiet=True))
@@ -170,14 +169,7 @@ def trained_length(model_dir: str | Path) -> int:
     """The --max-seq-len a pkdpipe model was trained at, from its recorded settings (distill: the
     cache's length; finetune: its own), so that evaluate scores it as training's dev did; the
     default for a model that records none."""
-    for record in (cards.DISTILL_RECORD, FINETUNE_RECORD):
-        path = Path(model_dir) / record
-        if path.is_file():
-            data = json.loads(path.read_text())
-            length = data.get("max_seq_len") or data.get("config", {}).get("max_seq_len")
-            if isinstance(length, int) and length > 0:
-                return length
-    return DEFAULT_MAX_SEQ_LEN
+    return runfolder.read(model_dir).max_seq_len or DEFAULT_MAX_SEQ_LEN
 
 
 def task_columns(model, task, name: str) -> np.ndarray:
@@ -248,11 +240,9 @@ def predict(model_dir: str, task_name: str, split: str, output: str | Path, data
     preds = predictions_from_logits(task, logits[:, task_columns(model, task, model_dir)])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with files.replace_file(output) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["index", "prediction"])
         for example_id, p in zip(encoded.ids, preds):
             writer.writerow([int(example_id), f"{p:.3f}" if task.is_regression else task.labels[int(p)]])
-    tmp.replace(output)
     return output

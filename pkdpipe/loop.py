@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pkdpipe import checkpoint, distributed, faults, files, progress
+from pkdpipe import checkpoint, distributed, faults, files, progress, runfolder
 from pkdpipe.config import TrainConfig, to_dict
 from pkdpipe.errors import ConfigError, ModelError
 from pkdpipe.metrics import format_metrics, percent
@@ -133,7 +133,7 @@ class TrainingLog:
     since the last line, averaged over the ranks too (a collective: every rank calls it alike)."""
 
     def __init__(self, output: Path, config: TrainConfig, resume_step: int | None):
-        self.path = output / "train_log.jsonl"
+        self.path = output / runfolder.TRAIN_LOG
         self.main = distributed.is_main()
         if self.main:
             if resume_step is None:
@@ -199,7 +199,7 @@ def _tensorboard(output: Path, config: TrainConfig):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ModelError("--report-to tensorboard needs tensorboard: pip install tensorboard") from None
-    return SummaryWriter(str(output / "tensorboard"))
+    return SummaryWriter(str(output / runfolder.TENSORBOARD))
 
 
 def prefixed(metrics: dict) -> dict:
@@ -214,7 +214,7 @@ class BestKeeper:
 
     def __init__(self, output: Path, save: SaveFn, main_metric: str | None):
         self.output, self.save, self.main_metric = output, save, main_metric
-        self.folder = output / "best"
+        self.folder = output / runfolder.BEST
         self.value: float | None = None
         self.step = 0
         self.metrics: dict = {}
@@ -280,10 +280,11 @@ def start_or_resume(
         return None
     finished = checkpoint.finished_state(ckpt_dir)
     state = finished or checkpoint.load(ckpt_dir, model, optimizer, scheduler, scaler)
-    changed = _changed_settings(state.get("settings", settings), settings)
-    if changed:
+    saved = state.get("settings", settings)
+    if runfolder.run_key(saved) != runfolder.run_key(settings):
         raise ConfigError(
-            f"{ckpt_dir} is the checkpoint of a run with other settings ({changed}): rerun with "
+            f"{ckpt_dir} is the checkpoint of a run with other settings "
+            f"({runfolder.changed_settings(saved, settings)}): rerun with "
             "those settings to resume it, or pass --no-resume to start over"
         )
     if finished:
@@ -291,12 +292,6 @@ def start_or_resume(
     else:
         progress.info(f"resuming from {ckpt_dir} at step {state['step']}", config.quiet)
     return state
-
-
-def _changed_settings(saved: dict, now: dict) -> str:
-    """'lr 5e-05 -> 0.0001, epochs 4 -> 2' for every setting that differs; '' when none does."""
-    names = sorted(set(saved) | set(now))
-    return ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in names if saved.get(k) != now.get(k))
 
 
 def resume_settings(config: TrainConfig, **extra) -> dict:
@@ -390,7 +385,7 @@ class _Run:
         self.scheduler = make_scheduler(self.optimizer, self.total, config.warmup)
         fp16 = config.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        self.checkpoint_dir = output / "checkpoint"
+        self.checkpoint_dir = output / runfolder.CHECKPOINT
         resumed = start_or_resume(
             config, self.checkpoint_dir, self.core, self.optimizer, self.scheduler, self.scaler, settings
         )

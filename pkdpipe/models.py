@@ -8,7 +8,6 @@ embeddings output, then one entry per encoder layer) and depth is changed throug
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -16,10 +15,9 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from pkdpipe import runfolder
 from pkdpipe.errors import ModelError
 from pkdpipe.paths import hub_unreachable, looks_local
-
-FINETUNE_RECORD = "pkdpipe_finetune.json"  # written by `finetune`: the pre-trained model it started from
 
 
 @contextlib.contextmanager
@@ -185,10 +183,7 @@ def cls_vectors(hidden_states: tuple[torch.Tensor, ...], layers) -> torch.Tensor
 
 def pretrained_origin(model_dir: str | Path) -> str | None:
     """The pre-trained model a `finetune` output started from, if it recorded one."""
-    record = Path(model_dir) / FINETUNE_RECORD
-    if not record.is_file():
-        return None
-    return json.loads(record.read_text()).get("base_model")
+    return runfolder.read(model_dir, "finetune").record.get("base_model")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

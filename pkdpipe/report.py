@@ -6,11 +6,10 @@ runs still going, and on runs copied from another machine.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from pkdpipe import files
+from pkdpipe import files, runfolder
 from pkdpipe.errors import ConfigError, PkdError
 
 NOT_TERMS = ("step", "epoch", "lr", "steps_per_s")  # the other fields of a training-log line
@@ -27,23 +26,14 @@ def loss_terms(records: list[dict]) -> list[str]:
 
 def read_run(folder: Path) -> dict:
     folder = Path(folder)
-    log = folder / "train_log.jsonl"
-    if not log.is_file():
-        raise PkdError(f"{folder} has no train_log.jsonl: not a pkdpipe run folder, nor a folder of runs")
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    metrics_file = folder / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    majority = metrics.get("dev_majority_baseline") or {}  # always answering the most frequent label
-    return {"name": folder.name, "path": folder, "records": records, "dev": metrics.get("dev", {}),
-            "strategy": _strategy(folder), "majority": majority}  # fmt: skip
-
-
-def _strategy(folder: Path) -> str:
-    """How a run trained, as its record says: a distill strategy's name, or finetune."""
-    try:
-        return json.loads((folder / "pkdpipe_config.json").read_text())["config"]["strategy"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "finetune"
+    records = runfolder.read_log(folder)
+    if records is None:
+        log = runfolder.TRAIN_LOG
+        raise PkdError(f"{folder} has no {log}: not a pkdpipe run folder, nor a folder of runs")
+    run = runfolder.read(folder)
+    majority = (run.metrics or {}).get("dev_majority_baseline") or {}  # always answering the majority label
+    return {"name": folder.name, "path": folder, "records": records, "dev": run.dev,
+            "strategy": run.strategy, "majority": majority}  # fmt: skip
 
 
 TERM_NAMES = {"pt": "patient", "kd": "soft-label (kd)", "ce": "cross-entropy (ce)"}
@@ -72,8 +62,8 @@ def run_folders(folders: list[Path]) -> list[Path]:
     runs (e.g. runs/banking77, or a grid sweep's folder), the runs directly inside it, by name."""
     found = []
     for folder in map(Path, folders):
-        inside = sorted(p.parent for p in folder.glob("*/train_log.jsonl"))
-        found += inside if inside and not (folder / "train_log.jsonl").is_file() else [folder]
+        inside = sorted(p.parent for p in folder.glob(f"*/{runfolder.TRAIN_LOG}"))
+        found += inside if inside and not (folder / runfolder.TRAIN_LOG).is_file() else [folder]
     return found
 
 

@@ -13,9 +13,10 @@ any machines share one study (`pkdpipe sweep --search asha --study NAME --storag
 stop once the study holds `trials` finished or pruned trials that trained a student (one extra
 trial per extra worker at most, from the race between workers; none is ever run twice), once every
 setting of a space of choices has been tried, or when their last 3 trials all failed. A student is
-fixed by its settings and seed, so a trial whose sampler draws settings an earlier trial already
-trained (TPE often does over a space of choices) is answered from that trial, its dev metric or its
-pruning, without training, and does not count against `trials`.
+fixed by its settings and seed, so a trial whose sampler draws the run an earlier trial already
+trained (the same run key, `pkdpipe.runfolder.run_key`: TPE often draws the same settings over a
+space of choices, and kd drawn with two betas is one run) is answered from that trial, its dev
+metric or its pruning, without training, and does not count against `trials`.
 
 A worker killed mid-trial stops sending heartbeats; after the grace period its trial is
 marked failed and queued again with the same settings and folder (a trial's folder is named by its
@@ -34,7 +35,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pkdpipe import files, progress, strategies
+from pkdpipe import files, progress, runfolder, strategies
 from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
 from pkdpipe.settings import default_of, kind_of, parse_bool
@@ -180,7 +181,9 @@ def search(
 
     def objective(trial) -> float:
         settings = {name: param.suggest(trial) for name, param in space.items()}
-        earlier = _tried(trial.study, settings)
+        config = trial_config(base, settings)
+        key = _run_key(config)
+        earlier = _tried(trial.study, key, settings)
         if earlier is not None:  # the same student again: answer from it, train nothing
             trial.set_user_attr("repeat_of", earlier.number)
             trial.set_user_attr("output", earlier.user_attrs.get("output"))
@@ -189,7 +192,7 @@ def search(
             if earlier.state == optuna.trial.TrialState.PRUNED:
                 raise optuna.TrialPruned()
             return earlier.value
-        config = trial_config(base, settings)
+        trial.set_user_attr("run_key", key)
         # a trial's own folder (two trials may draw the same settings); a trial queued again after
         # its worker died keeps the folder (user attributes travel with it) and resumes there
         if "output" not in trial.user_attrs:
@@ -212,7 +215,7 @@ def search(
         try:
             result = distill(replace(config, output=output), source_hook, on_evaluate=report)
         except optuna.TrialPruned:
-            checkpoint.remove(output / "checkpoint")  # a pruned trial is never resumed
+            checkpoint.remove(output / runfolder.CHECKPOINT)  # a pruned trial is never resumed
             raise
         except PkdError as err:
             trial.set_user_attr("error", str(err))  # kept with the failed trial, said if all fail
@@ -255,9 +258,24 @@ def _trained(study) -> list:
     ]
 
 
-def _tried(study, settings: dict):
-    """The first trial that trained a student with `settings`, or None."""
-    return next((t for t in _trained(study) if t.params == settings), None)
+def _run_key(config: DistillConfig) -> str:
+    """The run key of the student a trial's `config` trains (`pkdpipe.train.distill_settings`)."""
+    from pkdpipe.cache.reader import TeacherCache
+    from pkdpipe.train import distill_settings
+
+    with TeacherCache(config.cache) as cache:
+        return runfolder.run_key(distill_settings(config, cache)[3])
+
+
+def _tried(study, key: str, settings: dict):
+    """The first trial that trained the run of key `key` (a trial from before keys were recorded:
+    with `settings`), or None."""
+    for t in _trained(study):
+        if t.user_attrs.get("run_key", None) == key or (
+            "run_key" not in t.user_attrs and t.params == settings
+        ):
+            return t
+    return None
 
 
 def _size(space: dict[str, Param]) -> float:
@@ -275,13 +293,16 @@ def _size(space: dict[str, Param]) -> float:
 
 class _Budget:
     """Stops the study once `trials` trials have trained a student (repeats answered from an
-    earlier trial are free), or once every setting of a space of choices has been tried."""
+    earlier trial are free), or once every setting of a space of choices has been drawn (trained,
+    or answered from a trial that trained the same run)."""
 
     def __init__(self, trials: int, size: float):
         self.trials, self.size = trials, size
 
     def spent(self, study) -> bool:
-        return len(_trained(study)) >= min(self.trials, self.size)
+        done = [t for t in study.get_trials(deepcopy=False) if t.state.name in DONE]
+        drawn = {tuple(sorted(t.params.items())) for t in done}
+        return len(_trained(study)) >= self.trials or len(drawn) >= self.size
 
     def __call__(self, study, trial) -> None:
         if self.spent(study):
@@ -307,7 +328,7 @@ class _FailureStop:
 
 
 def default_storage(sweep_dir: Path) -> str:
-    return f"sqlite:///{(Path(sweep_dir) / 'study.db').resolve()}"
+    return f"sqlite:///{(Path(sweep_dir) / runfolder.STUDY_DB).resolve()}"
 
 
 def open_study(name: str, storage: str, seed: int | None = None, create: bool = False):
@@ -388,7 +409,7 @@ def trials_of(study) -> list[Trial]:
 def _write_results(sweep_dir: Path, study_name: str, main_metric: str, records: list[Trial]) -> None:
     rows = [vars(r) for r in records]
     text = json.dumps({"study": study_name, "main_metric": main_metric, "trials": rows}, indent=2)
-    files.write_text(sweep_dir / "search_results.json", text + "\n")
+    files.write_text(sweep_dir / runfolder.SEARCH_RESULTS, text + "\n")
 
 
 def _describe(base: DistillConfig) -> tuple[Path, str, int]:

@@ -2,7 +2,9 @@
 
 PKD needs a search over alpha, beta, T and lr; with the teacher cached, each run costs a student's
 training alone. Runs are named by their settings, so a restarted sweep keeps every finished run
-(its metrics.json exists) and resumes the interrupted one from its checkpoint.
+(one whose run key, `pkdpipe.runfolder.run_key`, is the key of the run it would train) and resumes
+the interrupted one from its checkpoint. A finished run in a run's folder with other settings than
+the name shows (another --epochs, say) is not kept: distill says so and stops.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pkdpipe import files, progress, strategies
+from pkdpipe import files, progress, runfolder, strategies
 from pkdpipe.cache.local import resolve_cache
 from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
 from pkdpipe.settings import IF_CHANGED, default_of, tag_of
 from pkdpipe.tasks import get_task
-from pkdpipe.train import SourceHook, distill, task_of
+from pkdpipe.train import SourceHook, distill, distill_settings, task_of
 
 
 @dataclass
@@ -88,21 +90,19 @@ def sweep(
     """Train every combination of `values` on top of `base`; return the runs, best first.
     `source_hook` is passed to every `distill` (see `pkdpipe.train.SourceHook`)."""
     cache_path = resolve_cache(base.cache, base.cache_dir, get_task(base.task).name if base.task else None)
-    with TeacherCache(cache_path) as cache:
-        task = task_of(cache)
-    sweep_dir = Path(sweep_dir) if sweep_dir else base.runs_dir / task.name / "sweep"
     # every run's settings checked before the first trains
     configs = [replace(base, cache=str(cache_path), **combo) for combo in grid(values, base.strategy)]
+    with TeacherCache(cache_path) as cache:
+        task = task_of(cache)
+        keys = [runfolder.run_key(distill_settings(config, cache)[3]) for config in configs]
+    sweep_dir = Path(sweep_dir) if sweep_dir else base.runs_dir / task.name / "sweep"
     runs = []
-    for i, config in enumerate(configs, 1):
+    for i, (config, key) in enumerate(zip(configs, keys), 1):
         settings = grid_settings(config)
         output = sweep_dir / run_name(settings)
-        done = output / "metrics.json"
-        if done.is_file():
-            metrics = json.loads(done.read_text())
-            runs.append(
-                SweepRun(output.name, settings, output, metrics["dev"], True, metrics.get("train_seconds"))
-            )
+        done = runfolder.read(output, "distill")
+        if done.finished_as(key):
+            runs.append(SweepRun(output.name, settings, output, done.dev, True, done.train_seconds))
             progress.info(f"[{i}/{len(configs)}] {output.name}: done before, kept", base.quiet)
             continue
         progress.info(f"[{i}/{len(configs)}] {output.name}", base.quiet)
@@ -116,5 +116,5 @@ def sweep(
     ]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"main_metric": main, "runs": summary}, indent=2)
-    files.write_text(sweep_dir / "sweep_results.json", text + "\n")
+    files.write_text(sweep_dir / runfolder.SWEEP_RESULTS, text + "\n")
     return runs

@@ -10,7 +10,6 @@ teacher: its targets stream from the cache's shards.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -30,7 +29,6 @@ from pkdpipe.evaluate import predict_logits, score
 from pkdpipe.loop import EvalFn, EvalHook, TrainResult, fit, resume_settings
 from pkdpipe.metrics import METRIC_SCALE, format_metrics, learned_nothing, majority_baseline, majority_warning
 from pkdpipe.models import (
-    FINETUNE_RECORD,
     autocast,
     check_max_seq_len,
     count_parameters,
@@ -68,9 +66,10 @@ def _run_folder(
     while training leaves as `Interrupted`, saying what the folder keeps for a rerun."""
     with ExitStack() as held:
 
-        def on_main() -> dict | None:
+        def on_main() -> runfolder.Run | None:
             claim = held.enter_context(runfolder.claim(output, stage, settings, config.resume))
-            if claim.done is None and not (config.resume and checkpoint.exists(output / "checkpoint")):
+            resuming = config.resume and checkpoint.exists(output / runfolder.CHECKPOINT)
+            if claim.done is None and not resuming:
                 runfolder.start_fresh(output)
             return claim.done
 
@@ -84,9 +83,10 @@ def _run_folder(
             raise Interrupted(runfolder.kept(output, config.checkpoint_every)) from None
 
 
-def _already_finished(output: Path, done: dict, config: TrainConfig) -> TrainResult:
+def _already_finished(output: Path, run: runfolder.Run, config: TrainConfig) -> TrainResult:
     """The recorded result of the finished run of these settings in `output`, said aloud: a rerun
     returns it instead of training again (marked `reused`, so the summary says so too)."""
+    done = run.metrics
     progress.info(
         f"already finished: {output} holds this run with the same settings (best dev "
         f"{format_metrics(done['dev'])} at step {done['best_step']} of {done['steps']}); nothing was "
@@ -146,17 +146,16 @@ def distill(
     low_signal = _low_signal_warning(signal, config, cache.key)
     if low_signal:
         progress.info(f"warning: {low_signal}", config.quiet)
-    teacher = cache.manifest.teacher
-    init = config.student_init or teacher.pretrained_from or teacher.name_or_path
-    if not config.student_init:  # a manifest's field picks the model: say which
+    output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
+    chosen = config.student_init
+    config, init, lr_rule, settings = distill_settings(config, cache)
+    if not chosen:  # a manifest's field picks the model: say which
         progress.info(
             f"student init: {init} (the teacher's, as the cache records it; --student-init to choose)",
             config.quiet,
         )
-    output = config.output or config.runs_dir / task.name / f"{config.strategy}-{config.layers}"
-    width = hidden_size(load_config(str(init), config.trust_remote_code))
-    config, lr_rule = resolve_lr(config, config.layers, width)
-    settings = resume_settings(config, cache_key=cache.key, student_init=str(init))
+    if lr_rule:
+        progress.info(lr_rule, config.quiet)
     try:
         with _run_folder(output, "distill", settings, config) as done:
             if done is not None:
@@ -165,6 +164,22 @@ def distill(
                             low_signal, source_hook, on_evaluate, lr_rule)  # fmt: skip
     finally:
         cache.close()
+
+
+Planned = tuple[DistillConfig, str, "str | None", dict]  # distill_settings: config, init, lr rule, settings
+
+
+def distill_settings(config: DistillConfig, cache: TeacherCache) -> Planned:
+    """What a distill run of `config` from `cache` is, before anything trains: `config` with its lr
+    resolved (`--lr auto`: `pkdpipe.learning_rate`), the student's init, the rule that chose the lr
+    (None: the user gave it), and the run's settings, whose key (`pkdpipe.runfolder.run_key`) is the
+    run's identity: what a rerun, a sweep or the demo compare to know whether it is already done."""
+    teacher = cache.manifest.teacher
+    init = str(config.student_init or teacher.pretrained_from or teacher.name_or_path)
+    width = hidden_size(load_config(init, config.trust_remote_code))
+    lr, rule = learning_rate.resolve(config.lr, config.layers, width)
+    config = dataclasses.replace(config, lr=lr)
+    return config, init, rule, resume_settings(config, cache_key=cache.key, student_init=init)
 
 
 def _distill(
@@ -217,10 +232,9 @@ def _distill(
         check_learned(task, result, baseline, config, config.layers, hidden_size(student.config))
         if low_signal:
             result.warnings.append(low_signal)
-        files.write_text(output / "pkdpipe_config.json", json.dumps(meta, indent=2) + "\n")
         teacher_dev = cache.manifest.teacher_metrics.get("dev", {})
-        _write_metrics(output, result, count_parameters(student), baseline, teacher_dev=teacher_dev)
-        cards.write(output, task)
+        metrics = _metrics(result, count_parameters(student), baseline, teacher_dev=teacher_dev)
+        cards.write(runfolder.write(output, "distill", meta, metrics), task)
 
     return fit(
         student,
@@ -406,11 +420,7 @@ FLAT = 0.05
 
 def _logged_losses(output: Path) -> list[float]:
     """The training loss of each line of the run's train_log.jsonl, in order."""
-    path = output / "train_log.jsonl"
-    if not path.is_file():
-        return []
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [r["loss"] for r in records if "loss" in r]
+    return [r["loss"] for r in runfolder.read_log(output) or [] if "loss" in r]
 
 
 def what_to_try(result: TrainResult, config: TrainConfig, losses: list[float], auto: float) -> str:
@@ -454,9 +464,9 @@ def _rerun_command(config: TrainConfig, change: dict) -> str:
     return shlex.join([*kept, *(x for flag, value in flags.items() for x in (flag, value)), "--no-resume"])
 
 
-def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline: dict, **extra) -> None:
+def _metrics(result: TrainResult, parameters: int, baseline: dict, **extra) -> dict:
     """metrics.json: the best dev metrics and where they were reached, for every training run."""
-    metrics = {
+    return {
         "dev": result.metrics,
         "best_step": result.best_step,
         "steps": result.steps,
@@ -467,7 +477,6 @@ def _write_metrics(output: Path, result: TrainResult, parameters: int, baseline:
         "warnings": result.warnings,
         **extra,
     }
-    files.write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 # -- finetune ------------------------------------------------------------------------------------
@@ -488,14 +497,24 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     if config.layers is not None and config.layers > depth:
         raise ModelError(f"{config.model} has {depth} layers; cannot keep {config.layers}")
     check_max_seq_len(model_config, config.max_seq_len, config.model)
-    config, lr_rule = resolve_lr(config, config.layers or depth, hidden_size(model_config))
-    settings = resume_settings(config)
+    config, lr_rule, settings = finetune_settings(config, model_config)
+    if lr_rule:
+        progress.info(lr_rule, config.quiet)
     with _run_folder(output, "finetune", settings, config) as done:
         if done is not None:
             return done
         return _finetune(
             config, task, output, settings, (train, dev), (depth, hidden_size(model_config), lr_rule)
         )
+
+
+def finetune_settings(config: FinetuneConfig, model_config) -> tuple[FinetuneConfig, str | None, dict]:
+    """What a finetune run of `config` is, before anything trains (see `distill_settings`): `config`
+    with its lr resolved, the rule that chose it, and the run's settings."""
+    depth = num_layers(model_config)
+    lr, rule = learning_rate.resolve(config.lr, config.layers or depth, hidden_size(model_config))
+    config = dataclasses.replace(config, lr=lr)
+    return config, rule, resume_settings(config)
 
 
 def _data(config: FinetuneConfig, task: Task) -> tuple[Examples, Examples | None]:
@@ -546,9 +565,8 @@ def _finetune(config: FinetuneConfig, task: Task, output: Path, settings: dict,
                 task, len(train), len(dev) if dev is not None else None, config.train_rows, config.data_dir
             ),  # fmt: skip
         }
-        files.write_text(output / FINETUNE_RECORD, json.dumps(record, indent=2) + "\n")
-        _write_metrics(output, result, count_parameters(model), baseline)
-        cards.write(output, task)
+        metrics = _metrics(result, count_parameters(model), baseline)
+        cards.write(runfolder.write(output, "finetune", record, metrics), task)
 
     return fit(
         model,

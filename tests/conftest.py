@@ -169,7 +169,8 @@ def write_tiny_teacher(folder: Path, pretrained: Path, num_labels: int = 3, seed
     """A 'fine-tuned' classifier on top of `pretrained` (random head), with the finetune record."""
     from transformers import AutoModelForSequenceClassification
 
-    from pkdpipe.models import FINETUNE_RECORD, label_config, quiet_transformers
+    from pkdpipe.models import label_config, quiet_transformers
+    from pkdpipe.runfolder import FINETUNE_RECORD
 
     torch.manual_seed(seed)
     with quiet_transformers():

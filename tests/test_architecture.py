@@ -3,6 +3,7 @@ strategy registers and builds, and cache/ imports no model code."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 import subprocess
@@ -133,3 +134,197 @@ def test_the_teacher_pass_writes_the_cache_only_through_the_builder():
         m.removeprefix("pkdpipe.cache.") for m in graph["pkdpipe.teacher"] if m.startswith("pkdpipe.cache.")
     }
     assert cache == {"builder", "manifest", "fingerprint", "reader"}, cache
+
+
+# -- the "Layers" section: no module imports from a layer above its own ---------------------------
+def _layers() -> dict[str, int]:
+    """{module: its layer's rank} from docs/architecture.md's Layers table: listed modules (`cache/`
+    standing for every module of the package), and "every other module" for the rest."""
+    section = DOC.read_text().split("## Layers")[1].split("\n## ")[0]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| layer")
+    ]
+    graph = _import_graph()
+    rank, rest = {}, None
+    for i, (_, modules, _) in enumerate(rows):
+        if "every other module" in modules:
+            rest = i
+        for name in re.findall(r"`([a-z_/]+)`", modules):
+            if name.endswith("/"):
+                rank.update({m: i for m in graph if m.startswith(f"pkdpipe.{name[:-1]}")})
+            else:
+                assert f"pkdpipe.{name}" in graph, f"the Layers table names {name}, which is not a module"
+                rank[f"pkdpipe.{name}"] = i
+    assert rest is not None and len(rows) >= 4
+    return {m: rank.get(m, rest) for m in graph if m not in ("pkdpipe", "pkdpipe.__main__")}
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    layer, graph = _layers(), _import_graph()
+    upward = _upward_imports(layer, graph)
+    assert upward == [], "upward imports (docs/architecture.md, Layers): " + ", ".join(upward)
+
+
+def _upward_imports(layer: dict[str, int], graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} -> {d}" for m, deps in graph.items() if m in layer for d in deps if layer.get(d, 0) > layer[m]
+    )
+
+
+# -- the "Measured" table: its "now" column is what the code gives ---------------------------------
+def _measured() -> dict[str, str]:
+    """{measure: its 'now' cell} of docs/architecture.md's Measured table."""
+    section = DOC.read_text().split("## Measured")[1].split("\n## ")[0]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()]
+    return {row[0]: row[-1] for row in cells if len(row) == 3 and row[0] not in ("measure", "---")}
+
+
+def _functions() -> list[tuple[str, str, ast.AST]]:
+    """(file, name, node) of every function in pkdpipe/ and cli/."""
+    found = []
+    for path in sorted([*(REPO / "pkdpipe").rglob("*.py"), *(REPO / "cli").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((str(path.relative_to(REPO)), node.name, node))
+    return found
+
+
+def _complexity(function: ast.AST) -> int:
+    """Cyclomatic complexity, counted as 1 + each branch: if/elif, for, while, except, a
+    conditional expression, a comprehension's for and its ifs, each and/or (nested functions in)."""
+    count = 1
+    for node in ast.walk(function):
+        if isinstance(node, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.ExceptHandler, ast.IfExp)):
+            count += 1
+        elif isinstance(node, ast.comprehension):
+            count += 1 + len(node.ifs)
+        elif isinstance(node, ast.BoolOp):
+            count += len(node.values) - 1
+    return count
+
+
+def _lines(node: ast.AST) -> int:
+    return node.end_lineno - node.lineno + 1
+
+
+def _circles(graph: dict[str, set[str]]) -> int:
+    """How many groups of modules import each other round a circle (strongly connected, 2 or more)."""
+    reach = {m: set() for m in graph}
+    for start in graph:
+        todo = list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in reach[start]:
+                reach[start].add(m)
+                todo += graph[m]
+    groups = {
+        frozenset(n for n in graph if n in reach[m] and m in reach[n]) | {m} for m in graph if m in reach[m]
+    }
+    return len(groups)
+
+
+def _files_naming(names: set[str]) -> list[str]:
+    """The files of pkdpipe/ and cli/ whose code uses one of `names` as a name, an attribute or a
+    string (docstrings and comments aside)."""
+    found = []
+    for path in sorted([*(REPO / "pkdpipe").rglob("*.py"), *(REPO / "cli").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            used = (
+                node.id if isinstance(node, ast.Name)
+                else node.attr if isinstance(node, ast.Attribute)
+                else node.value if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                else node.name if isinstance(node, ast.alias)
+                else None
+            )  # fmt: skip
+            if used in names:
+                found.append(str(path.relative_to(REPO)))
+                break
+    return found
+
+
+def _renaming_modules() -> list[str]:
+    """The modules besides files.py that move a file or folder into place themselves (os.replace,
+    os.rename, Path.replace / rename with a path)."""
+    found = []
+    for path in sorted((REPO / "pkdpipe").rglob("*.py")):
+        if path.name == "files.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            if not call or node.func.attr not in ("replace", "rename"):
+                continue
+            by_os = isinstance(node.func.value, ast.Name) and node.func.value.id == "os"
+            one_path = len(node.args) == 1 and not node.keywords  # str.replace takes two
+            if by_os or one_path and not isinstance(node.args[0], ast.Constant):
+                found.append(str(path.relative_to(REPO / "pkdpipe")))
+                break
+    return found
+
+
+def _locking_modules() -> list[str]:
+    return [
+        str(p.relative_to(REPO / "pkdpipe"))
+        for p in sorted((REPO / "pkdpipe").rglob("*.py"))
+        if "fcntl" in p.read_text() and p.name != "files.py"
+    ]
+
+
+def _now() -> dict[str, str]:
+    """Each measure of the Measured table as the code gives it today, worded as the table words it."""
+    graph = _import_graph()
+    most = max(_lines(node) for *_, node in _functions())
+    longest = ", ".join(
+        f"`{name}` ({file}, complexity {_complexity(node)})"
+        for file, name, node in _functions()
+        if _lines(node) == most
+    )
+    plugin = REPO / "tests" / "plugins" / "my_strategy.py"
+    plugin_names = {"MineSettings", "mine_step", "my_setting", "my_sharpness"}  # its name "mine" is a word
+    assert all(n in plugin.read_text() for n in plugin_names)
+    over = [f"{f}: {n}" for f, n, node in _functions() if _lines(node) > 90]
+    renames, locks = _renaming_modules(), _locking_modules()
+    field = _files_naming({"LOGITS"})
+    return {
+        "import circles": str(_circles(graph)),
+        "upward imports (see Layers)": str(len(_upward_imports(_layers(), graph))),
+        "longest function": f"{most} lines: {longest}",
+        "functions over 90 lines": str(len(over)),
+        "pkdpipe files a new strategy touches": f"{len(_files_naming(plugin_names))} ({plugin.name})",
+        "files that name a per-row cache dataset (`schema.LOGITS`)": (
+            f"{len(field)}: "
+            + ", ".join(f"`{f.removeprefix('pkdpipe/')}`" for f in field)
+            + "; and the format page"
+        ),
+        "modules that move files into place / take locks, `files.py` aside": (
+            f"{len(renames)} ({', '.join(f'`{r}`' for r in renames)}) / {len(locks)}"
+        ),
+    }
+
+
+def test_the_measured_table_is_what_the_code_gives():
+    """docs/architecture.md's Measured figures, computed from the code: when the code moves, this
+    fails with the row as it reads now, to paste into the page."""
+    doc, now = _measured(), _now()
+    assert set(doc) == set(now), f"the table's measures {sorted(doc)} are not the computed {sorted(now)}"
+    stale = [f"| {k} | ... | {v} |" for k, v in now.items() if doc[k] != v]
+    assert stale == [], "stale in docs/architecture.md's Measured table, now:\n" + "\n".join(stale)
+
+
+# -- the run folder's files, named once (pkdpipe/runfolder.py) -------------------------------------
+def test_each_run_file_and_the_cache_manifest_is_spelled_once():
+    """Every file name a run folder or a cache holds is written out in one module only: code
+    elsewhere names it through that module's constant (messages and help may name it in prose)."""
+    from pkdpipe import runfolder
+    from pkdpipe.cache import manifest
+
+    names = {v for k, v in vars(runfolder).items() if k.isupper() and isinstance(v, str) and "." in v}
+    assert {"metrics.json", "pkdpipe_config.json", "pkdpipe_finetune.json", "train_log.jsonl"} <= names
+    names.add(manifest.MANIFEST)
+    spelled: dict[str, list[str]] = {name: [] for name in names}
+    for path in sorted([*(REPO / "pkdpipe").rglob("*.py"), *(REPO / "cli").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in spelled:
+                spelled[node.value].append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert {k: v for k, v in spelled.items() if len(v) != 1} == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,16 @@ def test_a_sweep_worker_on_another_machine_pulls_the_cache_from_the_store(tiny_c
     # the cache is local now: a worker here without --store finds it by key
     local = CliRunner().invoke(app, [*args[:5], *args[7:], "--strategy", "kd", "--device", "cpu"])
     assert local.exit_code == 0, local.output
+
+
+def test_a_restarted_sweep_does_not_keep_a_run_of_other_settings_under_the_same_name(
+    tiny_cache, tmp_path, distill_config, one_thread
+):
+    """A finished run is kept by its run key, not because its folder holds metrics.json: the same
+    name with another --epochs (not in the name) is another run, and distill says so."""
+    base = distill_config(tiny_cache, None, max_steps=2)
+    (first,) = sweep(base, {"alpha": [0.2]}, tmp_path / "sweep")
+    (again,) = sweep(base, {"alpha": [0.2]}, tmp_path / "sweep")
+    assert again.reused and again.metrics == first.metrics
+    with pytest.raises(ConfigError, match="holds a finished distill run with other settings"):
+        sweep(replace(base, epochs=base.epochs + 1), {"alpha": [0.2]}, tmp_path / "sweep")

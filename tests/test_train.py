@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from pkdpipe.cache.reader import open_cache
 from pkdpipe.config import CacheConfig, FinetuneConfig
 from pkdpipe.errors import CacheError, ConfigError, ModelError, PkdError
-from pkdpipe.models import FINETUNE_RECORD
+from pkdpipe.runfolder import FINETUNE_RECORD
 from pkdpipe.strategies import layer_map
 from pkdpipe.teacher import cache_teacher
 from pkdpipe.train import _student, distill, finetune

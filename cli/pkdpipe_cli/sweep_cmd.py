@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pkdpipe.config import DistillConfig, sweep_fields
 from pkdpipe.errors import ConfigError
+from pkdpipe.runfolder import STUDY_DB
 from pkdpipe.settings import kind_of, parse_bool
 from pkdpipe_cli.common import command_line, config_from, config_options, console, int_list, str_list
 
@@ -171,7 +172,7 @@ def report(
 ):
     """Plot training curves (each loss term, dev metric in %) and the best dev metric of several runs,
     or a search: each trial's dev metric against its evaluations, pruned trials cut short."""
-    if storage or (len(runs) == 1 and (runs[0] / "study.db").is_file()):
+    if storage or (len(runs) == 1 and (runs[0] / STUDY_DB).is_file()):
         return _study_report(runs[0], output, study, storage)
     from pkdpipe.report import make_report
 

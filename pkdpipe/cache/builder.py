@@ -28,7 +28,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,10 +39,7 @@ from pkdpipe.cache.local import cache_folder, key_lock
 from pkdpipe.cache.reader import read_shard
 from pkdpipe.cache.writer import ShardWriter
 from pkdpipe.errors import CacheError, DiskFullError
-from pkdpipe.metrics import compute_metrics, predictions_from_logits
-
-if TYPE_CHECKING:
-    from pkdpipe.tasks import Task
+from pkdpipe.metrics import Task, compute_metrics, predictions_from_logits  # Task: what scoring needs of one
 
 
 @dataclass(frozen=True)
