@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, Stopwatch, command_line, load_avg, log, median, table  # noqa: E402
+from _common import REPO, Stopwatch, command_line, drop_pages, load_avg, log, median, table  # noqa: E402
 
 VOCAB = 30522  # BERT's
 PKDPIPE = [
@@ -201,15 +201,6 @@ def git_describe(tree: Path) -> str:
 
 
 # -- timing ----------------------------------------------------------------------------------------------
-def drop_pages(paths) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def warm_pages(paths) -> None:
     for path in paths:
         with open(path, "rb") as f:
@@ -224,10 +215,11 @@ def child_env(tree: Path) -> dict:
 
 
 def timed_command(cmd: list[str], tree: Path = REPO) -> tuple[float, float, str]:
-    """(wall seconds, CPU seconds: the child's user + system time, its stdout)."""
+    """(wall seconds, CPU seconds: the child's user + system time, its stdout). It runs in `tree`:
+    `python -c` puts its working folder first on sys.path, ahead of PYTHONPATH."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)  # children run one at a time: the delta is its
     with Stopwatch() as t:
-        done = subprocess.run(cmd, env=child_env(tree), capture_output=True, text=True)
+        done = subprocess.run(cmd, cwd=tree, env=child_env(tree), capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         sys.exit(f"{shlex.join(cmd)[:200]} failed: {done.stderr[-2000:]}")
