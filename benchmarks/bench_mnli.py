@@ -66,6 +66,7 @@ from _common import (  # noqa: E402
     REPO,
     Stopwatch,
     command_line,
+    drop_pages,
     load_avg,
     log,
     machine_lines,
@@ -177,18 +178,6 @@ def loopback_bytes() -> int:
         if name.strip() == "lo":
             return int(counters.split()[0])
     return 0
-
-
-def drop_pages(paths) -> float:
-    """Ask the kernel to drop the files' cached pages; seconds it took."""
-    with Stopwatch() as t:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return t.seconds
 
 
 def resident_bytes(paths) -> int | None:

@@ -23,11 +23,14 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(canonical_json(obj)).hexdigest()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 4 << 20) -> str:
+    """The file's sha256, read `chunk` bytes at a time into one reused buffer (no copy per block)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 

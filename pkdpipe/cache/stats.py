@@ -104,6 +104,63 @@ class LayerStats:
         return var / total if total > 1e-12 else np.zeros_like(var)
 
 
+class Accumulator:
+    """The `LayerStats` of vectors given block by block (`add`), none of them kept: what verify
+    checks a shard's stored statistics with, reading each layer once.
+
+    It sums, in float64, each value's deviation from a fixed centre and its square, and the same for
+    the normalised vectors; then mean = centre + sum / n and m2 = sum of squares - sum^2 / n. With
+    the centre at (or near) the true means, as the stored statistics put it when they are right,
+    the sums hold deviations, not raw values: no precision is lost to the outlier dimension's size
+    or to a dimension that never changes (layer 0), and the figures agree with `LayerStats.of` to
+    about 1e-12 (relative). A centre far off makes m2 less precise, but then the mean, which stays
+    exact, already differs from the stored one. Rows go through in float64 blocks of `BLOCK` that
+    stay in the CPU's cache, column sums as matrix-vector products: on 8,192 x 768 float16 vectors
+    about 3x faster than `LayerStats.of`, which makes float64 copies of the whole layer."""
+
+    BLOCK = 256
+
+    def __init__(self, hidden: int, centre: LayerStats | None = None):
+        self.count = 0
+        self._centre = None if centre is None else (centre.mean, centre.unit_mean)
+        self._sums = np.zeros((4, hidden))  # sum of d, of d^2, of u, of u^2 (d, u: deviations)
+        self._x = np.empty((self.BLOCK, hidden))
+        self._d = np.empty((self.BLOCK, hidden))
+        self._ones = np.ones(self.BLOCK)
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Rows of (rows, H) vectors (float16 or float32 values are taken exactly)."""
+        for start in range(0, len(vectors), self.BLOCK):
+            self._add_block(vectors[start : start + self.BLOCK])
+
+    def _add_block(self, block: np.ndarray) -> None:
+        n = len(block)
+        x, d = self._x[:n], self._d[:n]
+        x[...] = block
+        if self._centre is None:  # no better guess: this block's means
+            self._centre = (x.mean(axis=0), (x / _norms(x)).mean(axis=0))
+        centre, unit_centre = self._centre
+        inverse = 1 / _norms(x)[:, 0]
+        np.subtract(x, centre, out=d)
+        self._sums[0] += self._ones[:n] @ d
+        self._sums[1] += np.einsum("ij,ij->j", d, d)
+        np.multiply(x, inverse[:, None], out=d)  # the normalised vectors' deviations, in place
+        d -= unit_centre
+        self._sums[2] += self._ones[:n] @ d
+        self._sums[3] += np.einsum("ij,ij->j", d, d)
+        self.count += n
+
+    def result(self) -> LayerStats:
+        if not self.count or self._centre is None:
+            zeros = np.zeros(self._sums.shape[1])
+            return LayerStats(0, zeros, zeros, zeros, zeros)
+        n, s = self.count, self._sums
+        centre, unit_centre = self._centre
+        return LayerStats(
+            n, centre + s[0] / n, s[1] - s[0] ** 2 / n, unit_centre + s[2] / n, s[3] - s[2] ** 2 / n
+        )
+
+
 def merge_all(parts: Iterable[LayerStats]) -> LayerStats | None:
     total = None
     for part in parts:
@@ -115,6 +172,11 @@ def top_dims(shares: np.ndarray, k: int = 3) -> list[tuple[int, float]]:
     """The `k` dimensions with the largest shares, largest first: [(dimension, share), ...]."""
     order = np.argsort(-shares, kind="stable")[:k]
     return [(int(d), float(shares[d])) for d in order]
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    """(rows, 1) L2 norms of float64 rows, at least `NORM_EPS` (as `LayerStats.of` divides by them)."""
+    return np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), NORM_EPS)[:, None]
 
 
 def _mean_m2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from conftest import PLANTED_DIM, PLANTED_LAYER, PLANTED_VALUE
 from pkdpipe.cache import schema
 from pkdpipe.cache.fingerprint import sha256_file
 from pkdpipe.cache.reader import open_cache
-from pkdpipe.cache.stats import LayerStats, merge_all, top_dims
+from pkdpipe.cache.stats import Accumulator, LayerStats, merge_all, top_dims
 from pkdpipe.cache.verify import verify_cache
 
 
@@ -55,6 +55,37 @@ def test_the_stored_array_round_trips():
     again = LayerStats.from_array(20, stats.to_array())
     np.testing.assert_array_equal(again.to_array(), stats.to_array())
     assert again.count == 20
+
+
+@pytest.mark.parametrize("centred", [True, False], ids=["stored-centre", "no-centre"])
+def test_accumulated_stats_equal_those_of_the_whole_layer(centred):
+    """What verify recomputes block by block is what the writer stored (`LayerStats.of`), within
+    verify's tolerance by far: an outlier dimension, a dimension that never changes (layer 0's
+    [CLS]), float16 values, and rows that do not fill the last block."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3 * Accumulator.BLOCK + 17, 24)) * rng.uniform(0.01, 3, size=24)
+    x[:, 5] += 300.0
+    x[:, 9] = 37.5
+    x = x.astype(np.float16)
+    whole = LayerStats.of(x)
+    acc = Accumulator(24, whole if centred else None)
+    for part in np.split(x, [1, 300, 301]):  # given in any pieces
+        acc.add(part)
+    found = acc.result()
+    assert found.count == len(x)
+    np.testing.assert_allclose(found.to_array(), whole.to_array(), rtol=1e-11, atol=1e-13)
+    assert Accumulator(24).result().count == 0
+
+
+def test_a_wrong_centre_still_gives_the_true_mean():
+    """A tampered statistic is the centre verify starts from: the mean it finds is still exact."""
+    x = np.random.default_rng(4).normal(size=(600, 8)).astype(np.float16)
+    whole = LayerStats.of(x)
+    wrong = LayerStats.from_array(600, whole.to_array() + 0.5)
+    acc = Accumulator(8, wrong)
+    acc.add(x)
+    np.testing.assert_allclose(acc.result().mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(acc.result().unit_mean, whole.unit_mean, rtol=1e-12)
 
 
 # -- a cache with a planted constant dimension (conftest.planted_cache) ------------------------------
@@ -108,6 +139,25 @@ def test_verify_finds_statistics_that_are_not_those_of_the_vectors(tiny_cache, t
     _tamper_stats(folder, "train-00001-of-00003.h5")
     problems = verify_cache(folder).problems
     assert problems == ["train-00001-of-00003.h5: cls_stats/3 is not the statistics of its vectors"]
+
+
+def test_verify_finds_one_value_one_float16_step_off(tiny_cache, tmp_path):
+    """The smallest change a float16 vector can take, in one value of one row, with the shard's
+    sha256 made to match: the statistics alone still tell."""
+    folder = tmp_path / tiny_cache.parent.name / tiny_cache.name
+    shutil.copytree(tiny_cache, folder)
+    shard = folder / "train-00001-of-00003.h5"
+    with h5py.File(shard, "r+") as f:
+        values = f[schema.hidden(2)][5]
+        values[11] = np.nextafter(values[11], np.float16(np.inf))
+        f[schema.hidden(2)][5] = values
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["splits"]["train"]["shards"]:
+        if entry["file"] == shard.name:
+            entry["sha256"], entry["bytes"] = sha256_file(shard), shard.stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_cache(folder).problems
+    assert problems == ["train-00001-of-00003.h5: cls_stats/2 is not the statistics of its vectors"]
 
 
 def test_stats_survive_a_pull_and_a_tampered_copy_is_refused(tiny_cache, tmp_path):
