@@ -38,7 +38,7 @@ from pathlib import Path
 from pkdpipe import files, progress, runfolder, strategies
 from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
-from pkdpipe.settings import default_of, kind_of, parse_bool
+from pkdpipe.settings import default_of, flag, kind_of, parse_bool
 from pkdpipe.sweep import grid_settings, run_name
 
 # How often a running trial tells the storage it is alive; a trial silent for 4 heartbeats is taken
@@ -80,24 +80,24 @@ def parse_param(name: str, text: str) -> Param:
         parts = text.split(":")
         log = len(parts) == 3 and parts[2] == "log"
         if _kind(name) not in ("int", "float") or len(parts) not in (2, 3) or (len(parts) == 3 and not log):
-            raise ConfigError(f"--{name}: a range is LOW:HIGH or LOW:HIGH:log; got {text!r}")
+            raise ConfigError(f"{flag(name)}: a range is LOW:HIGH or LOW:HIGH:log; got {text!r}")
         try:
             low, high = float(parts[0]), float(parts[1])
         except ValueError:
-            raise ConfigError(f"--{name}: a range takes numbers; got {text!r}") from None
+            raise ConfigError(f"{flag(name)}: a range takes numbers; got {text!r}") from None
         if not low < high or (log and low <= 0):
-            raise ConfigError(f"--{name}: the range {text!r} is empty (or not positive on a log scale)")
+            raise ConfigError(f"{flag(name)}: the range {text!r} is empty (or not positive on a log scale)")
         return Param(name, low=low, high=high, log=log)
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
-        raise ConfigError(f"--{name} has no values")
+        raise ConfigError(f"{flag(name)} has no values")
     return Param(name, choices=tuple(_typed(name, v) for v in values))
 
 
 def _typed(name: str, value: str):
     kind = _kind(name)
     if kind == "bool":
-        return parse_bool(value, f"--{name}")
+        return parse_bool(value, flag(name))
     if kind not in ("int", "float") or value in sweep_fields()[name].metadata.get("words", ()):
         return value  # a name, or a word the setting takes (--lr auto: the default rule's)
     try:
@@ -108,7 +108,7 @@ def _typed(name: str, value: str):
         return float(value)
     except ValueError:
         kind = "whole numbers" if kind == "int" else "numbers"
-        raise ConfigError(f"--{name} takes {kind}; got {value!r}") from None
+        raise ConfigError(f"{flag(name)} takes {kind}; got {value!r}") from None
 
 
 def split_space(params: dict[str, Param]) -> tuple[dict[str, Param], dict]:

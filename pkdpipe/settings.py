@@ -83,9 +83,14 @@ def kind_of(f: dataclasses.Field) -> str:
     return kind if kind in ("int", "float", "bool") else "str"
 
 
+def flag(name: str) -> str:
+    """The command line's spelling of the setting `name`: `pt_space` -> `--pt-space`."""
+    return "--" + name.replace("_", "-")
+
+
 def tag_of(f: dataclasses.Field) -> str:
     tag = f.metadata.get("tag")
-    return f.name.replace("_", "-") if tag is None else tag
+    return flag(f.name)[2:] if tag is None else tag
 
 
 def parse_bool(text: str, flag: str) -> bool:

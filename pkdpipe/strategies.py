@@ -44,7 +44,7 @@ from pathlib import Path
 
 from pkdpipe import layermap
 from pkdpipe.errors import ConfigError
-from pkdpipe.settings import IF_CHANGED, check_choice, check_positive, default_of, kind_of, setting
+from pkdpipe.settings import IF_CHANGED, check_choice, check_positive, default_of, flag, kind_of, setting
 
 # torch is imported when a step is built, not here: configs check strategy names before any heavy import
 StepFn = Callable[[object, dict], dict]  # (model, batch on device) -> {"loss": tensor, term: tensor, ...}
@@ -123,9 +123,8 @@ class Strategy:
                 continue
             other = setting_field(name)  # TypeError for a name no strategy has
             if value != default_of(other):
-                flag = "--" + name.replace("_", "-")
                 raise ConfigError(
-                    f"{flag} is not a setting of strategy {self.name!r} (strategies with it: "
+                    f"{flag(name)} is not a setting of strategy {self.name!r} (strategies with it: "
                     f"{', '.join(s.name for s in _REGISTRY.values() if name in s.setting_names)})"
                 )
         return self.settings(**{k: v for k, v in given.items() if k in own})

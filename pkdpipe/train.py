@@ -43,6 +43,7 @@ from pkdpipe.models import (
     use_threads,
 )
 from pkdpipe.paths import local_first
+from pkdpipe.settings import flag
 from pkdpipe.sources import BatchSource, CacheSource, EncodedSource
 from pkdpipe.tasks import Task, get_task
 from pkdpipe.text import Encoded, encode, pad_id_of
@@ -450,9 +451,7 @@ def what_to_try(result: TrainResult, config: TrainConfig, losses: list[float], a
 def _rerun_command(config: TrainConfig, change: dict) -> str:
     """The run's own command line with `change` applied (and --no-resume, to replace this run)."""
     words = shlex.split(config.command) if config.command else ["pkdpipe", "..."]
-    flags = {
-        "--" + k.replace("_", "-"): f"{v:g}" if isinstance(v, float) else str(v) for k, v in change.items()
-    }
+    flags = {flag(k): f"{v:g}" if isinstance(v, float) else str(v) for k, v in change.items()}
     kept, skip = [], False
     for word in words:
         if skip:
@@ -461,7 +460,9 @@ def _rerun_command(config: TrainConfig, change: dict) -> str:
             skip = True
         elif word.split("=", 1)[0] not in (*flags, "--no-resume"):
             kept.append(word)
-    return shlex.join([*kept, *(x for flag, value in flags.items() for x in (flag, value)), "--no-resume"])
+    return shlex.join(
+        [*kept, *(x for option, value in flags.items() for x in (option, value)), "--no-resume"]
+    )
 
 
 def _metrics(result: TrainResult, parameters: int, baseline: dict, **extra) -> dict:

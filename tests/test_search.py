@@ -31,7 +31,7 @@ def test_a_search_space_from_options():
         ("lr", "0:1e-3:log", "is empty"),
         ("dropout", "0.1", "cannot search over 'dropout'"),
         ("strategy", "a:b", "LOW:HIGH"),
-        ("pt_space", "raw:centered", "LOW:HIGH"),
+        ("pt_space", "raw:centered", "^--pt-space: a range is LOW:HIGH"),  # spelled as typed
     ):
         with pytest.raises(ConfigError, match=message):
             parse_param(name, text)

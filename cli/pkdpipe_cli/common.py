@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from pkdpipe.errors import ConfigError
+from pkdpipe.settings import flag as settings_flag
 from pkdpipe.settings import kind_of, type_name
 
 # Tables whole in a log file too: rich would cut them to 80 columns when stdout is not a terminal.
@@ -32,7 +33,7 @@ def option(config_class, name: str, *flags: str, required: bool = False, **kwarg
     default = ... if required or field.default is dataclasses.MISSING else field.default
     if isinstance(default, tuple):
         default = ",".join(map(str, default))
-    flag = "--" + name.replace("_", "-")
+    flag = settings_flag(name)
     if isinstance(default, bool) and not flags:
         flags = (f"{flag}/--no-{flag[2:]}",) if default else (flag,)
     return typer.Option(default, *flags, help=field.metadata.get("help", ""), **kwargs)
@@ -52,7 +53,7 @@ def parse_cli(field: dataclasses.Field, value):
     kind = field.metadata.get("cli")
     if not isinstance(value, str) or kind not in (*LIST_KINDS, "number"):
         return value
-    flag = "--" + field.name.replace("_", "-")
+    flag = settings_flag(field.name)
     if kind == "number":
         return number_or_word(value, flag, field.metadata.get("words", ()))
     if kind == "names":

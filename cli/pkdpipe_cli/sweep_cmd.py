@@ -11,6 +11,7 @@ from rich.table import Table
 from pkdpipe.config import DistillConfig, sweep_fields
 from pkdpipe.errors import ConfigError
 from pkdpipe.runfolder import STUDY_DB
+from pkdpipe.settings import flag as settings_flag
 from pkdpipe.settings import kind_of, parse_bool
 from pkdpipe_cli.common import command_line, config_from, config_options, console, int_list, str_list
 
@@ -31,7 +32,7 @@ def _floats(text: str, flag: str, words: tuple[str, ...] = ()) -> list[float | s
 
 def _values(field, text: str) -> list:
     """A grid axis as typed: whole numbers, numbers (or a word the setting takes), true/false, or names."""
-    flag = "--" + field.name.replace("_", "-")
+    flag = settings_flag(field.name)
     kind = kind_of(field)
     if kind == "int":
         return list(int_list(text, flag))
