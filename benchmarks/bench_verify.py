@@ -64,7 +64,7 @@ def parse_args(argv=None):
         "--compare",
         type=Path,
         default=None,
-        help="another checkout of pkdpipe (e.g. `git worktree add /tmp/main main`) whose verify is "
+        help="another checkout of pkdpipe (e.g. `git worktree add ../pkdpipe-main main`) whose verify is "
         "timed in the same rounds: before and after, side by side",
     )
     p.add_argument(
