@@ -21,7 +21,7 @@ from pkdpipe.config import DistillConfig, strategy_fields, sweep_fields
 from pkdpipe.errors import ConfigError
 from pkdpipe.settings import IF_CHANGED, default_of, tag_of
 from pkdpipe.tasks import get_task
-from pkdpipe.train import SourceHook, distill, distill_settings, task_of
+from pkdpipe.train import SourceHook, distill, distill_settings, layers_needed, task_of
 
 
 @dataclass
@@ -79,6 +79,23 @@ def grid(values: dict[str, list], strategy: str | None = None) -> list[dict]:
         if combo not in combos:
             combos.append(combo)
     return combos
+
+
+def pull_for(base: DistillConfig, values: dict[str, list], store: str) -> DistillConfig:
+    """`sweep --store`: `base` on its cache's local folder, pulled first with the teacher layers that
+    any run of the grid `values` maps (only those the local copy lacks; none for kd and ft). Only
+    `strategy`, `layers` and `teacher_layers` among `values` change which layers those are."""
+    from pkdpipe.cache.store import local_or_pull_for  # fsspec only when a store is used
+
+    configs = [replace(base, **combo) for combo in grid(values, base.strategy)]
+
+    def needs(manifest) -> list[int]:
+        layers = set()
+        for config in configs:
+            layers.update(layers_needed(strategies.get(config.strategy), config, manifest))
+        return sorted(layers)
+
+    return replace(base, cache=str(local_or_pull_for(base.cache, base.cache_dir, store, needs, base.quiet)))
 
 
 def sweep(

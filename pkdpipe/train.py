@@ -270,16 +270,21 @@ LOW_SIGNAL = 0.01
 example (`pkdpipe.cache.stats`): the paper's patient loss has almost nothing to teach there."""
 
 
+def layers_needed(strategy, config: DistillConfig, manifest) -> list[int]:
+    """The teacher layers a run of `config` reads from the cache of `manifest`: its strategy's map
+    (all candidate layers for `--teacher-layers auto`, none for a strategy without a patient loss)."""
+    if config.teacher_layers == "auto" and strategy.maps_layers:
+        return [layer for layer in manifest.layers if 1 <= layer < manifest.teacher.num_layers]
+    return list(strategy.layer_map(manifest.teacher.num_layers, config.layers, config.teacher_layers))
+
+
 def _pull_for(strategy, config: DistillConfig) -> Path:
     """`--store`: the local folder of `--cache`, pulled first with the teacher layers this run maps
-    where the local copy lacks them (all candidate layers for `--teacher-layers auto`, none for a
-    strategy without a patient loss). Under torchrun the ranks pull it once (the key's lock)."""
+    where the local copy lacks them. Under torchrun the ranks pull it once (the key's lock)."""
     from pkdpipe.cache.store import local_or_pull_for  # fsspec only when a store is used
 
-    def needs(m) -> list[int]:
-        if config.teacher_layers == "auto" and strategy.maps_layers:
-            return [layer for layer in m.layers if 1 <= layer < m.teacher.num_layers]
-        return strategy.layer_map(m.teacher.num_layers, config.layers, config.teacher_layers)
+    def needs(manifest) -> list[int]:
+        return layers_needed(strategy, config, manifest)
 
     return local_or_pull_for(config.cache, config.cache_dir, config.store, needs, config.quiet)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
@@ -88,7 +87,7 @@ def _grid(settings: dict, texts: dict, output: Path | None, store: str | None) -
 
     fields = sweep_fields()
     values = {name: _values(fields[name], text) for name, text in texts.items()}
-    base = _from_store(config_from(DistillConfig, settings, command=command_line()), store)
+    base = _from_store(config_from(DistillConfig, settings, command=command_line()), store, values)
     runs = run(base, values, output)
     table = Table(title="sweep (best first)")
     metric_names = list(runs[0].metrics) if runs else []
@@ -106,14 +105,15 @@ def _grid(settings: dict, texts: dict, output: Path | None, store: str | None) -
         console.print(f"best: {runs[0].output}")
 
 
-def _from_store(base: DistillConfig, store: str | None) -> DistillConfig:
-    """With --store, the cache's local folder, pulled first when it is not here (once the settings
-    are known to be valid: a typo must not cost a download)."""
+def _from_store(base: DistillConfig, store: str | None, values: dict[str, list]) -> DistillConfig:
+    """With --store, the cache's local folder, pulled first with the layers the runs of `values`
+    map where the local copy lacks them (once the settings are known to be valid: a typo must not
+    cost a download)."""
     if not (store and base.cache):
         return base
-    from pkdpipe.cache.store import local_or_pull
+    from pkdpipe.sweep import pull_for
 
-    return dataclasses.replace(base, cache=str(local_or_pull(base.cache, base.cache_dir, store, base.quiet)))
+    return pull_for(base, values, store)
 
 
 def _search(
@@ -131,7 +131,9 @@ def _search(
         raise ConfigError(
             "--search asha needs something to search: a range (--lr 2e-5:2e-4:log) or several values"
         )
-    base = _from_store(config_from(DistillConfig, {**settings, **fixed}, command=command_line()), store)
+    maps = {name: _every_value(p) for name, p in searched.items() if name in MAP_SETTINGS}
+    base = config_from(DistillConfig, {**settings, **fixed}, command=command_line())
+    base = _from_store(base, store, maps)
     task = get_task(base.task).name if base.task else _task_of_cache(base)
     sweep_dir = output or base.runs_dir / task / "sweep"
     records = search(base, searched, trials, sweep_dir, study or f"{task}-sweep", storage)
@@ -151,6 +153,17 @@ def _search(
     finished = [r for r in records if r.state == "COMPLETE"]
     if finished:
         console.print(f"best: {finished[0].output}", markup=False, highlight=False)
+
+
+MAP_SETTINGS = ("strategy", "layers", "teacher_layers")
+"""The searched settings that change which teacher layers a trial maps."""
+
+
+def _every_value(param) -> list:
+    """A searched setting's values: its choices, or every whole number of an int range."""
+    if param.choices is not None:
+        return list(param.choices)
+    return list(range(int(param.low), int(param.high) + 1))
 
 
 def _task_of_cache(base: DistillConfig) -> str:

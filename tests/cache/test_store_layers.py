@@ -203,6 +203,31 @@ def test_distill_with_store_pulls_only_the_layers_its_map_needs_and_trains(
     assert mf.read(folder).layers_present == [1, 3]
 
 
+def test_sweep_with_store_pulls_the_union_of_its_runs_maps_and_trains_them(tiny, tiny_cache, pushed, tmp_path):
+    """`sweep --store` over kd and skip at two depths: the copy holds the layers of the two skip
+    maps and no other (kd maps none), and every run trains from it."""
+    from pkdpipe_cli.main import app
+    from typer.testing import CliRunner
+
+    from pkdpipe.strategies import get
+
+    url, _ = pushed
+    root = tmp_path / "laptop"
+    args = ["sweep", "--cache", tiny_cache.name[:8], "--cache-dir", str(root), "--store", url]
+    args += ["--strategy", "kd,skip", "--layers", "1,2", "--student-init", str(tiny["pretrained"])]
+    args += ["--max-steps", "1", "--batch-size", "16", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+
+    maps = {layer for depth in (1, 2) for layer in get("skip").layer_map(4, depth, None)}
+    assert maps and maps < {1, 2, 3}  # some of the candidate layers, not all
+    folder = root / tiny_cache.parent.name / tiny_cache.name
+    assert mf.read(folder).layers_present == sorted(maps)
+    runs = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
+    assert sorted(p.name.split("_")[0] for p in runs) == ["kd-1", "kd-2", "skip-1", "skip-2"]
+    assert all((p / "model.safetensors").is_file() for p in runs)
+
+
 def test_an_old_manifest_without_per_dataset_checksums_falls_back_to_a_full_pull(
     tiny_cache, pushed, tmp_path, capsys, monkeypatch
 ):
