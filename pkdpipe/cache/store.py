@@ -288,10 +288,12 @@ def local_or_pull(
         folder = resolve_cache(key, cache_dir)
     except CacheNotFound:
         return pull(key, cache_dir, store, quiet, layers)
+    if not (folder / mf.MANIFEST).is_file():  # what an interrupted build left: the pull completes it
+        return pull(folder.name, folder.parent.parent, store, quiet, layers)
     local = _local_manifest(folder)
     wanted = local.layers if local is not None and layers is None else layers
     if local is None or not local.partial or set(wanted) <= set(local.present):
-        return folder  # a complete copy, or one that cannot be read (the reader names its problem)
+        return folder  # a complete copy, or a manifest that cannot be read (the reader names its problem)
     return pull(local.key, folder.parent.parent, store, quiet, layers)
 
 
@@ -436,11 +438,12 @@ def _local_present(folder: Path) -> tuple[int, ...]:
 
 
 def _holds(folder: Path, wanted: list[int] | None) -> bool:
-    """Whether the local copy already holds what a pull of `wanted` (None: everything) brings."""
+    """Whether the local copy already holds what a pull of `wanted` (None: everything) brings: a
+    partial copy that later pulls completed to every layer holds all a run can read."""
     local = _local_manifest(folder)
     if local is None:
         return False
-    return not local.partial if wanted is None else set(wanted) <= set(local.present)
+    return set(local.layers if wanted is None else wanted) <= set(local.present)
 
 
 def _download_all(fs, remote: str, manifest: mf.Manifest, staging: Path, url: str, quiet: bool) -> str:

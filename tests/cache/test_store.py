@@ -382,6 +382,18 @@ def test_a_pull_completes_a_folder_an_interrupted_build_left(tiny_cache, tmp_pat
     ).read_bytes()
 
 
+def test_local_or_pull_completes_a_folder_an_interrupted_build_left(tiny_cache, tmp_path, store_url):
+    """`distill --store` on a machine where cache-teacher of the same key was killed: the store's
+    copy is pulled over the leftover folder rather than the run stopping on its missing manifest."""
+    store.push(copy_cache(tiny_cache, tmp_path / "a"), store_url, quiet=True)
+    leftover = tmp_path / "b" / tiny_cache.parent.name / tiny_cache.name
+    leftover.mkdir(parents=True)
+    (leftover / shard_names(tiny_cache)[0]).write_bytes(b"half a shard")
+    folder = store.local_or_pull(tiny_cache.name[:8], tmp_path / "b", store_url, quiet=True)
+    assert folder == leftover
+    assert verify_cache(folder).ok
+
+
 # -- two real processes ----------------------------------------------------------------------------
 _CHILD = textwrap.dedent(
     """

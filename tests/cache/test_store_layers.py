@@ -134,6 +134,23 @@ def test_a_later_pull_of_more_layers_fetches_only_those(tiny_cache, pushed, tmp_
         assert (folder / name).read_bytes() == (tiny_cache / name).read_bytes(), name
 
 
+def test_a_copy_pulled_layer_by_layer_to_every_layer_needs_no_further_pull(
+    tiny_cache, pushed, tmp_path, monkeypatch
+):
+    url, _ = pushed
+    root = tmp_path / "laptop"
+    store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[0, 1, 2])
+    folder = store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[3, 4])
+    assert mf.read(folder).present == (0, 1, 2, 3, 4)
+    calls = fetches(monkeypatch)
+    downloads = []
+    monkeypatch.setattr(store, "_download", lambda *args: downloads.append(args[2]))
+    assert store.pull(tiny_cache.name, root, store=url, quiet=True) == folder  # the whole cache
+    assert calls == [] and downloads == []
+    with open_cache(folder) as cache:
+        cache.check_layers([1, 2, 3, 4])  # every layer readable: no "pull ... --layers" line
+
+
 def test_an_interrupted_partial_pull_resumes_from_the_shards_it_finished(
     tiny_cache, pushed, tmp_path, monkeypatch
 ):
@@ -203,7 +220,7 @@ def test_distill_with_store_pulls_only_the_layers_its_map_needs_and_trains(
     assert mf.read(folder).layers_present == [1, 3]
 
 
-def test_sweep_with_store_pulls_the_union_of_its_runs_maps_and_trains_them(tiny, tiny_cache, pushed, tmp_path):
+def test_sweep_with_store_pulls_the_union_of_its_runs_maps(tiny, tiny_cache, pushed, tmp_path):
     """`sweep --store` over kd and skip at two depths: the copy holds the layers of the two skip
     maps and no other (kd maps none), and every run trains from it."""
     from pkdpipe_cli.main import app
