@@ -151,7 +151,9 @@ class TeacherCache:
         """Why the just opened shard must not be read, or None. The first opening looks inside it
         (`schema.indirection`) and notes which file it is; a later one (the shard was closed to keep
         few open) must find that file unchanged: one replaced after its checksum matched would
-        otherwise be read unverified."""
+        otherwise be read unverified. In a partial copy a pull of more layers replaces the shards
+        while runs read them: there the datasets this run reads are checked again, in the file
+        opened, and read if they match."""
         stat = os.fstat(opened.id.get_vfd_handle())
         identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if name not in self._identity:
@@ -160,9 +162,10 @@ class TeacherCache:
                 return f"{path}: {elsewhere}, whose bytes live outside the shard: refusing to read it"
             self._identity[name] = identity
         elif self._identity[name] != identity:
-            return (
-                f"{path} changed on disk since its checksum was checked: refusing to read it (cache verify)"
-            )
+            changed = f"{path} changed on disk since its checksum was checked"
+            if not self.manifest.partial or self._dataset_problem(opened, name):
+                return f"{changed}: refusing to read it (cache verify)"
+            self._identity[name] = identity
         return None
 
     def _checksum(self, name: str) -> Path:
@@ -185,14 +188,17 @@ class TeacherCache:
         """A shard of a partial copy: each dataset it should hold matches its sha256."""
         try:
             with h5py.File(path, "r") as f:
-                elsewhere = schema.indirection(f)
-                wrong = elsewhere or extents.problem(
-                    f, entry, extents.needed(self.manifest, entry, self.manifest.present)
-                )
+                wrong = self._dataset_problem(f, entry.file)
         except OSError as err:
             raise CacheError(f"cannot open {path}: {str(err).splitlines()[0]}") from None
         if wrong:
             raise CacheError(f"checksum mismatch in {path}: {wrong} (cache verify / pull again)")
+
+    def _dataset_problem(self, f: h5py.File, name: str) -> str | None:
+        """What is wrong with the datasets of this copy's layers in the open shard `name`, or None."""
+        (entry,) = [s for s in self.manifest.shards() if s.file == name]
+        needed = extents.needed(self.manifest, entry, self.manifest.present)
+        return schema.indirection(f) or extents.problem(f, entry, needed)
 
     def verify_across_ranks(self, splits: Sequence[str]) -> None:
         """Under torchrun: the ranks of each machine share the checksums of `splits` (rank r of N

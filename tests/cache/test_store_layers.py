@@ -151,6 +151,37 @@ def test_a_copy_pulled_layer_by_layer_to_every_layer_needs_no_further_pull(
         cache.check_layers([1, 2, 3, 4])  # every layer readable: no "pull ... --layers" line
 
 
+def test_a_run_reading_a_partial_copy_goes_on_while_a_pull_adds_layers_to_it(
+    tiny_cache, pushed, tmp_path, monkeypatch
+):
+    """A sweep of PKD-Skip reads layer 2 while `distill --store` of another map pulls layer 4 into
+    the same copy, replacing its shards: the sweep's next opening of a shard checks the datasets it
+    reads again and goes on. A shard whose bytes then differ is still refused."""
+    from pkdpipe.cache import reader
+
+    url, _ = pushed
+    root = tmp_path / "laptop"
+    folder = store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[2])
+    monkeypatch.setattr(reader, "OPEN_SHARDS", 1)
+    with open_cache(folder) as cache:
+        before = cache.read("train", [2])["hidden"]  # every shard opened, checked and closed
+        store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[4])
+        np.testing.assert_array_equal(cache.read("train", [2])["hidden"], before)
+
+        first = cache.manifest.shards("train")[0]
+        cache.shard(cache.manifest.shards("train")[1].file)  # closes the first
+        path = folder / first.file
+        with h5py.File(path, "r") as f:
+            offset = f["hidden/2"].id.get_offset()  # where layer 2 lies in this copy's shard
+        data = bytearray(path.read_bytes())
+        data[offset + 7] ^= 0xFF
+        replacement = folder / "replacement"
+        replacement.write_bytes(bytes(data))
+        replacement.replace(path)
+        with pytest.raises(CacheError, match=f"{first.file} changed on disk since its checksum was checked"):
+            cache.shard(first.file)
+
+
 def test_an_interrupted_partial_pull_resumes_from_the_shards_it_finished(
     tiny_cache, pushed, tmp_path, monkeypatch
 ):
