@@ -163,7 +163,8 @@ class TeacherCache:
             self._identity[name] = identity
         elif self._identity[name] != identity:
             changed = f"{path} changed on disk since its checksum was checked"
-            if not self.manifest.partial or self._dataset_problem(opened, name):
+            entry = next(s for s in self.manifest.shards() if s.file == name)
+            if not self.manifest.partial or self._dataset_problem(opened, entry):
                 return f"{changed}: refusing to read it (cache verify)"
             self._identity[name] = identity
         return None
@@ -188,15 +189,14 @@ class TeacherCache:
         """A shard of a partial copy: each dataset it should hold matches its sha256."""
         try:
             with h5py.File(path, "r") as f:
-                wrong = self._dataset_problem(f, entry.file)
+                wrong = self._dataset_problem(f, entry)
         except OSError as err:
             raise CacheError(f"cannot open {path}: {str(err).splitlines()[0]}") from None
         if wrong:
             raise CacheError(f"checksum mismatch in {path}: {wrong} (cache verify / pull again)")
 
-    def _dataset_problem(self, f: h5py.File, name: str) -> str | None:
-        """What is wrong with the datasets of this copy's layers in the open shard `name`, or None."""
-        (entry,) = [s for s in self.manifest.shards() if s.file == name]
+    def _dataset_problem(self, f: h5py.File, entry: mf.Shard) -> str | None:
+        """What is wrong with the datasets of this copy's layers in the open shard of `entry`, or None."""
         needed = extents.needed(self.manifest, entry, self.manifest.present)
         return schema.indirection(f) or extents.problem(f, entry, needed)
 
