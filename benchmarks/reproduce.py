@@ -26,6 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pkdpipe.cache.codec import CODECS, FLOAT16
 from pkdpipe.config import CacheConfig, DistillConfig, EvaluateConfig, FinetuneConfig
 from pkdpipe.demo import default_model
 from pkdpipe.evaluate import evaluate
@@ -71,6 +72,7 @@ def main() -> None:
     )
     p.add_argument("--eval-split", default="dev", help="dev, or test for tasks with a labelled test split")
     p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--codec", default=FLOAT16, choices=CODECS, help="how the cache stores the [CLS] vectors")
     p.add_argument("--teacher-epochs", type=int, default=3)
     p.add_argument("--teacher-lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=4)
@@ -132,6 +134,7 @@ def main() -> None:
             cache_dir=out / "cache",
             max_seq_len=args.max_seq_len,
             train_rows=args.train_rows,
+            codec=args.codec,
             quiet=True,
         )
     )
