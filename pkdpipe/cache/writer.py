@@ -9,9 +9,13 @@ at exit; Python's write fails with one clean OSError instead. The price is one s
 while it is built, twice over for a moment at commit (the image is copied out): `--shard-size`
 rows, 160 MB for 8,192 rows of 13 BERT-base layers in float16.
 
-With the int8 codec (`pkdpipe.cache.codec`) the vectors of the current block of 1,024 rows wait in
-float32 until the block is full (or the shard ends), and are then written as codes with the
-block's offsets and scales: quantised from the teacher's float32 output, not from a float16 copy.
+Rows reach the HDF5 datasets a block of 1,024 rows at a time (`codec.BLOCK_ROWS`): the rows of the
+current block wait in numpy arrays (the vectors in float32: 41 MB for 13 BERT-base layers) until the
+block is full or the shard ends, and then each dataset takes one write. Writing every batch of 64
+rows cost about 5 ms in h5py's per-call overhead over a dozen datasets, as much as the teacher's
+forward on the shortest rows (benchmarks/README.md, "Where cache-teacher's time goes").
+With the int8 codec (`pkdpipe.cache.codec`) a block is written as codes with the block's offsets and
+scales: quantised from the teacher's float32 output, not from a float16 copy.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ class ShardWriter:
         self._offsets = offsets
         self._row = 0
         self._layers = layout.layers
+        self._layer_of = {schema.hidden(layer): layer for layer in layout.layers}
         self._with_stats = layout.with_stats
         self._codec = layout.codec
-        self._pending: dict[int, list[np.ndarray]] = {layer: [] for layer in layout.layers}
-        self._encoded = 0  # rows written as int8 codes so far (the rest are pending)
+        self._pending: dict[str, list[np.ndarray]] = {}  # dataset name: the current block's parts
+        self._written = 0  # rows written to the datasets so far (the rest are pending)
         self._file = h5py.File(final_path.name, "w", driver="core", backing_store=False)
         layout.create(self._file, ids, offsets)
 
@@ -50,45 +55,49 @@ class ShardWriter:
         self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]
     ) -> None:
         """Append a batch of rows: token id arrays, labels, (b, C) logits, {layer: (b, H)} vectors."""
-        f, r0 = self._file, self._row
-        r1 = r0 + len(input_ids)
-        t0, t1 = int(self._offsets[r0]), int(self._offsets[r1])
-        f[schema.INPUT_IDS][t0:t1] = np.concatenate(input_ids)
+        parts = {schema.INPUT_IDS: np.concatenate(input_ids), schema.LABELS: labels, schema.LOGITS: logits}
         if token_type_ids is not None:
-            f[schema.TOKEN_TYPE_IDS][t0:t1] = np.concatenate(token_type_ids)
-        f[schema.LABELS][r0:r1] = labels
-        f[schema.LOGITS][r0:r1] = logits
-        self._row = r1
-        if self._codec == codecs.INT8:
-            for layer in self._layers:
-                self._pending[layer].append(np.asarray(hidden[layer], dtype=np.float32))
-            while self._row - self._encoded >= codecs.BLOCK_ROWS:
-                self._encode_block()
-        else:
-            for layer in self._layers:
-                f[schema.hidden(layer)][r0:r1] = hidden[layer]
-
-    def _encode_block(self) -> None:
-        """Write the next block of pending rows (a whole block, or the shard's last rows) as codes."""
-        r0 = self._encoded
-        r1 = min(r0 + codecs.BLOCK_ROWS, self._row)
-        block = r0 // codecs.BLOCK_ROWS
+            parts[schema.TOKEN_TYPE_IDS] = np.concatenate(token_type_ids)
         for layer in self._layers:
-            pending = np.concatenate(self._pending[layer])
-            codes, offset, scale = codecs.encode_block(pending[: r1 - r0])
-            self._file[schema.hidden(layer)][r0:r1] = codes
-            self._file[schema.hidden_offset(layer)][block] = offset
-            self._file[schema.hidden_scale(layer)][block] = scale
-            self._pending[layer] = [pending[r1 - r0 :]]
-        self._encoded = r1
+            parts[schema.hidden(layer)] = np.asarray(hidden[layer], dtype=np.float32)
+        for name, part in parts.items():  # a copy: a [CLS] slice is a view holding the batch's states
+            self._pending.setdefault(name, []).append(np.array(part))
+        self._row += len(input_ids)
+        while self._row - self._written >= codecs.BLOCK_ROWS:
+            self._write_block()
+
+    def _write_block(self) -> None:
+        """Write the next block of pending rows (a whole block, or the shard's last rows): one write
+        per dataset, the vectors as codes with the block's offsets and scales under the int8 codec."""
+        r0 = self._written
+        r1 = min(r0 + codecs.BLOCK_ROWS, self._row)
+        t0, t1 = int(self._offsets[r0]), int(self._offsets[r1])
+        for name, parts in self._pending.items():
+            per_token = name in (schema.INPUT_IDS, schema.TOKEN_TYPE_IDS)
+            start, stop = (t0, t1) if per_token else (r0, r1)
+            pending = np.concatenate(parts)
+            block, self._pending[name] = pending[: stop - start], [pending[stop - start :]]
+            self._file[name][start:stop] = self._stored(name, block, r0 // codecs.BLOCK_ROWS)
+        self._written = r1
+
+    def _stored(self, name: str, block: np.ndarray, index: int) -> np.ndarray:
+        """What dataset `name` stores of one block's rows: int8 codes for a layer's vectors under the
+        int8 codec (its offsets and scales written beside them, at block `index`), else the rows."""
+        layer = self._layer_of.get(name)
+        if self._codec != codecs.INT8 or layer is None:
+            return block
+        codes, offset, scale = codecs.encode_block(block)
+        self._file[schema.hidden_offset(layer)][index] = offset
+        self._file[schema.hidden_scale(layer)][index] = scale
+        return codes
 
     def commit(self) -> None:
         """Write the finished shard to disk (flushed) under its final name."""
         if self._row != len(self._offsets) - 1:
             self.abort()
             raise CacheError(f"{self.final_path.name}: wrote {self._row} of {len(self._offsets) - 1} rows")
-        if self._codec == codecs.INT8 and self._row > self._encoded:
-            self._encode_block()
+        if self._row > self._written:
+            self._write_block()
         if self._with_stats:
             for layer in self._layers:  # from the stored (rounded, decoded) values, as verify recomputes them
                 stats = LayerStats.of(schema.read_hidden(self._file, layer, self._codec))
