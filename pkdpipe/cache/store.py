@@ -466,9 +466,10 @@ def _fetch_layers(
     fs, remote: str, manifest: mf.Manifest, wanted: list[int], folder: Path, staging: Path, url: str, quiet
 ) -> str:
     """Shards holding the datasets a copy of layers `wanted` needs (`pkdpipe.cache.extents`) into
-    `staging`: each taken from the local copy's shard where it holds it unchanged, else fetched
-    from the store as its one byte range; every one checked against its sha256 before the shard
-    is written. A staged shard that already holds them all (an interrupted pull) is kept."""
+    `staging`: each taken from the local copy's shard, or from what an interrupted pull staged,
+    where that holds it unchanged, else fetched from the store as its one byte range; every one
+    checked against its sha256 before the shard is written. A staged shard that already holds them
+    all is kept. One shard's datasets are in memory at a time."""
     plan, fetched = [], 0
     for shard in manifest.shards():
         try:
@@ -480,15 +481,20 @@ def _fetch_layers(
             raise StoreError(f"refusing to pull {url}: {shard.file} records no extent of {unrecorded[0]}")
         if _staged(staging / shard.file, shard, need):
             continue
-        here = _usable(folder / shard.file, shard, need)
-        plan.append((shard, need, here))
-    total = sum(shard.datasets[n].bytes for shard, need, here in plan for n in need if n not in here)
+        held = {
+            name: path
+            for path in (staging / shard.file, folder / shard.file)
+            for name in _usable(path, shard, need, read=False)
+        }
+        plan.append((shard, need, held))
+    total = sum(shard.datasets[n].bytes for shard, need, held in plan for n in need if n not in held)
     with progress.bar(f"pull {manifest.key} (MiB)", total / MIB or None, unit="MiB", quiet=quiet) as bar:
-        for shard, need, here in plan:
+        for shard, need, held in plan:
             arrays = {}
+            for path in set(held.values()):  # read again now: a dataset changed since is fetched
+                arrays.update(_usable(path, shard, {n: need[n] for n, p in held.items() if p == path}))
             for name, (shape, dtype) in need.items():
-                if name in here:
-                    arrays[name] = here[name]
+                if name in arrays:
                     continue
                 extent = shard.datasets[name]
                 if extent.bytes != int(np.prod(shape)) * np.dtype(dtype).itemsize:  # before reading it
@@ -524,8 +530,9 @@ def _staged(path: Path, shard: mf.Shard, need: dict) -> bool:
     return path.is_file() and not _open_problem(path, shard, need)
 
 
-def _usable(path: Path, shard: mf.Shard, need: dict) -> dict[str, np.ndarray]:
-    """The datasets of `need` the local copy's shard `path` holds, each matching its sha256."""
+def _usable(path: Path, shard: mf.Shard, need: dict, read: bool = True) -> dict[str, np.ndarray | None]:
+    """The datasets of `need` the shard file `path` (the local copy's or a staged one) holds, each
+    matching its sha256: their values, or None for each with `read=False` (nothing kept)."""
     found = {}
     if not path.is_file() or path.is_symlink():
         return found
@@ -535,7 +542,7 @@ def _usable(path: Path, shard: mf.Shard, need: dict) -> dict[str, np.ndarray]:
                 return found
             for name in need:
                 if name in f and not extents.problem(f, shard, [name]):
-                    found[name] = f[name][:]
+                    found[name] = f[name][:] if read else None
     except OSError:
         return {}
     return found

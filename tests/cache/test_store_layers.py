@@ -208,6 +208,35 @@ def test_an_interrupted_partial_pull_resumes_from_the_shards_it_finished(
     assert verify_cache(folder).ok
 
 
+def test_an_interrupted_partial_pull_resumed_with_more_layers_fetches_only_what_it_lacks(
+    tiny_cache, pushed, tmp_path, monkeypatch
+):
+    url, dest = pushed
+    real, written = extents.write, []
+
+    def interrupted(path, arrays):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        real(path, arrays)
+
+    monkeypatch.setattr(extents, "write", interrupted)
+    root = tmp_path / "laptop"
+    with pytest.raises(KeyboardInterrupt):
+        store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[1])
+    monkeypatch.setattr(extents, "write", real)
+    calls = fetches(monkeypatch)
+    folder = store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[1, 2])
+    for shard in written:  # staged whole for layer 1: only layer 2's datasets come from the store
+        assert sorted(n.split(":")[1] for n, _ in calls if n.startswith(f"{shard}:")) == [
+            "cls_stats/2",
+            "hidden/2",
+        ]
+    others = {s.file for s in mf.read(tiny_cache).shards()} - set(written)
+    assert others and all(any(n == f"{s}:hidden/1" for n, _ in calls) for s in others)
+    assert mf.read(folder).layers_present == [1, 2] and verify_cache(folder).ok
+
+
 def test_a_strategy_needing_an_absent_layer_fails_with_the_pull_to_run(tiny_cache, pushed, tmp_path):
     url, _ = pushed
     folder = store.pull(tiny_cache.name, tmp_path / "laptop", store=url, quiet=True, layers=[2])
