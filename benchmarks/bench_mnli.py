@@ -3,22 +3,22 @@
 A task of `--rows` rows (default 392,702, MNLI's train size): SST-2's train phrases repeated, each
 copy its own row (a task file's ids are row positions, so every row has a unique id), written as a
 CSV behind a task file under `--out`. Then, each stage as a user runs it (`pkdpipe ...` commands in
-subprocesses), except the distill steps, which are timed in this process:
+subprocesses), except cache-teacher and the distill steps, which are timed in this process:
 
-1. `pkdpipe cache-teacher` with the MiniLM teacher and an untrained head (`--untrained-head`; the
-   encoder, which is what costs, is the real one), max length 64, `--threads`: rows/s over the first
-   and the last 10% of the rows, taken from its progress lines (stderr, one every 0.2 s); the same
-   windows' padded tokens/s (the widths of the batches it ran, rebuilt from the shards: length-sorted
-   rows, cut per shard into batches of `--teacher-batch`); and its peak RSS (`wait4`).
-   cache-teacher sorts rows by length, so the first 10% are the shortest rows and the last 10% the
-   longest: raw rows/s fall from start to end whatever the scale. What a scale problem would show
-   is the rate falling against what the teacher's forward costs on those same batches, so both
-   windows' batches are run again afterwards as a bare forward in this process (same teacher,
-   `inference_mode`, nothing kept), in cache-teacher's order: the first window's every batch from a
-   cold start, as cache-teacher met them (a process's first forwards are slower: the bench's old
-   replay, warmed up and alternating between the windows, read that as cache-teacher's cost), then
-   the last window's every `--bare-stride`-th batch. Goal: cache-teacher / bare forward, last window
-   against first, within +-10%.
+1. `pkdpipe.teacher.cache_teacher` (what `pkdpipe cache-teacher` runs) with the MiniLM teacher and
+   an untrained head (the encoder, which is what costs, is the real one), max length 64,
+   `--threads`, progress lines on: rows/s and padded tokens/s over the first and the last 10% of the
+   rows, and its peak RSS (this process's, which had loaded nothing else yet). It runs in this process
+   so that its public `teacher_hook` can time each of the teacher's forwards inside the run: the
+   windows come from those batches (the wall time from the end of the batch before a window to the
+   end of its last), and so does what judges the goal. cache-teacher sorts rows by length, so the
+   first 10% are the shortest rows and the last 10% the longest: raw rows/s fall from start to end
+   whatever the scale. What a scale problem would show is the rate falling against what the
+   teacher's forward costs on the same batches: the share of each window's wall time spent in the
+   teacher's forwards, measured in that window itself. A bare forward timed apart from the build
+   cannot tell: on this machine the same forward ran at 855 to 1,216 rows/s over the same batches in
+   three runs a minute apart, while the share stayed within 0.945-0.949. Goal: that share, last
+   window against first, within +-10%.
 2. `pkdpipe cache verify` against `sha256sum` of the shards, both from cold pages (each shard's
    pages dropped with `posix_fadvise(POSIX_FADV_DONTNEED)` before each run), `--verify-rounds`
    rounds alternating which goes first; medians. Goal: verify <= 2x sha256sum.
@@ -77,7 +77,6 @@ from _common import (  # noqa: E402
 )
 
 MNLI_TRAIN_ROWS = 392_702
-PROGRESS_EVERY = "0.2"  # seconds between cache-teacher's progress lines: the rate windows' resolution
 PKD_SKIP_6_3 = (2, 4)  # the teacher layers a 3-layer PKD-Skip student of the 6-layer MiniLM learns from
 MB = 1e6
 
@@ -94,12 +93,6 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=8192, help="cache-teacher's --shard-size")
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads here and in cache-teacher (0: torch's)"
-    )
-    p.add_argument(
-        "--bare-stride",
-        type=int,
-        default=10,
-        help="bare forward on every k-th batch of the last window (less where that leaves under 20 batches)",
     )
     p.add_argument("--verify-rounds", type=int, default=2, help="cold verify / sha256sum pairs")
     p.add_argument("--steps", type=int, default=300, help="timed distill steps")
@@ -149,21 +142,17 @@ def pkdpipe_cmd(*args: str) -> list[str]:
 def child_env(extra: dict | None = None) -> dict:
     paths = [str(REPO), str(REPO / "cli"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-    env.update(PKDPIPE_PROGRESS_EVERY=PROGRESS_EVERY, **(extra or {}))
+    env.update(extra or {})
     env.pop("PKDPIPE_QUIET", None)
     return env
 
 
-def run_timed(cmd: list[str], env: dict, log_path: Path, on_line=None) -> dict:
-    """Run `cmd`; stderr lines go to `log_path` (and to `on_line(monotonic time, line)`); return
-    seconds, exit status and the child's peak RSS (wait4: its own, not this process's)."""
+def run_timed(cmd: list[str], env: dict, log_path: Path) -> dict:
+    """Run `cmd` with its output in `log_path`; return seconds, exit status and the child's peak RSS
+    (wait4: its own, not this process's)."""
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.PIPE, text=True)
-        for line in proc.stderr:
-            logf.write(line)
-            if on_line:
-                on_line(time.monotonic(), line)
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=logf)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.monotonic() - start
@@ -193,124 +182,87 @@ def resident_bytes(paths) -> int | None:
 
 
 # -- 1. cache-teacher ------------------------------------------------------------------------------------
-PROGRESS = re.compile(r"teacher train: ([\d,]+)/([\d,]+)")
+def forward_timer() -> tuple:
+    """A `teacher_hook` for cache_teacher that times each of the teacher's forwards; returns (hook,
+    records), one record per batch: (start, end, rows, padded width)."""
+    records: list[tuple[float, float, int, int]] = []
+
+    def hook(model) -> None:
+        started = []
+
+        def before(module, args, kwargs):
+            started.append(time.perf_counter())
+
+        def after(module, args, kwargs, output):
+            rows, width = kwargs["input_ids"].shape
+            records.append((started.pop(), time.perf_counter(), int(rows), int(width)))
+
+        model.register_forward_pre_hook(before, with_kwargs=True)
+        model.register_forward_hook(after, with_kwargs=True)
+
+    return hook, records
 
 
-def window_rates(points: list[tuple[float, int]], total: int, share: float = 0.1) -> dict:
-    """Rows/s over the first and the last `share` of `total` rows, from progress points (time, rows
-    done), each window between the progress lines nearest its edges: from the first line to the
-    first at or past share*total, and from the last at or before (1-share)*total to the last line.
-    Also returns each window's row range [lo, hi)."""
-    if len(points) < 2:
-        raise ValueError("fewer than two progress lines: the run was too short to time its windows")
-    first_end = next(i for i, (_, done) in enumerate(points) if done >= share * total or i == len(points) - 1)
-    last_start = max(i for i, (_, done) in enumerate(points) if done <= (1 - share) * total or i == 0)
+def batch_windows(records: list[tuple[float, float, int, int]], share: float = 0.1) -> dict:
+    """The first and the last `share` of the rows, as whole batches, from `forward_timer` records: each
+    window's rows, wall seconds (from the end of the batch before it, or the first forward's start,
+    to the end of its last batch), seconds in the teacher's forwards, rows/s, padded tokens/s and the
+    forwards' share of the wall time."""
+    rows = np.cumsum([r[2] for r in records])
+    total = rows[-1]
+    first_end = int(np.searchsorted(rows, share * total)) + 1  # batches up to the one reaching share
+    last_start = int(np.searchsorted(rows, (1 - share) * total, side="right"))
     out = {}
-    for name, a, b in (
-        ("first", 0, max(first_end, 1)),
-        ("last", min(last_start, len(points) - 2), len(points) - 1),
-    ):
-        (ta, da), (tb, db) = points[a], points[b]
-        out[name] = {"rows": (da, db), "seconds": tb - ta, "rows_per_s": (db - da) / (tb - ta)}
-    return out
-
-
-def batch_widths(cache_folder: Path, batch_size: int) -> np.ndarray:
-    """The padded width of the batch each row was run in, in the order cache-teacher ran them (its
-    shards in order; each shard's length-sorted rows cut into batches of `batch_size`)."""
-    import h5py
-
-    from pkdpipe.cache import manifest as mf
-    from pkdpipe.cache import schema
-
-    widths = []
-    for shard in mf.read(cache_folder).splits["train"].shards:
-        with h5py.File(cache_folder / shard.file, "r") as f:
-            lengths = np.diff(f[schema.OFFSETS][:])
-        for start in range(0, len(lengths), batch_size):
-            block = lengths[start : start + batch_size]
-            widths.append(np.full(len(block), block.max()))
-    return np.concatenate(widths)
-
-
-def bare_forward(args, cache_folder: Path, teacher: str, windows: dict) -> dict:
-    """The windows' batches, rebuilt from the shards (the token ids cache-teacher stored, padded as it
-    padded them), through the same teacher's bare forward in cache-teacher's order: every batch of the
-    first window from a cold start, then every `--bare-stride`-th batch of the last. Rows/s per window."""
-    import torch
-
-    from pkdpipe.cache.reader import TeacherCache
-    from pkdpipe.models import label_config, load_classifier, load_tokenizer
-    from pkdpipe.text import collate, pad_id_of
-
-    model = load_classifier(teacher, fresh_head=True, **label_config(("negative", "positive"))).eval()
-    pad_id = pad_id_of(load_tokenizer(teacher))
-    with TeacherCache(cache_folder) as cache:
-        shards = cache.manifest.splits["train"].shards
-        starts = np.cumsum([0] + [s.rows for s in shards])
-        batches = [  # (first row, stop) of every batch, as cache-teacher cut them
-            (int(first + b), int(min(first + b + args.teacher_batch, stop)))
-            for first, stop in zip(starts[:-1], starts[1:])
-            for b in range(0, stop - first, args.teacher_batch)
-        ]
-        out = {}
-        for name, stride in (("first", 1), ("last", args.bare_stride)):
-            lo, hi = windows[name]["rows"]
-            inside = [b for b in batches if b[0] >= lo and b[1] <= hi]
-            picked = inside[:: max(1, min(stride, len(inside) // 20))]  # 20 batches at least
-            rows, seconds = 0, 0.0
-            for first, stop in picked:
-                part = cache.rows("train", np.arange(first, stop))
-                batch = collate(part["input_ids"], part["token_type_ids"], pad_id)
-                with Stopwatch() as t, torch.inference_mode():
-                    model(**batch, output_hidden_states=True)
-                rows, seconds = rows + stop - first, seconds + t.seconds
-            out[name] = {"batches": len(picked), "rows_per_s": rows / seconds if seconds else float("nan")}
+    last_start = min(last_start, len(records) - 1)
+    for name, lo, hi in (("first", 0, max(first_end, 1)), ("last", last_start, len(records))):
+        part = records[lo:hi]
+        since = records[lo - 1][1] if lo else part[0][0]
+        wall = part[-1][1] - since
+        forward = sum(end - start for start, end, _, _ in part)
+        n = sum(r[2] for r in part)
+        out[name] = {
+            "rows": (int(rows[lo - 1]) if lo else 0, int(rows[hi - 1])),
+            "batches": len(part),
+            "seconds": wall,
+            "rows_per_s": n / wall,
+            "tokens_per_s": sum(r[2] * r[3] for r in part) / wall,
+            "mean_width": sum(r[2] * r[3] for r in part) / n,
+            "forward_share": forward / wall,
+        }
     return out
 
 
 def stage_cache_teacher(args, task_file: Path, teacher: str) -> dict:
-    cache_root = args.out / "cache"
-    points: list[tuple[float, int]] = []
-    total = [0]
+    import resource
 
-    def on_line(now: float, line: str) -> None:
-        hit = PROGRESS.search(line)
-        if hit:
-            done, total[0] = (int(x.replace(",", "")) for x in hit.groups())
-            points.append((now, done))
+    from pkdpipe.config import CacheConfig
+    from pkdpipe.teacher import cache_teacher
 
-    cmd = pkdpipe_cmd(
-        "cache-teacher", "--task", str(task_file), "--teacher", teacher, "--untrained-head",
-        "--splits", "train", "--cache-dir", str(cache_root), "--max-seq-len", str(args.max_seq_len),
-        "--batch-size", str(args.teacher_batch), "--shard-size", str(args.shard_size),
-        "--threads", str(args.threads), "--device", "cpu", "--force",
+    config = CacheConfig(
+        task=str(task_file), teacher=teacher, untrained_head=True, splits=("train",),
+        cache_dir=args.out / "cache", max_seq_len=args.max_seq_len, batch_size=args.teacher_batch,
+        shard_size=args.shard_size, threads=args.threads, device="cpu", force=True,
     )  # fmt: skip
-    log(f"cache-teacher over {args.rows:,} rows (load {load_avg()})")
-    run = run_timed(cmd, child_env(), args.out / "cache-teacher.log", on_line)
-    (folder,) = [p.parent for p in cache_root.glob("*/*/manifest.json")]
+    before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(f"cache-teacher over {args.rows:,} rows (load {load_avg()}; this process {before_mb:,.0f} MB so far)")
+    hook, records = forward_timer()
+    with Stopwatch() as t:
+        result = cache_teacher(config, teacher_hook=hook)
+    folder = result.path
     manifest = json.loads((folder / "manifest.json").read_text())
-    windows = window_rates(points, total[0])
-    widths = batch_widths(folder, args.teacher_batch)
-    for window in windows.values():
-        lo, hi = window["rows"]
-        window["tokens_per_s"] = float(widths[lo:hi].sum()) / window["seconds"]
-        window["mean_width"] = float(widths[lo:hi].mean())
-    log(f"  done in {run['seconds']:.0f} s; bare forward over the same windows (load {load_avg()})")
-    bare = bare_forward(args, folder, teacher, windows)
     shards = [folder / s["file"] for s in manifest["splits"]["train"]["shards"]]
     return {
-        **run,
+        "seconds": t.seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mb": before_mb,
         "folder": folder,
         "shards": shards,
         "bytes": sum(p.stat().st_size for p in shards),
         "teacher_pass_s": manifest["timings"]["train_s"],
-        "windows": windows,
-        "bare": bare,
+        "windows": batch_windows(records),
     }
 
 
-# -- 2. verify -----------------------------------------------------------------------------------------------
 def stage_verify(args, folder: Path, shards: list[Path]) -> dict:
     env = child_env()
     times: dict[str, list[float]] = {"verify": [], "sha256sum": []}
@@ -588,30 +540,23 @@ def report(args, teacher: str, ct: dict, ver: dict, store: dict, dist: dict, mac
         "## 1. cache-teacher",
         "",
     ]
-    w, bare = ct["windows"], ct["bare"]
+    w = ct["windows"]
     rows = []
     for name in ("first", "last"):
         lo, hi = w[name]["rows"]
-        ratio = w[name]["rows_per_s"] / bare[name]["rows_per_s"]
-        w[name]["ratio"] = ratio
-        window, other = w[name], bare[name]
+        window = w[name]
         rows.append((
-            f"{name} 10% (rows {lo:,}-{hi:,})", f"{window['rows_per_s']:,.1f}",
-            f"{window['tokens_per_s']:,.0f}", f"{window['mean_width']:.1f}",
-            f"{other['rows_per_s']:,.1f} ({other['batches']} batches)", f"{ratio:.3f}",
+            f"{name} 10% (rows {lo:,}-{hi:,}, {window['batches']} batches)", f"{window['rows_per_s']:,.1f}",
+            f"{window['tokens_per_s']:,.0f}", f"{window['mean_width']:.1f}", f"{window['forward_share']:.3f}",
         ))  # fmt: skip
-    lines.append(
-        table(
-            rows, ("window", "rows/s", "padded tokens/s", "mean width", "bare forward rows/s", "cache / bare")
-        )
-    )
-    flat = w["last"]["ratio"] / w["first"]["ratio"]
+    lines.append(table(rows, ("window", "rows/s", "padded tokens/s", "mean width", "share in the forwards")))
+    flat = w["last"]["forward_share"] / w["first"]["forward_share"]
     raw = w["last"]["rows_per_s"] / w["first"]["rows_per_s"]
     lines += [
         "",
-        f"whole command: {ct['seconds']:.1f} s ({args.rows / ct['seconds']:,.1f} rows/s); teacher pass "
-        f"{ct['teacher_pass_s']:.1f} s ({args.rows / ct['teacher_pass_s']:,.1f} rows/s); "
-        f"peak RSS {ct['peak_rss_mb']:,.0f} MB",
+        f"cache_teacher, whole call: {ct['seconds']:.1f} s ({args.rows / ct['seconds']:,.1f} rows/s); "
+        f"teacher pass {ct['teacher_pass_s']:.1f} s ({args.rows / ct['teacher_pass_s']:,.1f} rows/s); "
+        f"peak RSS {ct['peak_rss_mb']:,.0f} MB (this process, {ct['rss_before_mb']:,.0f} MB before the call)",
         f"cache: {ct['bytes']:,} bytes ({gb:.2f} GB) in {len(ct['shards'])} shards, "
         f"{ct['bytes'] / args.rows:,.0f} B per row",
         f"raw rows/s, last 10% / first 10%: {raw:.3f} (rows are length-sorted: the last are the longest)",
@@ -680,7 +625,8 @@ def report(args, teacher: str, ct: dict, ver: dict, store: dict, dist: dict, mac
         "## goals",
         "",
         f"{verdict(abs(flat - 1) <= 0.10)}: cache-teacher rate flat from first to last 10% (+-10%), "
-        f"as cache / bare forward: {w['last']['ratio']:.3f} / {w['first']['ratio']:.3f} = {flat:.3f}",
+        f"against its own forwards (their share of the window): {w['last']['forward_share']:.3f} / "
+        f"{w['first']['forward_share']:.3f} = {flat:.3f}",
         f"{verdict(ver['verify'] <= 2 * ver['sha256sum'])}: cache verify <= 2x sha256sum: "
         f"{ver['verify'] / ver['sha256sum']:.2f}x",
         f"{verdict(dist['fetch_share'] < 0.10)}: cold-read share of a distill step < 10%: "

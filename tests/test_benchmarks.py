@@ -175,7 +175,7 @@ def test_bench_search_joins_its_parts_into_one_grid_against_each_search(tmp_path
 
 def test_bench_mnli_builds_its_task_and_times_the_first_and_last_tenth(tmp_path):
     """The MNLI-sized task repeats SST-2's phrases under unique ids through a task file, and the
-    cache-teacher rates come from the progress lines nearest each window's edges."""
+    cache-teacher windows are whole batches, timed from the end of the batch before each."""
     bench = _benchmark_module("bench_mnli")
     sst2 = tmp_path / "sst2"
     sst2.mkdir()
@@ -192,11 +192,18 @@ def test_bench_mnli_builds_its_task_and_times_the_first_and_last_tenth(tmp_path)
     assert list(train.labels) == [1, 0, 1, 1, 0, 1, 1]
     assert len(load_split(task, "dev", None)) == 3  # a dev file: nothing carved out of train
 
-    # 1,000 rows at 100 rows/s, then 10 rows/s from row 900 on; a line every 10 rows
-    points, now = [], 0.0
-    for done in range(10, 1001, 10):
-        now += 10 / (100 if done <= 900 else 10)
-        points.append((now, done))
-    rates = bench.window_rates([(0.0, 0), *points], 1000)
-    assert rates["first"]["rows"] == (0, 100) and rates["first"]["rows_per_s"] == pytest.approx(100)
-    assert rates["last"]["rows"] == (900, 1000) and rates["last"]["rows_per_s"] == pytest.approx(10)
+    # 100 batches of 10 rows; from row 900 on each forward takes 1 s (0.1 s before), and 0.1 s passes
+    # between forwards throughout (what cache-teacher does besides the forward)
+    records, now = [], 0.0
+    for i in range(100):
+        forward = 1.0 if i >= 90 else 0.1
+        records.append((now, now + forward, 10, 5 if i < 10 else 40))
+        now += forward + 0.1
+    windows = bench.batch_windows(records)
+    first, last = windows["first"], windows["last"]
+    assert first["rows"] == (0, 100) and first["batches"] == 10 and first["mean_width"] == 5
+    assert first["seconds"] == pytest.approx(10 * 0.2 - 0.1)  # from the first forward's start
+    assert first["forward_share"] == pytest.approx(1.0 / 1.9)
+    assert last["rows"] == (900, 1000) and last["batches"] == 10 and last["mean_width"] == 40
+    assert last["seconds"] == pytest.approx(10 * 1.1) and last["rows_per_s"] == pytest.approx(100 / 11)
+    assert last["forward_share"] == pytest.approx(1 / 1.1)
