@@ -29,7 +29,7 @@ import numpy as np
 from pkdpipe import files
 from pkdpipe.cache import codec as codecs
 from pkdpipe.cache import schema
-from pkdpipe.cache.stats import LayerStats
+from pkdpipe.cache.stats import Accumulator
 from pkdpipe.errors import CacheError
 
 
@@ -100,8 +100,9 @@ class ShardWriter:
             self._write_block()
         if self._with_stats:
             for layer in self._layers:  # from the stored (rounded, decoded) values, as verify recomputes them
-                stats = LayerStats.of(schema.read_hidden(self._file, layer, self._codec))
-                self._file[schema.cls_stats(layer)][:] = stats.to_array()
+                stats = Accumulator(self._file[schema.hidden(layer)].shape[1])
+                stats.add(schema.read_hidden(self._file, layer, self._codec))
+                self._file[schema.cls_stats(layer)][:] = stats.result().to_array()
         self._file.flush()
         image = self._file.id.get_file_image()
         self._file.close()
