@@ -58,6 +58,16 @@ def cache_teacher(store: str = option(CacheConfig, "store", envvar="PKDPIPE_STOR
         table.add_row(f"teacher on {split}", fmt_metrics(metrics))
     console.print(table)
     console.print(f"cache: {result.path}", soft_wrap=True, markup=False, highlight=False)  # whole, copyable
+    m = result.manifest
+    float16 = m.codec == "float16" and m.hidden_dtype == "float16"
+    if float16 and not result.hit and summary["bytes"] >= INT8_HINT_BYTES:
+        console.print(
+            f"{human_bytes(summary['bytes'])} in float16: --codec int8 stores such a cache in about half "
+            "the bytes, and students from the two scored alike (docs/cache-format.md)"
+        )
+
+
+INT8_HINT_BYTES = 1 << 30  # from 1 GiB on, cache-teacher mentions --codec int8
 
 
 @cache_app.command("info")

@@ -115,6 +115,24 @@ def test_cache_teacher_then_hit_then_force(tiny, tmp_path, forward_calls, monkey
     assert "cache hit" not in forced.output and forward_calls["n"] > 0
 
 
+def test_a_large_float16_cache_mentions_the_int8_codec_and_a_small_or_int8_one_does_not(
+    tiny, tmp_path, monkeypatch
+):
+    from pkdpipe_cli import cache_cmd
+
+    small = cache_teacher(tiny, tmp_path / "a")
+    assert small.exit_code == 0, small.output
+    assert "--codec int8" not in small.output  # a few KB: nothing to save
+    monkeypatch.setattr(cache_cmd, "INT8_HINT_BYTES", 1)  # as if the cache were an MNLI-sized one
+    large = cache_teacher(tiny, tmp_path / "b")
+    assert "in float16: --codec int8 stores such a cache in about half the bytes" in " ".join(
+        large.output.split()
+    )
+    int8 = cache_teacher(tiny, tmp_path / "c", "--codec", "int8")
+    assert int8.exit_code == 0, int8.output
+    assert "--codec int8" not in int8.output
+
+
 def test_cache_info_shows_key_task_teacher_layers(tiny, tiny_cache):
     for args in ([tiny_cache], [tiny_cache.name[:8], "--cache-dir", tiny_cache.parents[1]]):  # a path, a key
         result = invoke("cache", "info", *args)
