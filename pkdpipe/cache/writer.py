@@ -12,8 +12,8 @@ rows, 160 MB for 8,192 rows of 13 BERT-base layers in float16.
 Rows reach the HDF5 datasets a block of 1,024 rows at a time (`codec.BLOCK_ROWS`): the rows of the
 current block wait in numpy arrays (the vectors in float32: 41 MB for 13 BERT-base layers) until the
 block is full or the shard ends, and then each dataset takes one write. Writing every batch of 64
-rows cost about 5 ms in h5py's per-call overhead over a dozen datasets, as much as the teacher's
-forward on the shortest rows (benchmarks/README.md, "Where cache-teacher's time goes").
+rows took a dozen h5py calls, 8 ms a batch under cProfile: on the shortest rows a tenth of the
+teacher's forward (`benchmarks/bench_mnli.py` reports the share of cache-teacher's time outside it).
 With the int8 codec (`pkdpipe.cache.codec`) a block is written as codes with the block's offsets and
 scales: quantised from the teacher's float32 output, not from a float16 copy.
 """
