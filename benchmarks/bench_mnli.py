@@ -16,9 +16,9 @@ subprocesses), except cache-teacher and the distill steps, which are timed in th
    whatever the scale. What a scale problem would show is the rate falling against what the
    teacher's forward costs on the same batches: the share of each window's wall time spent in the
    teacher's forwards, measured in that window itself. A bare forward timed apart from the build
-   cannot tell: on this machine the same forward ran at 855 to 1,216 rows/s over the same batches in
-   three runs a minute apart, while the share stayed within 0.945-0.949. Goal: that share, last
-   window against first, within +-10%.
+   cannot tell: on this machine the same forwards over the same batches ran at 901 to 1,284 rows/s
+   in three runs a minute apart, while their share stayed within 0.945-0.949. Goal: that share,
+   last window against first, within +-10%.
 2. `pkdpipe cache verify` against `sha256sum` of the shards, both from cold pages (each shard's
    pages dropped with `posix_fadvise(POSIX_FADV_DONTNEED)` before each run), `--verify-rounds`
    rounds alternating which goes first; medians. Goal: verify <= 2x sha256sum.
