@@ -182,10 +182,8 @@ def test_a_run_reading_a_partial_copy_goes_on_while_a_pull_adds_layers_to_it(
             cache.shard(first.file)
 
 
-def test_an_interrupted_partial_pull_resumes_from_the_shards_it_finished(
-    tiny_cache, pushed, tmp_path, monkeypatch
-):
-    url, dest = pushed
+def pull_killed_after_two_shards(tiny_cache, url: str, root: Path, monkeypatch) -> list[str]:
+    """A pull of layer 1 into `root`, interrupted once two shards are staged; the staged shards' names."""
     real, written = extents.write, []
 
     def interrupted(path, arrays):
@@ -195,11 +193,19 @@ def test_an_interrupted_partial_pull_resumes_from_the_shards_it_finished(
         real(path, arrays)
 
     monkeypatch.setattr(extents, "write", interrupted)
-    root = tmp_path / "laptop"
     with pytest.raises(KeyboardInterrupt):
         store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[1])
-    assert list_caches(root) == []  # nothing visible
     monkeypatch.setattr(extents, "write", real)
+    return written
+
+
+def test_an_interrupted_partial_pull_resumes_from_the_shards_it_finished(
+    tiny_cache, pushed, tmp_path, monkeypatch
+):
+    url, dest = pushed
+    root = tmp_path / "laptop"
+    written = pull_killed_after_two_shards(tiny_cache, url, root, monkeypatch)
+    assert list_caches(root) == []  # nothing visible
     calls = fetches(monkeypatch)
     folder = store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[1])
     assert {name.split(":")[0] for name, _ in calls} == {s.file for s in mf.read(tiny_cache).shards()} - set(
@@ -212,19 +218,8 @@ def test_an_interrupted_partial_pull_resumed_with_more_layers_fetches_only_what_
     tiny_cache, pushed, tmp_path, monkeypatch
 ):
     url, dest = pushed
-    real, written = extents.write, []
-
-    def interrupted(path, arrays):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path.name)
-        real(path, arrays)
-
-    monkeypatch.setattr(extents, "write", interrupted)
     root = tmp_path / "laptop"
-    with pytest.raises(KeyboardInterrupt):
-        store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[1])
-    monkeypatch.setattr(extents, "write", real)
+    written = pull_killed_after_two_shards(tiny_cache, url, root, monkeypatch)
     calls = fetches(monkeypatch)
     folder = store.pull(tiny_cache.name, root, store=url, quiet=True, layers=[1, 2])
     for shard in written:  # staged whole for layer 1: only layer 2's datasets come from the store
