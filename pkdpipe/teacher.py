@@ -236,6 +236,7 @@ def _write_shard(
             logits = out.logits.float().cpu().numpy()
             hidden = {i: out.hidden_states[i][:, 0].float().cpu().numpy() for i in layers}
             writer.write(ids, types, _labels(encoded, batch_rows, builder.layout.regression), logits, hidden)
+            del out, hidden  # the [CLS] slices are views of all its states: free them before the next forward
             bar.advance(len(batch_rows))
 
 

@@ -10,10 +10,13 @@ while it is built, twice over for a moment at commit (the image is copied out): 
 rows, 160 MB for 8,192 rows of 13 BERT-base layers in float16.
 
 Rows reach the HDF5 datasets a block of 1,024 rows at a time (`codec.BLOCK_ROWS`): the rows of the
-current block wait in numpy arrays (the vectors in float32: 41 MB for 13 BERT-base layers) until the
-block is full or the shard ends, and then each dataset takes one write. Writing every batch of 64
-rows took a dozen h5py calls, 8 ms a batch under cProfile: on the shortest rows a tenth of the
-teacher's forward (`benchmarks/bench_mnli.py` reports the share of cache-teacher's time outside it).
+current block are copied into one buffer per dataset, allocated once per shard (the vectors in
+float32: 41 MB for 13 BERT-base layers), and when the block is full or the shard ends each dataset
+takes one write. Writing every batch of 64 rows took a dozen h5py calls, 8 ms a batch under cProfile:
+on the shortest rows a tenth of the teacher's forward (`benchmarks/bench_mnli.py` reports the share
+of cache-teacher's time outside it). Fixed buffers, not lists of batches joined per block: at MNLI's
+size the joins' short-lived megabytes, among the teacher's own allocations, grew the process's peak
+memory by about 260 MB through malloc's fragmentation (benchmarks/README.md, "Peak RSS").
 With the int8 codec (`pkdpipe.cache.codec`) a block is written as codes with the block's offsets and
 scales: quantised from the teacher's float32 output, not from a float16 copy.
 """
@@ -32,6 +35,8 @@ from pkdpipe.cache import schema
 from pkdpipe.cache.stats import Accumulator
 from pkdpipe.errors import CacheError
 
+_PER_TOKEN = (schema.INPUT_IDS, schema.TOKEN_TYPE_IDS)  # datasets of one value a token, not a row
+
 
 class ShardWriter:
     """Fills a shard row block by row block (rows arrive in order), then writes it as `final_path`."""
@@ -46,38 +51,60 @@ class ShardWriter:
         self._layer_of = {schema.hidden(layer): layer for layer in layout.layers}
         self._with_stats = layout.with_stats
         self._codec = layout.codec
-        self._pending: dict[str, list[np.ndarray]] = {}  # dataset name: the current block's parts
-        self._written = 0  # rows written to the datasets so far (the rest are pending)
+        self._written = 0  # rows written to the datasets so far (the rest wait in the buffers)
         self._file = h5py.File(final_path.name, "w", driver="core", backing_store=False)
         layout.create(self._file, ids, offsets)
+        self._buffers = self._block_buffers(len(ids))  # dataset name: the current block's rows or tokens
+
+    def _block_buffers(self, rows: int) -> dict[str, np.ndarray]:
+        """One buffer per written dataset, as large as the shard's largest block (in rows, or in
+        tokens for the token datasets); the vectors in float32, as the teacher gives them."""
+        block_rows = min(rows, codecs.BLOCK_ROWS)
+        starts = np.arange(0, rows, codecs.BLOCK_ROWS)
+        ends = np.minimum(starts + codecs.BLOCK_ROWS, rows)
+        block_tokens = int((self._offsets[ends] - self._offsets[starts]).max(initial=0))
+        buffers = {}
+        for name in (schema.INPUT_IDS, schema.TOKEN_TYPE_IDS, schema.LABELS, schema.LOGITS):
+            if name in self._file:
+                dataset = self._file[name]
+                size = block_tokens if name in _PER_TOKEN else block_rows
+                buffers[name] = np.empty((size, *dataset.shape[1:]), dataset.dtype)
+        for name in self._layer_of:
+            buffers[name] = np.empty((block_rows, self._file[name].shape[1]), np.float32)
+        return buffers
 
     def write(
         self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]
     ) -> None:
         """Append a batch of rows: token id arrays, labels, (b, C) logits, {layer: (b, H)} vectors."""
-        parts = {schema.INPUT_IDS: np.concatenate(input_ids), schema.LABELS: labels, schema.LOGITS: logits}
+        per_row = {schema.LABELS: labels, schema.LOGITS: logits}
+        per_row.update({schema.hidden(layer): hidden[layer] for layer in self._layers})
+        per_token = {schema.INPUT_IDS: input_ids}
         if token_type_ids is not None:
-            parts[schema.TOKEN_TYPE_IDS] = np.concatenate(token_type_ids)
-        for layer in self._layers:
-            parts[schema.hidden(layer)] = np.asarray(hidden[layer], dtype=np.float32)
-        for name, part in parts.items():  # a copy: a [CLS] slice is a view holding the batch's states
-            self._pending.setdefault(name, []).append(np.array(part))
-        self._row += len(input_ids)
-        while self._row - self._written >= codecs.BLOCK_ROWS:
-            self._write_block()
+            per_token[schema.TOKEN_TYPE_IDS] = token_type_ids
+        done = 0
+        while done < len(input_ids):  # a batch that crosses a block's end fills it, then starts the next
+            row = self._row - self._written  # where this batch's rows go in the block
+            take = min(len(input_ids) - done, codecs.BLOCK_ROWS - row)
+            for name, part in per_row.items():
+                self._buffers[name][row : row + take] = part[done : done + take]
+            first = self._offsets[self._written]  # the block's first token
+            token, end = (int(self._offsets[r] - first) for r in (self._row, self._row + take))
+            for name, part in per_token.items():
+                np.concatenate(part[done : done + take], out=self._buffers[name][token:end])
+            self._row += take
+            done += take
+            if self._row - self._written == codecs.BLOCK_ROWS:
+                self._write_block()
 
     def _write_block(self) -> None:
-        """Write the next block of pending rows (a whole block, or the shard's last rows): one write
-        per dataset, the vectors as codes with the block's offsets and scales under the int8 codec."""
-        r0 = self._written
-        r1 = min(r0 + codecs.BLOCK_ROWS, self._row)
+        """Write the block in the buffers (a whole block, or the shard's last rows): one write per
+        dataset, the vectors as codes with the block's offsets and scales under the int8 codec."""
+        r0, r1 = self._written, self._row
         t0, t1 = int(self._offsets[r0]), int(self._offsets[r1])
-        for name, parts in self._pending.items():
-            per_token = name in (schema.INPUT_IDS, schema.TOKEN_TYPE_IDS)
-            start, stop = (t0, t1) if per_token else (r0, r1)
-            pending = np.concatenate(parts)
-            block, self._pending[name] = pending[: stop - start], [pending[stop - start :]]
-            self._file[name][start:stop] = self._stored(name, block, r0 // codecs.BLOCK_ROWS)
+        for name, buffer in self._buffers.items():
+            start, stop = (t0, t1) if name in _PER_TOKEN else (r0, r1)
+            self._file[name][start:stop] = self._stored(name, buffer[: stop - start], r0 // codecs.BLOCK_ROWS)
         self._written = r1
 
     def _stored(self, name: str, block: np.ndarray, index: int) -> np.ndarray:
