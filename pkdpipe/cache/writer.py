@@ -7,7 +7,9 @@ only Python's own file I/O ever touches the disk. That last point is about full 
 to a full disk (or past a file-size limit) leaves its library in a state that crashed the process
 at exit; Python's write fails with one clean OSError instead. The price is one shard in memory
 while it is built, twice over for a moment at commit (the image is copied out): `--shard-size`
-rows, 160 MB for 8,192 rows of 13 BERT-base layers in float16.
+rows, 160 MB for 8,192 rows of 13 BERT-base layers in float16. The image is allocated at its full
+size at once (the driver's growth step is the shard's size), not grown 64 KB at a time as the
+datasets are first written.
 
 Rows reach the HDF5 datasets a block of 1,024 rows at a time (`codec.BLOCK_ROWS`): the rows of the
 current block are copied into one buffer per dataset, allocated once per shard (the vectors in
@@ -36,6 +38,7 @@ from pkdpipe.cache.stats import Accumulator
 from pkdpipe.errors import CacheError
 
 _PER_TOKEN = (schema.INPUT_IDS, schema.TOKEN_TYPE_IDS)  # datasets of one value a token, not a row
+_METADATA_BYTES = 1 << 20  # what HDF5 adds to the datasets' bytes: a few KB, with room to spare
 
 
 class ShardWriter:
@@ -52,7 +55,10 @@ class ShardWriter:
         self._with_stats = layout.with_stats
         self._codec = layout.codec
         self._written = 0  # rows written to the datasets so far (the rest wait in the buffers)
-        self._file = h5py.File(final_path.name, "w", driver="core", backing_store=False)
+        image_bytes = layout.nbytes(len(ids), int(offsets[-1])) + _METADATA_BYTES
+        self._file = h5py.File(
+            final_path.name, "w", driver="core", backing_store=False, block_size=image_bytes
+        )
         layout.create(self._file, ids, offsets)
         self._buffers = self._block_buffers(len(ids))  # dataset name: the current block's rows or tokens
 
