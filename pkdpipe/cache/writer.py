@@ -83,6 +83,8 @@ class ShardWriter:
         self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]
     ) -> None:
         """Append a batch of rows: token id arrays, labels, (b, C) logits, {layer: (b, H)} vectors."""
+        if self._row + len(input_ids) > len(self._offsets) - 1:
+            raise CacheError(f"{self.final_path.name}: more rows than the {len(self._offsets) - 1} planned")
         per_row = {schema.LABELS: labels, schema.LOGITS: logits}
         per_row.update({schema.hidden(layer): hidden[layer] for layer in self._layers})
         per_token = {schema.INPUT_IDS: input_ids}

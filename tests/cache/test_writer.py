@@ -9,6 +9,7 @@ import pytest
 
 from pkdpipe.cache import codec, schema
 from pkdpipe.cache.writer import ShardWriter
+from pkdpipe.errors import CacheError
 
 ROWS = 2 * codec.BLOCK_ROWS + 37  # two whole blocks and a short last one
 
@@ -63,6 +64,31 @@ def test_batches_that_straddle_blocks_land_in_their_own_rows(tmp_path, name):
 
 
 def test_a_shard_given_fewer_rows_than_planned_is_not_written(tmp_path):
+    writer = _three_row_writer(tmp_path)
+    writer.write(
+        [np.ones(2, np.int32)] * 2, None, np.zeros(2), np.zeros((2, 2), np.float32), {1: np.zeros((2, 4))}
+    )
+    with pytest.raises(CacheError, match="wrote 2 of 3 rows"):
+        writer.commit()
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_a_batch_past_the_planned_rows_is_refused(tmp_path):
+    writer = _three_row_writer(tmp_path)
+    batch = (
+        [np.ones(2, np.int32)] * 2,
+        None,
+        np.zeros(2),
+        np.zeros((2, 2), np.float32),
+        {1: np.zeros((2, 4))},
+    )
+    writer.write(*batch)
+    with pytest.raises(CacheError, match="more rows than the 3 planned"):
+        writer.write(*batch)
+
+
+def _three_row_writer(tmp_path) -> ShardWriter:
+    """A writer for a shard planned with 3 rows of 2 tokens, one 4-wide layer, no token types."""
     layout = schema.Layout(
         num_labels=2,
         hidden_size=4,
@@ -71,10 +97,4 @@ def test_a_shard_given_fewer_rows_than_planned_is_not_written(tmp_path):
         regression=False,
         with_token_types=False,
     )
-    writer = ShardWriter(tmp_path / "s.h5", np.arange(3), np.array([2, 2, 2]), layout)
-    writer.write(
-        [np.ones(2, np.int32)] * 2, None, np.zeros(2), np.zeros((2, 2), np.float32), {1: np.zeros((2, 4))}
-    )
-    with pytest.raises(Exception, match="wrote 2 of 3 rows"):
-        writer.commit()
-    assert not (tmp_path / "s.h5").exists()
+    return ShardWriter(tmp_path / "s.h5", np.arange(3), np.array([2, 2, 2]), layout)
