@@ -33,12 +33,10 @@ def register(app: typer.Typer) -> None:
 @config_options(CacheConfig)
 def cache_teacher(store: str = option(CacheConfig, "store", envvar="PKDPIPE_STORE"), **values):
     """Run the teacher once over a task's splits and cache its logits and every layer's [CLS] vector."""
-    from pkdpipe.malloc import hold_mmap_threshold
     from pkdpipe.teacher import cache_teacher as run
     from pkdpipe.teacher import describe
 
     config = config_from(CacheConfig, {**values, "store": store}, command=command_line())
-    hold_mmap_threshold()  # the teacher's activations grow with the length-sorted rows: see pkdpipe.malloc
     result = run(config)
     from pkdpipe import distributed
 
