@@ -28,7 +28,6 @@ from pkdpipe.cache.reader import TeacherCache
 from pkdpipe.config import CacheConfig, to_dict
 from pkdpipe.data import Examples, load_split
 from pkdpipe.errors import CacheError, ConfigError, DataError, ModelError, PkdError
-from pkdpipe.malloc import release_free_memory
 from pkdpipe.models import (
     autocast,
     check_max_seq_len,
@@ -239,7 +238,6 @@ def _write_shard(
             writer.write(ids, types, _labels(encoded, batch_rows, builder.layout.regression), logits, hidden)
             del out, hidden  # the [CLS] slices are views of all its states: free them before the next forward
             bar.advance(len(batch_rows))
-    release_free_memory()  # the holes the growing activations left in the heap: see pkdpipe.malloc
 
 
 def _labels(encoded: Encoded, rows, regression: bool) -> np.ndarray:
