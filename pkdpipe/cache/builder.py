@@ -107,7 +107,6 @@ class CacheBuilder:
             with_stats=True,
             codec=inputs.codec,
         )
-        self._block_buffers: dict[str, np.ndarray] = {}  # the writers' block buffers, shard after shard
 
     # -- finding and locking --------------------------------------------------------------------
     def complete(self) -> bool:
@@ -187,8 +186,7 @@ class CacheBuilder:
     def shard(self, plan: SplitPlan, shard: PlannedShard) -> Iterator[ShardWriter]:
         """A writer for the rows of `shard`, in its order (`ShardWriter.write`, batch by batch): the
         shard is written under its final name when the block ends, dropped when it raises."""
-        rows = shard.rows
-        writer = ShardWriter(shard.path, plan.ids[rows], plan.lengths[rows], self.layout, self._block_buffers)
+        writer = ShardWriter(shard.path, plan.ids[shard.rows], plan.lengths[shard.rows], self.layout)
         try:
             try:
                 yield writer

@@ -12,14 +12,13 @@ size at once (the driver's growth step is the shard's size), not grown 64 KB at 
 datasets are first written.
 
 Rows reach the HDF5 datasets a block of 1,024 rows at a time (`codec.BLOCK_ROWS`): the rows of the
-current block are copied into one buffer per dataset, allocated once a run (the builder hands them
-from shard to shard; the vectors in float32: 41 MB for 13 BERT-base layers), and when the block is
-full or the shard ends each dataset takes one write. Writing every batch of 64 rows took a dozen
-h5py calls, 8 ms a batch under cProfile: on the shortest rows a tenth of the teacher's forward
-(`benchmarks/bench_mnli.py` reports the share of cache-teacher's time outside it). Buffers kept for
-the run, not lists of batches joined per block nor buffers made per shard: at MNLI's size the
-teacher's activations grow with the length-sorted rows, and megabytes allocated among them pin
-malloc's heap (benchmarks/README.md, "Peak RSS").
+current block are copied into one buffer per dataset, allocated once per shard (the vectors in
+float32: 41 MB for 13 BERT-base layers), and when the block is full or the shard ends each dataset
+takes one write. Writing every batch of 64 rows took a dozen h5py calls, 8 ms a batch under cProfile:
+on the shortest rows a tenth of the teacher's forward (`benchmarks/bench_mnli.py` reports the share
+of cache-teacher's time outside it). Fixed buffers, not lists of batches joined per block: at MNLI's
+size the joins' short-lived megabytes, among the teacher's own allocations, grew the process's peak
+memory by about 260 MB through malloc's fragmentation (benchmarks/README.md, "Peak RSS").
 With the int8 codec (`pkdpipe.cache.codec`) a block is written as codes with the block's offsets and
 scales: quantised from the teacher's float32 output, not from a float16 copy.
 """
@@ -45,16 +44,7 @@ _METADATA_BYTES = 1 << 20  # what HDF5 adds to the datasets' bytes: a few KB, wi
 class ShardWriter:
     """Fills a shard row block by row block (rows arrive in order), then writes it as `final_path`."""
 
-    def __init__(
-        self,
-        final_path: Path,
-        ids: np.ndarray,
-        lengths: np.ndarray,
-        layout: schema.Layout,
-        spare_buffers: dict[str, np.ndarray] | None = None,
-    ):
-        """`spare_buffers`: block buffers to reuse and keep (the builder's, from shard to shard), so
-        that they are allocated once a run, not once a shard; grown here where a shard needs more."""
+    def __init__(self, final_path: Path, ids: np.ndarray, lengths: np.ndarray, layout: schema.Layout):
         self.final_path = final_path
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -70,29 +60,24 @@ class ShardWriter:
             final_path.name, "w", driver="core", backing_store=False, block_size=image_bytes
         )
         layout.create(self._file, ids, offsets)
-        # dataset name: the current block's rows (or tokens), at the start of a buffer that may be longer
-        self._buffers = self._block_buffers(len(ids), {} if spare_buffers is None else spare_buffers)
+        self._buffers = self._block_buffers(len(ids))  # dataset name: the current block's rows or tokens
 
-    def _block_buffers(self, rows: int, spare: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _block_buffers(self, rows: int) -> dict[str, np.ndarray]:
         """One buffer per written dataset, as large as the shard's largest block (in rows, or in
-        tokens for the token datasets; the vectors in float32, as the teacher gives them): taken from
-        `spare` where one there is large enough, else made and left there for the next shard."""
+        tokens for the token datasets); the vectors in float32, as the teacher gives them."""
+        block_rows = min(rows, codecs.BLOCK_ROWS)
         starts = np.arange(0, rows, codecs.BLOCK_ROWS)
         ends = np.minimum(starts + codecs.BLOCK_ROWS, rows)
         block_tokens = int((self._offsets[ends] - self._offsets[starts]).max(initial=0))
-        needs = {}  # dataset name: (length, (shape of a row or token), dtype)
+        buffers = {}
         for name in (schema.INPUT_IDS, schema.TOKEN_TYPE_IDS, schema.LABELS, schema.LOGITS):
             if name in self._file:
                 dataset = self._file[name]
-                size = block_tokens if name in _PER_TOKEN else codecs.BLOCK_ROWS
-                needs[name] = (size, dataset.shape[1:], dataset.dtype)
+                size = block_tokens if name in _PER_TOKEN else block_rows
+                buffers[name] = np.empty((size, *dataset.shape[1:]), dataset.dtype)
         for name in self._layer_of:
-            needs[name] = (codecs.BLOCK_ROWS, self._file[name].shape[1:], np.dtype(np.float32))
-        for name, (size, shape, dtype) in needs.items():
-            have = spare.get(name)
-            if have is None or len(have) < size or have.shape[1:] != shape or have.dtype != dtype:
-                spare[name] = np.empty((size, *shape), dtype)
-        return {name: spare[name] for name in needs}
+            buffers[name] = np.empty((block_rows, self._file[name].shape[1]), np.float32)
+        return buffers
 
     def write(
         self, input_ids, token_type_ids, labels, logits: np.ndarray, hidden: dict[int, np.ndarray]
