@@ -16,9 +16,9 @@ current block are copied into one buffer per dataset, allocated once per shard (
 float32: 41 MB for 13 BERT-base layers), and when the block is full or the shard ends each dataset
 takes one write. Writing every batch of 64 rows took a dozen h5py calls, 8 ms a batch under cProfile:
 on the shortest rows a tenth of the teacher's forward (`benchmarks/bench_mnli.py` reports the share
-of cache-teacher's time outside it). Fixed buffers, not lists of batches joined per block: at MNLI's
-size the joins' short-lived megabytes, among the teacher's own allocations, grew the process's peak
-memory by about 260 MB through malloc's fragmentation (benchmarks/README.md, "Peak RSS").
+of cache-teacher's time outside it). Fixed buffers rather than lists of batches joined per block:
+no short-lived copies. cache-teacher's peak memory at MNLI's size is set by malloc's heap under
+the teacher's growing activations, not by these buffers (benchmarks/README.md, "Peak RSS").
 With the int8 codec (`pkdpipe.cache.codec`) a block is written as codes with the block's offsets and
 scales: quantised from the teacher's float32 output, not from a float16 copy.
 """
